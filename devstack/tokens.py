@@ -1,0 +1,42 @@
+"""Supabase-style JWTs for the local stack and the tests.
+
+Supabase's anon and service keys are HS256 JWTs signed with the project's JWT
+secret whose ``role`` claim is ``anon`` / ``service_role``; a user's access
+token carries ``sub``, ``role = authenticated``, ``aud = authenticated`` and
+``app_metadata`` / ``user_metadata``. These helpers mint the same shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+
+LOCAL_JWT_SECRET = "local-development-jwt-secret-at-least-32-characters"  # noqa: S105 - local only
+
+
+def mint(claims: dict[str, Any], secret: str = LOCAL_JWT_SECRET, *, ttl: int = 3600,
+         algorithm: str = "HS256", headers: dict[str, Any] | None = None) -> str:
+    now = int(time.time())
+    body = {"iat": now, "exp": now + ttl, "iss": "supabase-local", **claims}
+    return jwt.encode(body, secret, algorithm=algorithm, headers=headers)
+
+
+def anon_key(secret: str = LOCAL_JWT_SECRET) -> str:
+    return mint({"role": "anon"}, secret, ttl=10 * 365 * 86400)
+
+
+def service_role_key(secret: str = LOCAL_JWT_SECRET) -> str:
+    return mint({"role": "service_role"}, secret, ttl=10 * 365 * 86400)
+
+
+def user_token(user_id: str, secret: str = LOCAL_JWT_SECRET, *, ttl: int = 3600,
+               app_metadata: dict[str, Any] | None = None,
+               user_metadata: dict[str, Any] | None = None, email: str | None = None) -> str:
+    return mint({
+        "sub": user_id, "role": "authenticated", "aud": "authenticated",
+        "email": email or f"{user_id}@example.test",
+        "app_metadata": app_metadata or {"provider": "email"},
+        "user_metadata": user_metadata or {},
+    }, secret, ttl=ttl)
