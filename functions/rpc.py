@@ -1,0 +1,144 @@
+"""The supabase-py layer: contract functions and ledger reads through the REST endpoint.
+
+One HTTP connection pool and two supabase clients per cold start: the service
+client (service role key) and the anon client (anon key as ``apikey``). A user's
+call goes through a per-request PostgREST client derived from the anon client
+with ``schema()`` (it copies the headers and shares the connection pool), then
+``auth(token)`` sets *that copy's* Authorization header, so tokens never leak
+between overlapping requests. Every failure is mapped by ``functions.errors``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+from postgrest import APIError, SyncPostgrestClient
+
+from functions.errors import ApiError, ServiceUnavailable, from_database_error
+from functions.observability import logger
+from functions.settings import Settings
+from supabase import Client, ClientOptions, create_client
+
+# Filter operators the ledger read may use (PostgREST names).
+_OPERATORS = {"eq", "neq", "lt", "lte", "gt", "gte"}
+
+
+def _client(settings: Settings, key: str, http: httpx.Client) -> Client:
+    options = ClientOptions(
+        auto_refresh_token=False,
+        persist_session=False,
+        postgrest_client_retry=False,  # a retry is the caller's decision (idempotency keys make it safe)
+        httpx_client=http,
+    )
+    return create_client(settings.supabase_url, key, options=options)
+
+
+class Rpc:
+    """Calls into the database through the REST layer, for one configuration."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        timeout = httpx.Timeout(settings.rpc_timeout_seconds, connect=min(5.0, settings.rpc_timeout_seconds))
+        self._http = httpx.Client(timeout=timeout, follow_redirects=False,
+                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
+        self._service = _client(settings, settings.supabase_service_role_key, self._http)
+        self._anon = (
+            _client(settings, settings.supabase_anon_key, self._http) if settings.supabase_anon_key else None
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _user_postgrest(self, token: str) -> SyncPostgrestClient:
+        if self._anon is None:
+            raise RuntimeError("user calls need SUPABASE_ANON_KEY")
+        return self._anon.postgrest.schema("public").auth(token)
+
+    def service(self, fn: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Call ``fn`` with the service role."""
+        return _execute(fn, lambda: self._service.rpc(fn, dict(params or {})).execute())
+
+    def user(self, token: str, fn: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Call ``fn`` as the user whose access token this is (RLS and auth.uid() apply)."""
+        return _execute(fn, lambda: self._user_postgrest(token).rpc(fn, dict(params or {})).execute())
+
+    def user_select(
+        self,
+        token: str,
+        table: str,
+        *,
+        filters: Sequence[tuple[str, str, Any]] = (),
+        order: str | None = None,
+        descending: bool = False,
+        limit: int | None = None,
+        columns: str = "*",
+    ) -> list[dict[str, Any]]:
+        """Read rows of ``table`` as the user (what RLS lets them see)."""
+
+        def run() -> Any:
+            query = self._user_postgrest(token).from_(table).select(columns)
+            for column, operator, value in filters:
+                if operator not in _OPERATORS:
+                    raise ValueError(f"unsupported filter operator {operator}")
+                query = getattr(query, operator)(column, value)
+            if order:
+                query = query.order(order, desc=descending)
+            if limit is not None:
+                query = query.limit(limit)
+            return query.execute()
+
+        rows = _execute(table, run)
+        return list(rows or [])
+
+
+def _execute(name: str, run: Any) -> Any:
+    try:
+        response = run()
+    except APIError as exc:
+        error = from_database_error(exc.code, exc.message, exc.details)
+        logger.info("database error", extra={"call": name, "db_code": exc.code or "none",
+                                              "status": error.status, "error": error.error})
+        raise error from None
+    except httpx.TimeoutException:
+        logger.warning("database call timed out", extra={"call": name})
+        raise ServiceUnavailable("the database did not answer in time, retry later") from None
+    except httpx.TransportError as exc:
+        logger.warning("database unreachable", extra={"call": name, "error_type": type(exc).__name__})
+        raise ServiceUnavailable() from None
+    except ApiError:
+        raise
+    return response.data
+
+
+# --- one Rpc per configuration per process (i.e. per cold start) ------------------
+
+_instances: dict[tuple[Any, ...], Rpc] = {}
+_lock = threading.Lock()
+
+
+def get_rpc(settings: Settings) -> Rpc:
+    key = (settings.supabase_url, settings.supabase_anon_key, settings.supabase_service_role_key,
+           settings.rpc_timeout_seconds)
+    with _lock:
+        instance = _instances.get(key)
+        if instance is None:
+            instance = _instances[key] = Rpc(settings)
+        return instance
+
+
+def service_rpc(settings: Settings, fn: str, params: Mapping[str, Any] | None = None) -> Any:
+    """Call contract function ``fn`` with the service role key; returns its JSON result."""
+    return get_rpc(settings).service(fn, params)
+
+
+def user_rpc(settings: Settings, token: str, fn: str, params: Mapping[str, Any] | None = None) -> Any:
+    """Call contract function ``fn`` as the user of ``token``; returns its JSON result."""
+    return get_rpc(settings).user(token, fn, params)
+
+
+def user_select(settings: Settings, token: str, table: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Read ``table`` rows as the user of ``token`` (see ``Rpc.user_select``)."""
+    return get_rpc(settings).user_select(token, table, **kwargs)
