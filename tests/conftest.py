@@ -39,6 +39,17 @@ def database(db_dsn: str) -> Iterator[Db]:
     handle.close()
 
 
+@pytest.fixture(scope="session")
+def rest_url(db_dsn: str) -> Iterator[str]:
+    """Base URL (``http://127.0.0.1:PORT``) of the local REST endpoint over the
+    session database; point supabase-py's ``SUPABASE_URL`` at it."""
+    from devstack import rest, serve, tokens
+
+    app = rest.create_app(db_dsn, tokens.LOCAL_JWT_SECRET)
+    with serve.serve_in_thread(app) as url:
+        yield url
+
+
 @pytest.fixture
 def call(database: Db) -> Callable[..., Any]:
     """``call(fn, caller, **args)``: run one contract function as ``caller``."""

@@ -1,0 +1,344 @@
+"""A small PostgREST-compatible endpoint over the real database.
+
+Supabase's REST layer (PostgREST behind the API gateway) cannot run here, so the
+local stack and the tests serve this instead; supabase-py talks to it over HTTP
+exactly as it talks to a hosted project, and pointing ``SUPABASE_URL`` at a real
+Supabase changes nothing for the callers. What it mirrors, because our code can
+observe it:
+
+* auth: an ``apikey`` (the anon or service key) is required; the JWT is the
+  ``Authorization: Bearer`` token, else the apikey itself; HS256 with the
+  project's secret, ``exp`` enforced, anything else rejected with 401;
+* ``POST|GET /rest/v1/rpc/<fn>`` with named arguments, one transaction as the
+  token's role with ``request.jwt.claims`` set (GET runs read-only);
+* ``GET /rest/v1/<table>`` reads under RLS (see ``devstack.rest_tables``);
+* errors as ``{code, message, details, hint}`` with PostgREST's statuses.
+
+Status of a database error (PostgREST's table, as far as our functions reach it):
+
+=====================================  =======================================
+``PTxyz``                              xyz
+``42501``                              401 for ``anon``, else 403
+``42883``, ``42P01``, unknown function  404
+``23505``, ``23503``                   409
+``25006`` (write in a GET)             405
+``22*``, ``23*``, ``42*``, ``P0001``   400
+``28*``, ``0L*``, ``0P*``              403
+``08*``, ``53*``, ``57014``, ``57P0*``  503 (also: database unreachable)
+anything else                          500 (message withheld)
+=====================================  =======================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import jwt
+import psycopg
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+from starlette.concurrency import run_in_threadpool
+
+from devstack import db, rest_tables
+
+log = logging.getLogger("devstack.rest")
+
+API_KEY_ROLES = ("anon", "service_role")
+SINGLE_OBJECT = "application/vnd.pgrst.object+json"
+
+
+class RestError(Exception):
+    """An error response in PostgREST's shape."""
+
+    def __init__(self, status: int, code: str | None, message: str, details: str | None = None,
+                 hint: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"code": code, "message": message, "details": details, "hint": hint}
+        self.headers = dict(headers or {})
+
+
+# --- auth ----------------------------------------------------------------------
+
+def _unauthorized(code: str, message: str, details: str | None = None) -> RestError:
+    return RestError(401, code, message, details, headers={"WWW-Authenticate": "Bearer"})
+
+
+def verify_jwt(token: str, secret: str) -> dict[str, Any]:
+    """Verify like PostgREST: HS256 only (so never ``alg: none``), ``exp`` enforced."""
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"], options={"verify_aud": False})
+    except jwt.ExpiredSignatureError as exc:
+        raise _unauthorized("PGRST303", "JWT expired") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise _unauthorized("PGRST301", "JWSError JWSInvalidSignature") from exc
+    except jwt.InvalidTokenError as exc:
+        raise _unauthorized("PGRST301", "JWT could not be decoded or is invalid") from exc
+    if not isinstance(claims, dict):
+        raise _unauthorized("PGRST301", "JWT could not be decoded or is invalid")
+    return claims
+
+
+def authenticate(request: Request, secret: str) -> tuple[str, dict[str, Any]]:
+    """(role, claims) of a request, the way Supabase's gateway and PostgREST decide them."""
+    api_key = request.headers.get("apikey") or request.query_params.get("apikey")
+    if not api_key:
+        raise _unauthorized("PGRST302", "No API key found in request",
+                            hint="No `apikey` request header or url param was found.")
+    try:
+        key_claims = verify_jwt(api_key, secret)
+    except RestError as exc:
+        raise _unauthorized("PGRST301", "Invalid API key") from exc
+    if key_claims.get("role") not in API_KEY_ROLES:
+        raise _unauthorized("PGRST301", "Invalid API key")
+    token = api_key
+    authorization = request.headers.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise _unauthorized("PGRST301", "JWT could not be decoded or is invalid")
+        token = value.strip()
+    claims = key_claims if token == api_key else verify_jwt(token, secret)
+    # PostgREST falls back to its anonymous role when the token names none.
+    role = claims.get("role", "anon")
+    if role not in db.ROLES:
+        raise _unauthorized("PGRST303", "JWT claims validation or parsing failed",
+                            "The role claim must be anon, authenticated or service_role")
+    return role, claims
+
+
+# --- database errors -------------------------------------------------------------
+
+def status_for(sqlstate: str, role: str) -> int:
+    if sqlstate.startswith("PT") and sqlstate[2:].isdigit() and 100 <= int(sqlstate[2:]) <= 599:
+        return int(sqlstate[2:])
+    if sqlstate == "42501":
+        return 401 if role == "anon" else 403
+    if sqlstate in ("42883", "42P01"):
+        return 404
+    if sqlstate in ("23505", "23503"):
+        return 409
+    if sqlstate == "25006":
+        return 405
+    if sqlstate.startswith(("08", "53")) or sqlstate == "57014" or sqlstate.startswith("57P0"):
+        return 503
+    if sqlstate.startswith(("22", "23", "42")) or sqlstate == "P0001":
+        return 400
+    if sqlstate.startswith(("28", "0L", "0P")):
+        return 403
+    return 500
+
+
+def unreachable() -> RestError:
+    return RestError(503, "PGRST000", "Could not connect with the database", headers={"Retry-After": "1"})
+
+
+def database_error(exc: psycopg.Error, role: str) -> RestError:
+    """PostgREST's response for a database error; never SQL text or a trace."""
+    sqlstate = exc.sqlstate
+    if not sqlstate or (isinstance(exc, psycopg.OperationalError) and sqlstate.startswith("08")):
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return unreachable()
+    status = status_for(sqlstate, role)
+    if status >= 500:
+        log.error("database error %s (%s)", sqlstate, exc.diag.message_primary)
+        message = "Database unavailable" if status == 503 else "Internal database error"
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return RestError(status, sqlstate, message, headers=headers)
+    diag = exc.diag
+    return RestError(status, sqlstate, diag.message_primary or sqlstate, diag.message_detail,
+                     diag.message_hint)
+
+
+# --- functions --------------------------------------------------------------------
+
+def _function_not_found(fn: str, names: list[str]) -> RestError:
+    return RestError(
+        404, "PGRST202",
+        f"Could not find the function public.{fn}({', '.join(sorted(names))}) in the schema cache",
+        "Searched for the function public.{} with {} or with a single unnamed json/jsonb parameter, "
+        "but no matches were found in the schema cache.".format(
+            fn, "parameters " + ", ".join(sorted(names)) if names else "no parameters"),
+    )
+
+
+def required_arguments(conn: psycopg.Connection, fn: str) -> list[str] | None:
+    """Names of ``public.<fn>``'s arguments without a default (None: no such function)."""
+    row = conn.execute(
+        """
+        select p.proargnames, p.pronargs, p.pronargdefaults
+          from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+         where n.nspname = 'public' and p.proname = %s
+        """,
+        (fn,),
+    ).fetchone()
+    if row is None:
+        return None
+    names, nargs, ndefaults = row
+    return list((names or [])[: nargs - ndefaults])
+
+
+# --- app ----------------------------------------------------------------------------
+
+def connection_dsn(dsn: str) -> str:
+    """The DSN as ``authenticator`` (the login role PostgREST uses) when the server
+    lets that role in, else the DSN as given (e.g. a hosted database's own user)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return dsn
+    params["user"] = "authenticator"
+    params.pop("password", None)
+    candidate = make_conninfo(**params)
+    try:
+        with psycopg.connect(candidate, connect_timeout=3) as conn:
+            conn.execute("select 1")
+    except psycopg.Error:
+        return dsn
+    return candidate
+
+
+def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> FastAPI:
+    """The REST endpoint for the database at ``dsn``, trusting tokens signed with ``jwt_secret``."""
+    pool = ConnectionPool(
+        connection_dsn(dsn), min_size=1, max_size=pool_size, timeout=pool_timeout,
+        kwargs={"autocommit": True}, open=False, name="rest",
+    )
+    pool.open(wait=False)
+    required_cache: dict[str, list[str] | None] = {}
+    columns_cache: dict[str, dict[str, str]] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.close()
+
+    app = FastAPI(title="local REST", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.pool = pool
+    # Browsers call Supabase's REST layer directly, and it allows any origin.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
+                       expose_headers=["Content-Range"])
+
+    @app.exception_handler(RestError)
+    async def _rest_error(_request: Request, exc: RestError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error: %s", type(exc).__name__)
+        return JSONResponse({"code": None, "message": "Internal server error", "details": None,
+                             "hint": None}, status_code=500)
+
+    @contextmanager
+    def connection(role: str) -> Iterator[psycopg.Connection]:
+        try:
+            with pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            log.warning("no database connection within %.1fs", pool_timeout)
+            raise unreachable() from exc
+        except psycopg.Error as exc:
+            raise database_error(exc, role) from exc
+
+    def call(fn: str, args: Mapping[str, Any], role: str, claims: dict[str, Any], *, read_only: bool) -> Any:
+        with connection(role) as conn:
+            if fn not in required_cache or required_cache[fn] is None:
+                required_cache[fn] = required_arguments(conn, fn)
+            required = required_cache[fn]
+            if required is None or any(name not in args for name in required):
+                raise _function_not_found(fn, list(args))
+            try:
+                if read_only:
+                    # PostgREST runs GET calls in a read-only transaction; call_function's
+                    # own transaction becomes a savepoint inside this one.
+                    with conn.transaction():
+                        conn.execute("set transaction read only")
+                        return db.call_function(conn, fn, args, role=role, claims=claims)
+                return db.call_function(conn, fn, args, role=role, claims=claims)
+            except (db.FunctionNotFound, ValueError) as exc:
+                raise _function_not_found(fn, list(args)) from exc
+
+    def json_response(payload: Any) -> Response:
+        return Response(json.dumps(payload), media_type="application/json")
+
+    @app.get("/rest/v1/")
+    @app.get("/rest/v1")
+    def health(request: Request) -> Response:
+        role, _claims = authenticate(request, jwt_secret)
+        with connection(role) as conn:
+            conn.execute("select 1")
+        return json_response({"status": "ok"})
+
+    @app.post("/rest/v1/rpc/{fn}")
+    async def rpc_post(fn: str, request: Request) -> Response:
+        role, claims = authenticate(request, jwt_secret)
+        raw = await request.body()
+        try:
+            args = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            raise RestError(400, "PGRST102", "Empty or invalid json") from exc
+        if not isinstance(args, dict):
+            raise RestError(400, "PGRST102", "Empty or invalid json",
+                            "The body must be a JSON object of named arguments")
+        result = await run_in_threadpool(call, fn, args, role, claims, read_only=False)
+        return json_response(result)
+
+    @app.get("/rest/v1/rpc/{fn}")
+    def rpc_get(fn: str, request: Request) -> Response:
+        role, claims = authenticate(request, jwt_secret)
+        args = {k: v for k, v in request.query_params.items() if k not in rest_tables.RESERVED | {"apikey"}}
+        return json_response(call(fn, args, role, claims, read_only=True))
+
+    @app.get("/rest/v1/{table}")
+    def read_table(table: str, request: Request) -> Response:
+        role, claims = authenticate(request, jwt_secret)
+        params = [(k, v) for k, v in request.query_params.multi_items() if k != "apikey"]
+        with connection(role) as conn:
+            if table not in columns_cache:
+                columns = rest_tables.table_columns(conn, table)
+                if not columns:
+                    raise RestError(404, "PGRST205",
+                                    f"Could not find the table 'public.{table}' in the schema cache")
+                columns_cache[table] = columns
+            try:
+                query = rest_tables.build(table, columns_cache[table], params)
+            except rest_tables.QueryError as exc:
+                raise RestError(exc.status, exc.code, exc.message, exc.details) from exc
+            want_count = "count=exact" in request.headers.get("prefer", "")
+            try:
+                with conn.transaction():
+                    conn.execute("set transaction read only")
+                    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+                    conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+                    rows_text = conn.execute(query.rows_query(), query.params).fetchone()[0]
+                    total = None
+                    if want_count:
+                        total = conn.execute(query.count_query(), query.params).fetchone()[0]
+            except psycopg.Error as exc:
+                raise database_error(exc, role) from exc
+        rows = json.loads(rows_text)
+        if SINGLE_OBJECT in request.headers.get("accept", ""):
+            if len(rows) != 1:
+                raise RestError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
+                                f"The result contains {len(rows)} rows")
+            return Response(json.dumps(rows[0]), media_type=SINGLE_OBJECT)
+        first = query.offset
+        span = f"{first}-{first + len(rows) - 1}" if rows else "*"
+        headers = {"Content-Range": f"{span}/{total if total is not None else '*'}"}
+        return Response(rows_text, media_type="application/json", headers=headers)
+
+    @app.api_route("/rest/v1/{table}", methods=["POST", "PATCH", "PUT", "DELETE"])
+    def write_table(table: str, request: Request) -> Response:
+        authenticate(request, jwt_secret)
+        raise RestError(405, "PGRST105", "Table writes are not supported by the local endpoint",
+                        hint="Change data through the contract functions (POST /rest/v1/rpc/<name>)")
+
+    return app
