@@ -1,0 +1,241 @@
+"""The credits HTTP API: balance, ledger listing, spend, and holds.
+
+A thin edge over the contract's SQL functions. The caller is authenticated here
+(access token verified locally, or a license key for servers), then every call
+runs in the database *as that user* through the REST layer, so the database's
+own rules (RLS, who may spend from which account) decide; this app never
+widens them. License-key calls are the exception by design: the key is checked
+by ``deduct_credits_by_license`` itself, which only the service role may run.
+"""
+
+
+import json
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.security import APIKeyHeader, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+from functions.auth import Caller, TokenVerifier, authenticate
+from functions.errors import ApiError, BadRequest, Forbidden, install_error_handlers
+from functions.observability import count, install_request_logging
+from functions.rpc import Rpc, get_rpc
+from functions.settings import Settings
+
+MAX_AMOUNT = 1_000_000_000
+MAX_METADATA_BYTES = 8192
+MAX_IDEMPOTENCY_KEY = 255
+DEFAULT_PAGE = 50
+MAX_PAGE = 200
+
+Amount = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT)]
+TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Stored with the ledger/usage rows.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+        return value
+
+
+class _Spend(_Body):
+    amount: Amount | None = Field(default=None, description="Credits; or give `operation`.")
+    operation: str | None = Field(default=None, min_length=1, max_length=128,
+                                  description="Priced by the credit_prices table; or give `amount`.")
+    account_id: UUID | None = Field(default=None, description="Default: the caller's personal account.")
+
+    @model_validator(mode="after")
+    def _amount_or_operation(self) -> "_Spend":
+        if (self.amount is None) == (self.operation is None):
+            raise ValueError("give exactly one of amount and operation")
+        return self
+
+
+class DeductRequest(_Spend):
+    model: str | None = Field(default=None, max_length=200)
+    input_tokens: TokenCount | None = None
+    output_tokens: TokenCount | None = None
+
+
+class ReserveRequest(_Spend):
+    # The upper bound is the database's to decide (it answers 400 invalid_argument).
+    ttl_seconds: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None, description="How long the hold lives before it is released (default 900).")
+
+
+class CaptureRequest(_Body):
+    amount: Amount | None = Field(default=None, description="Up to the held amount; default all of it.")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "Invalid argument or missing Idempotency-Key", 401: "Missing, invalid or expired credentials",
+        402: "insufficient_credits", 403: "forbidden / license key errors", 404: "Not found",
+        409: "idempotency_conflict / hold_not_active", 422: "Body does not match the schema",
+        503: "Database unavailable (see Retry-After)",
+    }.items()
+}
+
+_bearer = HTTPBearer(auto_error=False, description="The user's Supabase access token.")
+_license = APIKeyHeader(name="X-License-Key", auto_error=False, description="A license key (servers).")
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    # Omit unset arguments so the SQL defaults apply (a JSON null would override them).
+    return {k: (str(v) if isinstance(v, UUID) else v) for k, v in values.items() if v is not None}
+
+
+def _idempotency_key(value: str | None) -> str:
+    if value is None or not value.strip() or len(value) > MAX_IDEMPOTENCY_KEY:
+        raise BadRequest(
+            f"an Idempotency-Key header of 1 to {MAX_IDEMPOTENCY_KEY} characters is required",
+            detail={"argument": "Idempotency-Key"},
+        )
+    return value
+
+
+def create_app(settings: Settings, *, rpc: Rpc | None = None) -> FastAPI:
+    """The credits app for these settings (one per cold start)."""
+    rpc = rpc or get_rpc(settings)
+    verifier = TokenVerifier(settings)
+
+    app = FastAPI(
+        title="Credits API",
+        version="1.0.0",
+        description="Balances, ledger, spending and holds of the credits engine.",
+        openapi_url="/credits/openapi.json",
+        docs_url="/credits/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    install_request_logging(app, "Credits")
+    if settings.cors_allow_origins:
+        # Added last so it is outermost: error responses carry CORS headers too.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-License-Key",
+                           "X-Request-Id", "apikey", "x-client-info"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+            max_age=600,
+        )
+
+    def caller(request: Request, _b: Annotated[Any, Depends(_bearer)],
+               _l: Annotated[Any, Depends(_license)]) -> Caller:
+        # The two security dependencies only document the schemes in OpenAPI.
+        return authenticate(request.headers, settings, verifier)
+
+    def user(who: Annotated[Caller, Depends(caller)]) -> Caller:
+        if who.kind != "user":
+            raise Forbidden("license keys can only spend (POST /credits/deduct)")
+        return who
+
+    def personal_account(who: Caller) -> str:
+        # get_credit_balance(null) answers for the caller's personal account.
+        return str(rpc.user(who.token or "", "get_credit_balance", {})["account_id"])
+
+    @app.get("/credits/balance", responses=_ERRORS, summary="Balance of an account")
+    def balance(who: Annotated[Caller, Depends(user)],
+                account_id: Annotated[UUID | None, Query()] = None) -> dict[str, Any]:
+        return rpc.user(who.token or "", "get_credit_balance", _params(p_account_id=account_id))
+
+    @app.get("/credits/transactions", responses=_ERRORS, summary="Ledger rows, newest first")
+    def transactions(
+        who: Annotated[Caller, Depends(user)],
+        account_id: Annotated[UUID | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+        before: Annotated[int | None, Query(ge=1, description="Page cursor: `next_before` of the last page.")]
+        = None,
+    ) -> dict[str, Any]:
+        token = who.token or ""
+        # Reading the balance first turns "not yours" into 403 / "no such account" into 404;
+        # the ledger read alone would just be empty under RLS.
+        account = str(rpc.user(token, "get_credit_balance", _params(p_account_id=account_id))["account_id"])
+        filters: list[tuple[str, str, Any]] = [("account_id", "eq", account)]
+        if before is not None:
+            filters.append(("id", "lt", before))
+        rows = rpc.user_select(token, "credit_ledger", filters=filters, order="id", descending=True,
+                               limit=limit + 1)
+        page = rows[:limit]
+        more = len(rows) > limit
+        return {"account_id": account, "transactions": page,
+                "next_before": page[-1]["id"] if more and page else None}
+
+    @app.post("/credits/deduct", responses=_ERRORS, summary="Spend credits now")
+    def deduct(
+        body: DeductRequest,
+        who: Annotated[Caller, Depends(caller)],
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> dict[str, Any]:
+        key = _idempotency_key(idempotency_key)
+        spend = _params(p_idempotency_key=key, p_amount=body.amount, p_operation=body.operation,
+                        p_model=body.model, p_input_tokens=body.input_tokens,
+                        p_output_tokens=body.output_tokens, p_metadata=body.metadata)
+        try:
+            if who.kind == "license":
+                if body.account_id is not None:
+                    raise BadRequest("a license key spends from its own account; omit account_id",
+                                     detail={"argument": "account_id"})
+                result = rpc.service("deduct_credits_by_license", {"p_license_key": who.license_key, **spend})
+            else:
+                account = body.account_id or personal_account(who)
+                result = rpc.user(who.token or "", "deduct_credits", {"p_account_id": str(account), **spend})
+        except ApiError as exc:
+            count(f"Deduct_{exc.error}")
+            raise
+        if not result.get("replayed"):
+            count("Deductions")
+            count("CreditsCharged", result.get("charged") or 0)
+        return result
+
+    @app.post("/credits/holds", responses=_ERRORS, summary="Reserve credits (a hold)")
+    def reserve(
+        body: ReserveRequest,
+        who: Annotated[Caller, Depends(user)],
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> dict[str, Any]:
+        key = _idempotency_key(idempotency_key)
+        account = body.account_id or personal_account(who)
+        result = rpc.user(who.token or "", "reserve_credits", _params(
+            p_account_id=account, p_idempotency_key=key, p_amount=body.amount, p_operation=body.operation,
+            p_ttl_seconds=body.ttl_seconds, p_metadata=body.metadata))
+        if not result.get("replayed"):
+            count("HoldsReserved")
+        return result
+
+    @app.post("/credits/holds/{hold_id}/capture", responses=_ERRORS, summary="Charge a hold")
+    def capture(hold_id: UUID, who: Annotated[Caller, Depends(user)],
+                body: CaptureRequest | None = None) -> dict[str, Any]:
+        body = body or CaptureRequest()
+        result = rpc.user(who.token or "", "capture_hold", _params(
+            p_hold_id=hold_id, p_amount=body.amount, p_metadata=body.metadata))
+        if not result.get("replayed"):
+            count("HoldsCaptured")
+            count("CreditsCharged", result.get("charged") or 0)
+        return result
+
+    @app.post("/credits/holds/{hold_id}/release", responses=_ERRORS, summary="Release a hold")
+    def release(hold_id: UUID, who: Annotated[Caller, Depends(user)]) -> dict[str, Any]:
+        result = rpc.user(who.token or "", "release_hold", _params(p_hold_id=hold_id))
+        if not result.get("replayed"):
+            count("HoldsReleased")
+        return result
+
+    return app

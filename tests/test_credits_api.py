@@ -1,0 +1,418 @@
+"""The credits API end to end: API Gateway v2 events -> handlers.deduct (Mangum) ->
+supabase-py -> the local REST endpoint -> PostgreSQL.
+
+Every rejected call is followed by a look at the database to show nothing changed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from devstack import rest, serve, tokens
+from functions.auth import TokenVerifier, authenticate
+from functions.errors import ServiceUnavailable, Unauthorized
+from functions.settings import Settings
+from tests.lambda_events import LambdaContext, http_event, response_header, response_json
+from tests.support import Db
+
+ORIGIN = "https://app.example.test"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    raw: dict[str, Any]
+
+    def header(self, name: str) -> str | None:
+        return response_header(self.raw, name)
+
+
+def credits_env(rest_url: str) -> dict[str, str]:
+    return {
+        "SUPABASE_URL": rest_url,
+        "SUPABASE_ANON_KEY": tokens.anon_key(),
+        "SUPABASE_SERVICE_ROLE_KEY": tokens.service_role_key(),
+        "SUPABASE_JWT_SECRET": tokens.LOCAL_JWT_SECRET,
+        "CORS_ALLOW_ORIGINS": f"{ORIGIN},http://localhost:3000",
+        "RPC_TIMEOUT_SECONDS": "5",
+    }
+
+
+@contextmanager
+def fresh_handler(env: dict[str, str]) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Import handlers.deduct as a cold start with ``env`` (settings are read at import)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        sys.modules.pop("handlers.deduct", None)
+        module = importlib.import_module("handlers.deduct")
+        try:
+            yield module.handler
+        finally:
+            sys.modules.pop("handlers.deduct", None)
+
+
+@pytest.fixture(scope="module")
+def lambda_handler(rest_url: str) -> Iterator[Callable[..., dict[str, Any]]]:
+    with fresh_handler(credits_env(rest_url)) as handler:
+        yield handler
+
+
+Invoke = Callable[..., Reply]
+
+
+def make_invoke(handler: Callable[..., dict[str, Any]]) -> Invoke:
+    def invoke(method: str, path: str, *, token: str | None = None, license_key: str | None = None,
+               key: str | None = None, body: Any = None, raw_body: str | None = None,
+               query: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Reply:
+        hdrs = dict(headers or {})
+        if token is not None:
+            hdrs["authorization"] = f"Bearer {token}"
+        if license_key is not None:
+            hdrs["x-license-key"] = license_key
+        if key is not None:
+            hdrs["idempotency-key"] = key
+        if raw_body is not None:
+            hdrs.setdefault("content-type", "application/json")
+        event = http_event(method, path, headers=hdrs, query=query, body=body, raw_body=raw_body)
+        raw = handler(event, LambdaContext(function_name="credits-test-deduct"))
+        return Reply(raw["statusCode"], response_json(raw) if raw.get("body") else None, raw)
+
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def invoke(lambda_handler: Callable[..., dict[str, Any]]) -> Invoke:
+    return make_invoke(lambda_handler)
+
+
+@dataclass
+class User:
+    user_id: str
+    account_id: str
+    token: str
+
+
+@pytest.fixture
+def new_user(database: Db) -> Callable[[], User]:
+    def make() -> User:
+        caller, account_id = database.new_user()
+        assert caller.user_id
+        return User(caller.user_id, account_id, tokens.user_token(caller.user_id))
+
+    return make
+
+
+def key() -> str:
+    return f"test-{uuid.uuid4()}"
+
+
+def snapshot(database: Db, account_id: str) -> tuple[dict[str, Any], int]:
+    """What a rejected call must not change: the balance and the number of ledger rows."""
+    return database.balance(account_id), len(database.ledger(account_id))
+
+
+def assert_error(reply: Reply, status: int, error: str | None = None) -> None:
+    assert reply.status == status, (reply.status, reply.body)
+    assert set(reply.body) == {"error", "message", "detail"}, reply.body
+    if error is not None:
+        assert reply.body["error"] == error, reply.body
+
+
+# --- balance --------------------------------------------------------------------------
+
+
+def test_balance_defaults_to_the_callers_personal_account(invoke: Invoke, new_user: Callable[[], User]) -> None:
+    user = new_user()
+    reply = invoke("GET", "/credits/balance", token=user.token)
+    assert reply.status == 200, reply.body
+    assert reply.body["account_id"] == user.account_id
+    # A new account starts on the free plan with its first month's allowance.
+    assert reply.body["subscription"] == 3 and reply.body["purchased"] == 0
+    assert reply.body["available"] == reply.body["total"] == 3
+    assert reply.header("x-request-id")
+
+    explicit = invoke("GET", "/credits/balance", token=user.token, query={"account_id": user.account_id})
+    assert explicit.status == 200 and explicit.body == reply.body
+
+
+def test_balance_of_someone_elses_account_is_forbidden(invoke: Invoke, new_user: Callable[[], User]) -> None:
+    alice, bob = new_user(), new_user()
+    reply = invoke("GET", "/credits/balance", token=alice.token, query={"account_id": bob.account_id})
+    assert_error(reply, 403, "forbidden")
+    assert "subscription" not in json.dumps(reply.body)
+
+
+def test_balance_of_unknown_or_malformed_account(invoke: Invoke, new_user: Callable[[], User]) -> None:
+    user = new_user()
+    unknown = invoke("GET", "/credits/balance", token=user.token, query={"account_id": str(uuid.uuid4())})
+    assert unknown.status in (403, 404), unknown.body
+    assert_error(unknown, unknown.status)
+    malformed = invoke("GET", "/credits/balance", token=user.token, query={"account_id": "not-a-uuid"})
+    assert_error(malformed, 422, "invalid_request")
+    assert malformed.body["detail"]["errors"][0]["loc"] == ["query", "account_id"]
+    assert "not-a-uuid" not in json.dumps(malformed.body)  # inputs are not echoed
+
+
+# --- credentials ---------------------------------------------------------------------
+
+
+def _claims(user_id: str, **overrides: Any) -> dict[str, Any]:
+    return {"sub": user_id, "role": "authenticated", "aud": "authenticated", **overrides}
+
+
+def bad_tokens(user_id: str) -> dict[str, str]:
+    now = int(time.time())
+    return {
+        "expired": tokens.user_token(user_id, ttl=-120),
+        "wrong_audience": tokens.mint(_claims(user_id, aud="somebody-else")),
+        "no_audience": tokens.mint({"sub": user_id, "role": "authenticated"}),
+        "wrong_signature": tokens.mint(_claims(user_id), secret="another-secret-of-at-least-32-characters!"),
+        "alg_none": jwt.encode({**_claims(user_id), "exp": now + 600}, None, algorithm="none"),
+        "tampered": tokens.user_token(user_id)[:-4] + "AAAA",
+        "anon_key": tokens.anon_key(),
+        "service_role_key": tokens.service_role_key(),  # a server key is not a user's token
+        "garbage": "not.a.jwt",
+        "hs512": tokens.mint(_claims(user_id), algorithm="HS512"),
+    }
+
+
+def test_bad_credentials_are_401_and_change_nothing(invoke: Invoke, new_user: Callable[[], User],
+                                                     database: Db) -> None:
+    user = new_user()
+    before = snapshot(database, user.account_id)
+    for name, token in bad_tokens(user.user_id).items():
+        for method, path, body in (("GET", "/credits/balance", None),
+                                   ("POST", "/credits/deduct", {"amount": 1})):
+            reply = invoke(method, path, token=token, key=key(), body=body)
+            assert reply.status == 401, (name, path, reply.body)
+            assert_error(reply, 401, "unauthorized")
+            assert token not in json.dumps(reply.body)
+            assert reply.header("www-authenticate") == "Bearer"
+    missing = invoke("POST", "/credits/deduct", key=key(), body={"amount": 1})
+    assert_error(missing, 401, "unauthorized")
+    basic = invoke("GET", "/credits/balance", headers={"authorization": "Basic dXNlcjpwYXNz"})
+    assert_error(basic, 401, "unauthorized")
+    empty_bearer = invoke("GET", "/credits/balance", headers={"authorization": "Bearer "})
+    assert_error(empty_bearer, 401, "unauthorized")
+    assert snapshot(database, user.account_id) == before
+
+
+def test_both_credentials_at_once_are_rejected(invoke: Invoke, new_user: Callable[[], User]) -> None:
+    user = new_user()
+    reply = invoke("POST", "/credits/deduct", token=user.token, license_key="ck_whatever", key=key(),
+                   body={"amount": 1})
+    assert_error(reply, 400, "ambiguous_credentials")
+
+
+# --- deduct ------------------------------------------------------------------------------
+
+
+def test_deduct_spends_and_a_replay_changes_nothing(invoke: Invoke, new_user: Callable[[], User],
+                                                    database: Db) -> None:
+    user = new_user()
+    database.fund(user.account_id, purchased=10)
+    idem = key()
+    reply = invoke("POST", "/credits/deduct", token=user.token, key=idem,
+                   body={"amount": 5, "metadata": {"job": "render"}})
+    assert reply.status == 200, reply.body
+    assert reply.body["charged"] == 5 and reply.body["replayed"] is False
+    # Subscription credits go first, then purchased.
+    assert (reply.body["from_subscription"], reply.body["from_purchased"]) == (3, 2)
+    assert reply.body["balance"]["subscription"] == 0 and reply.body["balance"]["purchased"] == 8
+    after = snapshot(database, user.account_id)
+    assert after[0]["available"] == 8
+
+    again = invoke("POST", "/credits/deduct", token=user.token, key=idem,
+                   body={"amount": 5, "metadata": {"job": "render"}})
+    assert again.status == 200 and again.body["replayed"] is True
+    assert again.body["transaction_id"] == reply.body["transaction_id"]
+    assert snapshot(database, user.account_id) == after
+
+    conflict = invoke("POST", "/credits/deduct", token=user.token, key=idem, body={"amount": 4})
+    assert_error(conflict, 409, "idempotency_conflict")
+    assert snapshot(database, user.account_id) == after
+
+
+def test_deduct_needs_an_idempotency_key(invoke: Invoke, new_user: Callable[[], User], database: Db) -> None:
+    user = new_user()
+    before = snapshot(database, user.account_id)
+    for bad in (None, "", "   ", "k" * 256):
+        headers = {} if bad is None else {"idempotency-key": bad}
+        reply = invoke("POST", "/credits/deduct", token=user.token, body={"amount": 1}, headers=headers)
+        assert_error(reply, 400, "invalid_argument")
+        assert reply.body["detail"] == {"argument": "Idempotency-Key"}
+    assert snapshot(database, user.account_id) == before
+    ok = invoke("POST", "/credits/deduct", token=user.token, key="k" * 255, body={"amount": 1})
+    assert ok.status == 200, ok.body
+
+
+def test_deduct_more_than_available_is_402(invoke: Invoke, new_user: Callable[[], User], database: Db) -> None:
+    user = new_user()
+    before = snapshot(database, user.account_id)
+    reply = invoke("POST", "/credits/deduct", token=user.token, key=key(), body={"amount": 4})
+    assert_error(reply, 402, "insufficient_credits")
+    assert reply.body["detail"] == {"required": 4, "available": 3}
+    assert snapshot(database, user.account_id) == before
+
+
+@pytest.mark.parametrize("body", [
+    {"amount": 1, "operation": "chat"},          # both
+    {},                                          # neither
+    {"metadata": {"a": 1}},                      # neither
+    {"amount": 0},
+    {"amount": -3},
+    {"amount": 1_000_000_001},
+    {"amount": "2"},                             # strings are not numbers here
+    {"amount": 1.5},
+    {"amount": True},
+    {"amount": 1, "surprise": 1},                # unknown field
+    {"amount": 1, "metadata": "text"},
+    {"amount": 1, "metadata": {"blob": "x" * 9000}},
+    {"operation": ""},
+    {"operation": "chat", "input_tokens": -1},
+    {"amount": 1, "account_id": "not-a-uuid"},
+    [1, 2],
+    "amount",
+])
+def test_deduct_rejects_bad_bodies_with_422(invoke: Invoke, new_user: Callable[[], User], database: Db,
+                                            body: Any) -> None:
+    user = new_user()
+    before = snapshot(database, user.account_id)
+    reply = invoke("POST", "/credits/deduct", token=user.token, key=key(), body=body)
+    assert_error(reply, 422, "invalid_request")
+    assert reply.body["detail"]["errors"], reply.body
+    assert snapshot(database, user.account_id) == before
+
+
+def test_deduct_rejects_malformed_json_and_empty_bodies(invoke: Invoke, new_user: Callable[[], User],
+                                                        database: Db) -> None:
+    user = new_user()
+    before = snapshot(database, user.account_id)
+    broken = invoke("POST", "/credits/deduct", token=user.token, key=key(), raw_body='{"amount": 1')
+    assert_error(broken, 400, "invalid_json")
+    empty = invoke("POST", "/credits/deduct", token=user.token, key=key(), raw_body="")
+    assert empty.status in (400, 422), empty.body
+    assert_error(empty, empty.status)
+    assert snapshot(database, user.account_id) == before
+
+
+def test_deduct_by_operation_uses_the_price_table(invoke: Invoke, new_user: Callable[[], User],
+                                                  database: Db) -> None:
+    operation = f"summarize-{uuid.uuid4().hex[:8]}"
+    database.sql("insert into public.credit_prices (operation, credits, credits_per_1k_input_tokens,"
+                 " credits_per_1k_output_tokens) values (%s, 1, 0.5, 2)", operation)
+    user = new_user()
+    database.fund(user.account_id, purchased=20)
+    reply = invoke("POST", "/credits/deduct", token=user.token, key=key(), body={
+        "operation": operation, "model": "m-1", "input_tokens": 1500, "output_tokens": 2100})
+    assert reply.status == 200, reply.body
+    # 1 + 1.5 * 0.5 + 2.1 * 2 = 5.95, rounded up.
+    assert reply.body["charged"] == 6
+    assert database.balance(user.account_id)["available"] == 23 - 6
+
+    unknown = invoke("POST", "/credits/deduct", token=user.token, key=key(), body={"operation": "no-such-op"})
+    assert_error(unknown, 404, "unknown_operation")
+    assert database.balance(user.account_id)["available"] == 17
+
+
+def test_deduct_from_someone_elses_account_is_forbidden(invoke: Invoke, new_user: Callable[[], User],
+                                                       database: Db) -> None:
+    alice, bob = new_user(), new_user()
+    before = snapshot(database, bob.account_id)
+    reply = invoke("POST", "/credits/deduct", token=alice.token, key=key(),
+                   body={"amount": 1, "account_id": bob.account_id})
+    assert_error(reply, 403, "forbidden")
+    assert snapshot(database, bob.account_id) == before
+
+
+def test_tenant_owner_spends_from_the_tenant_member_cannot(invoke: Invoke, new_user: Callable[[], User],
+                                                          database: Db) -> None:
+    owner, member = new_user(), new_user()
+    _, tenant_account = database.new_tenant({owner.user_id: "owner", member.user_id: "member"})
+    database.fund(tenant_account, purchased=5)
+    before = snapshot(database, tenant_account)
+    denied = invoke("POST", "/credits/deduct", token=member.token, key=key(),
+                    body={"amount": 1, "account_id": tenant_account})
+    assert_error(denied, 403, "forbidden")
+    assert snapshot(database, tenant_account) == before
+    # Members may read the tenant's balance, though.
+    seen = invoke("GET", "/credits/balance", token=member.token, query={"account_id": tenant_account})
+    assert seen.status == 200 and seen.body["account_id"] == tenant_account
+    spent = invoke("POST", "/credits/deduct", token=owner.token, key=key(),
+                   body={"amount": 2, "account_id": tenant_account})
+    assert spent.status == 200, spent.body
+    assert database.balance(tenant_account)["available"] == before[0]["available"] - 2
+    # The owner's personal account was not touched.
+    assert database.balance(owner.account_id)["available"] == 3
+
+
+# --- license keys ----------------------------------------------------------------------------
+
+
+def test_license_key_deducts_from_its_account(invoke: Invoke, new_user: Callable[[], User],
+                                              database: Db) -> None:
+    user = new_user()
+    created = database.call("create_license_key", p_account_id=user.account_id, p_name="build server")
+    license_key = created["key"]
+    idem = key()
+    reply = invoke("POST", "/credits/deduct", license_key=license_key, key=idem, body={"amount": 2})
+    assert reply.status == 200, reply.body
+    assert reply.body["account_id"] == user.account_id and reply.body["charged"] == 2
+    assert database.balance(user.account_id)["available"] == 1
+    replay = invoke("POST", "/credits/deduct", license_key=license_key, key=idem, body={"amount": 2})
+    assert replay.status == 200 and replay.body["replayed"] is True
+    assert database.balance(user.account_id)["available"] == 1
+
+    # A license key only spends, from its own account.
+    with_account = invoke("POST", "/credits/deduct", license_key=license_key, key=key(),
+                          body={"amount": 1, "account_id": user.account_id})
+    assert_error(with_account, 400, "invalid_argument")
+    for method, path in (("GET", "/credits/balance"), ("GET", "/credits/transactions")):
+        assert_error(invoke(method, path, license_key=license_key), 403, "forbidden")
+    hold = invoke("POST", "/credits/holds", license_key=license_key, key=key(), body={"amount": 1})
+    assert_error(hold, 403, "forbidden")
+    assert database.balance(user.account_id)["available"] == 1
+
+
+def test_bad_license_keys_are_rejected_in_order(invoke: Invoke, new_user: Callable[[], User],
+                                                database: Db) -> None:
+    user = new_user()
+    before = snapshot(database, user.account_id)
+    unknown = invoke("POST", "/credits/deduct", license_key="ck_" + "0" * 64, key=key(), body={"amount": 1})
+    assert_error(unknown, 403, "invalid_license_key")
+    short = invoke("POST", "/credits/deduct", license_key="short", key=key(), body={"amount": 1})
+    assert_error(short, 403, "invalid_license_key")
+    empty = invoke("POST", "/credits/deduct", headers={"x-license-key": " "}, key=key(), body={"amount": 1})
+    assert_error(empty, 401, "unauthorized")
+
+    revoked = database.call("create_license_key", p_account_id=user.account_id, p_name="old")
+    database.call("revoke_license_key", p_key_id=revoked["key_id"])
+    reply = invoke("POST", "/credits/deduct", license_key=revoked["key"], key=key(), body={"amount": 1})
+    assert_error(reply, 403, "license_key_inactive")
+
+    expiring = database.call("create_license_key", p_account_id=user.account_id, p_name="soon",
+                             p_expires_at="2999-01-01T00:00:00Z")
+    database.sql("update public.credit_license_keys set expires_at = now() - interval '1 minute'"
+                 " where id = %s", expiring["key_id"])
+    reply = invoke("POST", "/credits/deduct", license_key=expiring["key"], key=key(), body={"amount": 1})
+    assert_error(reply, 403, "license_key_expired")
+    assert snapshot(database, user.account_id) == before
+    for r in (unknown, reply):
+        assert "ck_" not in json.dumps(r.body)
