@@ -68,8 +68,8 @@ class RestError(Exception):
 
 # --- auth ----------------------------------------------------------------------
 
-def _unauthorized(code: str, message: str, details: str | None = None) -> RestError:
-    return RestError(401, code, message, details, headers={"WWW-Authenticate": "Bearer"})
+def _unauthorized(code: str, message: str, details: str | None = None, hint: str | None = None) -> RestError:
+    return RestError(401, code, message, details, hint, headers={"WWW-Authenticate": "Bearer"})
 
 
 def verify_jwt(token: str, secret: str) -> dict[str, Any]:
@@ -186,6 +186,34 @@ def required_arguments(conn: psycopg.Connection, fn: str) -> list[str] | None:
     return list((names or [])[: nargs - ndefaults])
 
 
+class _NoTraceback:
+    """Outermost layer: an unexpected failure is a plain 500, logged by type only
+    (Starlette's own error layer would print the traceback)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("unexpected error: %s", type(exc).__name__)
+            if not started:
+                response = JSONResponse({"code": None, "message": "Internal server error", "details": None,
+                                         "hint": None}, status_code=500)
+                await response(scope, receive, send)
+
+
 # --- app ----------------------------------------------------------------------------
 
 def connection_dsn(dsn: str) -> str:
@@ -231,11 +259,7 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
     async def _rest_error(_request: Request, exc: RestError) -> JSONResponse:
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error: %s", type(exc).__name__)
-        return JSONResponse({"code": None, "message": "Internal server error", "details": None,
-                             "hint": None}, status_code=500)
+    app.add_middleware(_NoTraceback)
 
     @contextmanager
     def connection(role: str) -> Iterator[psycopg.Connection]:
