@@ -1,0 +1,112 @@
+"""The Stripe webhook: verify, normalise, hand to the database in one call.
+
+A thin edge over ``handle_stripe_event``: the signature is checked on the raw
+body exactly as received (a re-serialised body fails), the event is reduced to
+version-independent facts (``functions.stripe_events``), and one service-role
+RPC records and applies it in a single transaction. What the event does, and
+whether it already happened, is the database's decision.
+
+Answers (Stripe retries every non-2xx answer for up to three days):
+- 400 for a missing/invalid signature, a stale timestamp or a body that is not
+  an event: nothing is recorded, and a retry of the same bytes cannot succeed.
+- 200 once the event is recorded, whatever the outcome: applied, duplicate,
+  ignored, parked, or failed. A failed event was refused by a contract
+  function (e.g. the account no longer exists); the same bytes would be refused
+  again, so it is kept in ``stripe_events`` for an operator, and a redelivery
+  (e.g. "Resend" in the Stripe dashboard after fixing the cause) tries again.
+- 500 when the event could not be recorded (database or REST layer down,
+  timeout): nothing was applied, and Stripe's retry applies it once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import stripe
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from functions.errors import ApiError, BadRequest, ServiceUnavailable, install_error_handlers
+from functions.observability import count, install_request_logging, logger
+from functions.rpc import service_rpc
+from functions.settings import Settings
+from functions.stripe_events import normalize
+
+SIGNATURE_TOLERANCE_SECONDS = 300
+MAX_BODY_BYTES = 1_000_000  # Stripe events are far smaller; anything bigger is not one.
+OUTCOMES = ("applied", "duplicate", "ignored", "parked", "failed")
+
+
+def _not_recorded(retry_after: str | None) -> JSONResponse:
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return JSONResponse(
+        {"error": "event_not_recorded",
+         "message": "the event could not be recorded, deliver it again later", "detail": {}},
+        status_code=500, headers=headers,
+    )
+
+
+def _verified_event(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
+    """The event as JSON, once its signature and timestamp check out; else BadRequest."""
+    if len(payload) > MAX_BODY_BYTES:
+        raise BadRequest("the body is too large for a Stripe event", error="invalid_payload")
+    try:
+        stripe.Webhook.construct_event(payload, signature, secret, tolerance=SIGNATURE_TOLERANCE_SECONDS)
+    except stripe.SignatureVerificationError:
+        raise BadRequest("the Stripe-Signature header does not match the body",
+                         error="invalid_signature") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not a JSON event", error="invalid_payload") from None
+    event = json.loads(payload)
+    if (not isinstance(event, dict) or not isinstance(event.get("id"), str)
+            or not isinstance(event.get("type"), str)
+            or not 1 <= len(event["id"]) <= 255 or not 1 <= len(event["type"]) <= 255):
+        raise BadRequest("the body is not a Stripe event", error="invalid_payload")
+    return event
+
+
+def create_app(settings: Settings) -> FastAPI:
+    if not settings.stripe_webhook_secret:
+        raise ValueError("the webhook needs STRIPE_WEBHOOK_SECRET")
+    secret = settings.stripe_webhook_secret
+    app = FastAPI(title="Credits Stripe webhook", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    install_request_logging(app, "StripeWebhook")
+
+    @app.post("/stripe/webhook")
+    async def stripe_webhook(request: Request) -> JSONResponse:
+        # The raw bytes as delivered (Mangum has already undone API Gateway's base64).
+        payload = await request.body()
+        try:
+            event = _verified_event(payload, request.headers.get("stripe-signature"), secret)
+        except BadRequest as exc:
+            count("StripeWebhookRejected")
+            logger.warning("stripe event rejected", extra={"error": exc.error})
+            raise
+        event_id, event_type = event["id"], event["type"]
+        params = {"p_event_id": event_id, "p_type": event_type, "p_payload": normalize(event)}
+        try:
+            result = await run_in_threadpool(service_rpc, settings, "handle_stripe_event", params)
+        except ApiError as exc:
+            # Whatever the cause, the transaction did not commit: nothing is half-applied.
+            logger.error("stripe event not recorded",
+                         extra={"event_id": event_id, "event_type": event_type, "status": exc.status,
+                                "error": exc.error})
+            count("StripeEventNotRecorded")
+            unavailable = isinstance(exc, ServiceUnavailable)
+            return _not_recorded(exc.headers.get("Retry-After") if unavailable else None)
+        outcome = str((result or {}).get("outcome", ""))
+        if outcome not in OUTCOMES:
+            logger.error("unexpected answer from handle_stripe_event", extra={"event_id": event_id})
+            return _not_recorded(None)
+        log = logger.warning if outcome == "failed" else logger.info
+        log("stripe event", extra={
+            "event_id": event_id, "event_type": event_type, "outcome": outcome,
+            "reason": result.get("reason"), "unparked": len(result.get("unparked") or []),
+        })
+        count(f"StripeEvent{outcome.capitalize()}")
+        return JSONResponse({"received": True, "event_id": event_id, "outcome": outcome})
+
+    return app

@@ -1,0 +1,693 @@
+-- Stripe webhook: the event log and the one function the webhook calls.
+--
+-- The webhook Lambda verifies Stripe's signature, reduces the event to a small
+-- version-independent JSON object (functions/stripe_events.py) and calls
+-- public.handle_stripe_event(event id, type, payload) with the service role.
+-- That call, in ONE transaction:
+--   * records the event in public.stripe_events with its outcome:
+--       applied  - it changed something (credits, a link, plan or status);
+--       ignored  - nothing to do (a type we do not act on, an unknown price,
+--                  an unpaid checkout, a stale subscription update, ...);
+--       parked   - the account is not known yet (or, for a refund, the
+--                  payment's credits are not granted yet); it is applied,
+--                  in the transaction of the event that makes it known;
+--       failed   - a contract function refused it (e.g. account_not_found,
+--                  invalid_argument, idempotency_conflict); the refusal is
+--                  stored and nothing of the event is applied;
+--     and a repeated delivery of an applied or ignored event answers
+--     `duplicate` and changes nothing (parked and failed ones are retried);
+--   * applies it through the contract functions, keyed by the Stripe object
+--     (checkout session, invoice, charge + cumulative refund, dispute), so two
+--     different events about one payment never grant twice.
+-- A database failure rolls all of it back and the webhook answers 500, so
+-- Stripe delivers again.
+--
+-- Events are applied one at a time (a transaction-level advisory lock): Stripe
+-- sends few events, and serial application makes "park, then apply when the
+-- link arrives" race-free without any lock-ordering rules.
+
+-- ---------------------------------------------------------------------------
+-- The event log. Read by operators (table editor, service_role); written only
+-- by the function below. Holds the normalised facts, never the raw body.
+-- ---------------------------------------------------------------------------
+
+create table public.stripe_events (
+  event_id text primary key check (length(event_id) between 1 and 255),
+  type text not null check (length(type) between 1 and 255),
+  outcome text not null check (outcome in ('applied', 'ignored', 'parked', 'failed')),
+  reason text,
+  error jsonb,
+  account_id uuid references public.credit_accounts (id) on delete set null,
+  customer_id text,
+  subscription_id text,
+  payment_ref text,
+  -- What a parked event waits for: 'customer:cus_…', 'subscription:sub_…', 'payment:pi_…'.
+  parked_on text[] not null default '{}',
+  stripe_created timestamptz,
+  livemode boolean not null default false,
+  api_version text,
+  payload jsonb not null,
+  result jsonb,
+  deliveries integer not null default 1,
+  attempts integer not null default 1,
+  first_received_at timestamptz not null default now(),
+  last_received_at timestamptz not null default now(),
+  processed_at timestamptz not null default now()
+);
+comment on table public.stripe_events is
+  'Every Stripe event received (normalised), with its outcome: applied, ignored, parked or failed.';
+
+create index stripe_events_parked_idx on public.stripe_events using gin (parked_on) where outcome = 'parked';
+create index stripe_events_subscription_idx on public.stripe_events (subscription_id, stripe_created)
+  where subscription_id is not null and outcome = 'applied';
+create index stripe_events_account_idx on public.stripe_events (account_id) where account_id is not null;
+
+alter table public.stripe_events enable row level security;
+revoke all on public.stripe_events from anon, authenticated, service_role;
+grant select on public.stripe_events to service_role;
+
+-- ---------------------------------------------------------------------------
+-- Small readers of the normalised payload (numbers arrive as JSON numbers).
+-- ---------------------------------------------------------------------------
+
+create function private.stripe_int(p jsonb, p_key text) returns bigint
+language sql immutable
+set search_path = ''
+as $$
+  select case when jsonb_typeof(p -> p_key) = 'number' and (p ->> p_key) ~ '^-?[0-9]{1,18}$'
+              then (p ->> p_key)::bigint end
+$$;
+
+create function private.stripe_time(p jsonb, p_key text) returns timestamptz
+language sql immutable
+set search_path = ''
+as $$
+  select to_timestamp(private.stripe_int(p, p_key))
+$$;
+
+create function private.stripe_text(p jsonb, p_key text) returns text
+language sql immutable
+set search_path = ''
+as $$
+  select case when jsonb_typeof(p -> p_key) = 'string' and length(p ->> p_key) between 1 and 255
+              then p ->> p_key end
+$$;
+
+-- A contract error's detail is JSON text; anything else is kept as text.
+create function private.stripe_detail(p_detail text) returns jsonb
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  if p_detail is null or p_detail = '' then
+    return null;
+  end if;
+  return p_detail::jsonb;
+exception when others then
+  return to_jsonb(p_detail);
+end
+$$;
+
+create function private.stripe_result(p_outcome text, p_reason text default null, p_account_id uuid default null,
+                                      p_result jsonb default null, p_touched text[] default '{}',
+                                      p_parked_on text[] default '{}')
+returns jsonb
+language sql immutable
+set search_path = ''
+as $$
+  select jsonb_build_object('outcome', p_outcome, 'reason', p_reason, 'account_id', p_account_id,
+                            'result', p_result, 'touched', to_jsonb(coalesce(p_touched, '{}')),
+                            'parked_on', to_jsonb(coalesce(p_parked_on, '{}')))
+$$;
+
+-- Keys a parked event can wait for (only the ids the event carries).
+create function private.stripe_wait_keys(p_customer text, p_subscription text) returns text[]
+language sql immutable
+set search_path = ''
+as $$
+  select array_remove(array['customer:' || p_customer, 'subscription:' || p_subscription], null)
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Accounts: which account an event is about, and linking Stripe ids to it.
+-- ---------------------------------------------------------------------------
+
+-- The explicit account id (client_reference_id / metadata.account_id) wins; it
+-- must name an existing account. Otherwise the subscription, then the customer
+-- linked earlier. Null: not known yet (the caller parks the event).
+create function private.stripe_account(p_hint text, p_customer text, p_subscription text) returns uuid
+language plpgsql stable
+set search_path = ''
+as $$
+declare
+  v_id uuid;
+begin
+  if p_hint is not null then
+    if p_hint !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
+      perform private.invalid('account_id', 'must be a uuid');
+    end if;
+    select a.id into v_id from public.credit_accounts a where a.id = p_hint::uuid;
+    if v_id is null then
+      perform private.fail('PT404', 'account_not_found', jsonb_build_object('account_id', p_hint));
+    end if;
+    return v_id;
+  end if;
+  if p_subscription is not null then
+    select a.id into v_id from public.credit_accounts a where a.stripe_subscription_id = p_subscription;
+    if v_id is not null then
+      return v_id;
+    end if;
+  end if;
+  if p_customer is not null then
+    select a.id into v_id from public.credit_accounts a where a.stripe_customer_id = p_customer;
+  end if;
+  return v_id;
+end
+$$;
+
+-- Link a Stripe customer and subscription to an account; returns the keys now
+-- resolvable (for parked events). The customer is recorded when the account
+-- has none and no other account has it. The subscription replaces the
+-- account's when p_replace (a new checkout) or when the account has none or
+-- only an ended one; a subscription linked to another account is refused.
+create function private.stripe_link(p_account_id uuid, p_customer text, p_subscription text,
+                                    p_status text, p_replace boolean) returns text[]
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_account public.credit_accounts;
+  v_other uuid;
+  v_keys text[] := '{}';
+begin
+  select * into v_account from public.credit_accounts a where a.id = p_account_id for update;
+  if p_customer is not null then
+    if v_account.stripe_customer_id is null
+       and not exists (select 1 from public.credit_accounts a where a.stripe_customer_id = p_customer) then
+      update public.credit_accounts a set stripe_customer_id = p_customer, updated_at = now()
+       where a.id = p_account_id;
+    end if;
+    v_keys := v_keys || ('customer:' || p_customer);
+  end if;
+  if p_subscription is not null then
+    select a.id into v_other from public.credit_accounts a where a.stripe_subscription_id = p_subscription;
+    if v_other is not null and v_other <> p_account_id then
+      perform private.fail('PT409', 'subscription_linked_elsewhere',
+                           jsonb_build_object('subscription', p_subscription));
+    end if;
+    if v_other is null and (p_replace or v_account.stripe_subscription_id is null
+                            or coalesce(v_account.subscription_status, '') in ('canceled', 'incomplete_expired')) then
+      update public.credit_accounts a
+         set stripe_subscription_id = p_subscription, subscription_status = p_status, updated_at = now()
+       where a.id = p_account_id;
+    end if;
+    v_keys := v_keys || ('subscription:' || p_subscription);
+  end if;
+  return v_keys;
+end
+$$;
+
+-- ---------------------------------------------------------------------------
+-- One function per flow. Each returns private.stripe_result(...).
+-- ---------------------------------------------------------------------------
+
+-- checkout.session.completed / checkout.session.async_payment_succeeded.
+create function private.stripe_checkout(p_type text, p jsonb) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_session text := private.stripe_text(p, 'session');
+  v_customer text := private.stripe_text(p, 'customer');
+  v_subscription text := private.stripe_text(p, 'subscription');
+  v_price text := private.stripe_text(p, 'price_id');
+  v_account uuid;
+  v_credits bigint;
+  v_quantity bigint;
+  v_ref text;
+  v_plan text;
+  v_keys text[];
+  v_result jsonb;
+begin
+  if v_session is null then
+    perform private.invalid('session', 'missing');
+  end if;
+
+  if p ->> 'mode' = 'subscription' then
+    if v_subscription is null then
+      return private.stripe_result('ignored', 'no_subscription');
+    end if;
+    v_account := private.stripe_account(private.stripe_text(p, 'account_id'), v_customer, null);
+    if v_account is null then
+      return private.stripe_result('parked', 'account_unknown', null, null, '{}',
+                                   private.stripe_wait_keys(v_customer, null));
+    end if;
+    v_keys := private.stripe_link(v_account, v_customer, v_subscription, 'active', true);
+    select pl.id into v_plan from public.credit_plans pl where pl.stripe_price_id = v_price;
+    if v_plan is not null then
+      update public.credit_accounts a set plan_id = v_plan, updated_at = now()
+       where a.id = v_account and a.stripe_subscription_id = v_subscription;
+    end if;
+    return private.stripe_result('applied', 'subscription_linked', v_account,
+                                 jsonb_build_object('subscription', v_subscription, 'plan_id', v_plan), v_keys);
+  end if;
+
+  if coalesce(p ->> 'mode', '') <> 'payment' then
+    return private.stripe_result('ignored', 'unsupported_mode');
+  end if;
+  -- Delayed payment methods complete the session unpaid; async_payment_succeeded follows.
+  if p_type = 'checkout.session.completed'
+     and coalesce(p ->> 'payment_status', '') not in ('paid', 'no_payment_required') then
+    return private.stripe_result('ignored', 'payment_pending');
+  end if;
+
+  if p -> 'credits' is not null and jsonb_typeof(p -> 'credits') <> 'null' then
+    v_credits := private.stripe_int(p, 'credits');
+    if v_credits is null then
+      perform private.invalid('metadata.credits', 'must be a whole number');
+    end if;
+  else
+    if v_price is null then
+      return private.stripe_result('ignored', 'not_a_credit_pack');
+    end if;
+    select pk.credits into v_credits from public.credit_packs pk where pk.stripe_price_id = v_price;
+    if v_credits is null then
+      return private.stripe_result('ignored', 'unknown_price');
+    end if;
+    if p -> 'quantity' is not null and jsonb_typeof(p -> 'quantity') <> 'null' then
+      v_quantity := private.stripe_int(p, 'quantity');
+      if v_quantity is null or v_quantity < 1 or v_quantity > 1000000 then
+        perform private.invalid('metadata.quantity', 'must be a whole number from 1 to 1000000');
+      end if;
+      v_credits := v_credits * v_quantity;
+    end if;
+  end if;
+  perform private.check_amount('metadata.credits', v_credits);
+
+  v_account := private.stripe_account(private.stripe_text(p, 'account_id'), v_customer, null);
+  if v_account is null then
+    return private.stripe_result('parked', 'account_unknown', null, null, '{}',
+                                 private.stripe_wait_keys(v_customer, null));
+  end if;
+  v_ref := coalesce(private.stripe_text(p, 'payment_intent'), v_session);
+  -- Arguments derive from the session only, so both events of one session are the same call.
+  v_result := public.add_purchased_credits(
+    v_account, v_credits::integer, 'stripe:checkout:' || v_session, v_ref, 'Credit pack (Stripe Checkout)',
+    jsonb_strip_nulls(jsonb_build_object('checkout_session', v_session, 'price_id', v_price,
+                                         'quantity', v_quantity)));
+  return private.stripe_result('applied', case when (v_result ->> 'replayed')::boolean then 'already_granted'
+                                               else 'credits_purchased' end,
+                               v_account, v_result, array['payment:' || v_ref]);
+end
+$$;
+
+-- invoice.paid: start the subscription period of the invoice's plan line.
+create function private.stripe_invoice_paid(p jsonb) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_invoice text := private.stripe_text(p, 'invoice');
+  v_customer text := private.stripe_text(p, 'customer');
+  v_subscription text := private.stripe_text(p, 'subscription');
+  v_hint text := private.stripe_text(p, 'account_id');
+  v_line jsonb;
+  v_plan_id text;
+  v_monthly integer;
+  v_price text;
+  v_start timestamptz;
+  v_end timestamptz;
+  v_account uuid;
+  v_keys text[] := '{}';
+  v_ref text;
+  v_result jsonb;
+begin
+  if v_invoice is null then
+    perform private.invalid('invoice', 'missing');
+  end if;
+  if v_subscription is null then
+    return private.stripe_result('ignored', 'not_a_subscription_invoice');
+  end if;
+  -- The plan line: a known price, regular lines before prorations, the latest period first.
+  select l.value, pl.id, pl.monthly_credits, pl.stripe_price_id into v_line, v_plan_id, v_monthly, v_price
+    from jsonb_array_elements(case when jsonb_typeof(p -> 'lines') = 'array' then p -> 'lines'
+                                   else '[]'::jsonb end) l
+    join public.credit_plans pl on pl.stripe_price_id = l.value ->> 'price_id'
+   order by coalesce(l.value ->> 'proration', 'false') = 'true',
+            private.stripe_int(l.value, 'period_end') desc nulls last
+   limit 1;
+  if v_line is null then
+    return private.stripe_result('ignored', 'unknown_price');
+  end if;
+  v_start := private.stripe_time(v_line, 'period_start');
+  v_end := private.stripe_time(v_line, 'period_end');
+
+  v_account := private.stripe_account(v_hint, v_customer, v_subscription);
+  if v_account is null then
+    return private.stripe_result('parked', 'account_unknown', null, null, '{}',
+                                 private.stripe_wait_keys(v_customer, v_subscription));
+  end if;
+  if v_hint is not null then
+    -- Subscription metadata named the account: later events can find it by these ids.
+    v_keys := private.stripe_link(v_account, v_customer, v_subscription, 'active', false);
+  end if;
+
+  v_ref := coalesce(private.stripe_text(p, 'payment_intent'), v_invoice);
+  v_result := public.add_subscription_credits(
+    v_account, v_monthly, v_start, v_end, 'stripe:invoice:' || v_invoice, v_ref,
+    jsonb_strip_nulls(jsonb_build_object('invoice', v_invoice, 'subscription', v_subscription,
+                                         'price_id', v_price,
+                                         'billing_reason', private.stripe_text(p, 'billing_reason'))));
+  -- The plan follows the invoice that started the account's current period.
+  if not (v_result ->> 'replayed')::boolean then
+    update public.credit_accounts a set plan_id = v_plan_id, updated_at = now()
+     where a.id = v_account and a.period_start = v_start
+       and (a.stripe_subscription_id is null or a.stripe_subscription_id = v_subscription);
+  end if;
+  return private.stripe_result('applied', case when (v_result ->> 'replayed')::boolean then 'already_granted'
+                                               when (v_result ->> 'granted')::bigint = 0
+                                                    and v_monthly > 0 then 'older_period'
+                                               else 'period_started' end,
+                               v_account, v_result, v_keys || ('payment:' || v_ref));
+end
+$$;
+
+-- customer.subscription.updated / customer.subscription.deleted.
+create function private.stripe_subscription_changed(p_type text, p jsonb) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_subscription text := private.stripe_text(p, 'subscription');
+  v_customer text := private.stripe_text(p, 'customer');
+  v_status text := coalesce(private.stripe_text(p, 'status'),
+                            case when p_type = 'customer.subscription.deleted' then 'canceled' end);
+  v_created timestamptz := private.stripe_time(p, 'created');
+  v_account public.credit_accounts;
+  v_account_id uuid;
+  v_plan text;
+  v_keys text[] := '{}';
+begin
+  if v_subscription is null then
+    perform private.invalid('subscription', 'missing');
+  end if;
+  -- Stripe does not guarantee order: an update older than one already applied,
+  -- or any update after the deletion, changes nothing.
+  if p_type = 'customer.subscription.updated' then
+    if exists (select 1 from public.stripe_events e
+                where e.subscription_id = v_subscription and e.outcome = 'applied'
+                  and e.type = 'customer.subscription.deleted') then
+      return private.stripe_result('ignored', 'subscription_ended');
+    end if;
+    if exists (select 1 from public.stripe_events e
+                where e.subscription_id = v_subscription and e.outcome = 'applied'
+                  and e.type like 'customer.subscription.%' and e.stripe_created > v_created) then
+      return private.stripe_result('ignored', 'stale');
+    end if;
+  end if;
+
+  v_account_id := private.stripe_account(private.stripe_text(p, 'account_id'), v_customer, v_subscription);
+  if v_account_id is null then
+    return private.stripe_result('parked', 'account_unknown', null, null, '{}',
+                                 private.stripe_wait_keys(v_customer, v_subscription));
+  end if;
+  select * into v_account from public.credit_accounts a where a.id = v_account_id for update;
+  if v_account.stripe_subscription_id is distinct from v_subscription then
+    if p_type = 'customer.subscription.deleted' then
+      -- The account moved on to another subscription (or never had this one).
+      return private.stripe_result('ignored', 'other_subscription', v_account_id);
+    end if;
+    if v_account.stripe_subscription_id is not null
+       and coalesce(v_account.subscription_status, '') not in ('canceled', 'incomplete_expired') then
+      return private.stripe_result('ignored', 'other_subscription', v_account_id);
+    end if;
+    v_keys := private.stripe_link(v_account_id, v_customer, v_subscription, v_status, false);
+  end if;
+
+  if p_type = 'customer.subscription.deleted' then
+    -- Back to free; what is left of the paid period stays until it ends and the
+    -- monthly reset renews the account from then on. Purchased credits stay.
+    update public.credit_accounts a set plan_id = 'free', subscription_status = v_status, updated_at = now()
+     where a.id = v_account_id;
+    return private.stripe_result('applied', 'subscription_ended', v_account_id,
+                                 jsonb_build_object('plan_id', 'free', 'status', v_status), v_keys);
+  end if;
+
+  select pl.id into v_plan
+    from jsonb_array_elements(case when jsonb_typeof(p -> 'items') = 'array' then p -> 'items'
+                                   else '[]'::jsonb end) i
+    join public.credit_plans pl on pl.stripe_price_id = i.value ->> 'price_id'
+   limit 1;
+  update public.credit_accounts a
+     set subscription_status = v_status, plan_id = coalesce(v_plan, a.plan_id), updated_at = now()
+   where a.id = v_account_id;
+  return private.stripe_result('applied', 'subscription_updated', v_account_id,
+                               jsonb_build_object('plan_id', coalesce(v_plan, v_account.plan_id),
+                                                  'status', v_status), v_keys);
+end
+$$;
+
+-- Credits granted by a payment (its stripe_ref), or null when none yet.
+create function private.stripe_granted(p_ref text) returns bigint
+language sql stable
+set search_path = ''
+as $$
+  select sum(t.amount)::bigint from public.credit_transactions t
+   where t.stripe_ref = p_ref and t.kind in ('purchase', 'grant') and t.amount > 0
+$$;
+
+-- charge.refunded: claw back round(granted * amount_refunded / amount) in total
+-- (Stripe reports refunds cumulatively; each cumulative step applies once).
+create function private.stripe_charge_refunded(p jsonb) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_charge text := private.stripe_text(p, 'charge');
+  v_ref text := coalesce(private.stripe_text(p, 'payment_intent'), private.stripe_text(p, 'charge'));
+  v_amount bigint := private.stripe_int(p, 'amount');
+  v_refunded bigint := private.stripe_int(p, 'amount_refunded');
+  v_granted bigint;
+  v_target bigint;
+  v_result jsonb;
+begin
+  if v_charge is null then
+    perform private.invalid('charge', 'missing');
+  end if;
+  if v_amount is null or v_amount < 1 or v_refunded is null or v_refunded < 0 then
+    perform private.invalid('amount', 'charge amount and amount_refunded must be whole numbers');
+  end if;
+  if v_refunded = 0 then
+    return private.stripe_result('ignored', 'nothing_refunded');
+  end if;
+  v_granted := private.stripe_granted(v_ref);
+  if v_granted is null then
+    return private.stripe_result('parked', 'payment_unknown', null, null, '{}', array['payment:' || v_ref]);
+  end if;
+  -- Half up, on whole credits.
+  v_target := round(v_granted::numeric * least(v_refunded, v_amount) / v_amount);
+  if v_target < 1 then
+    return private.stripe_result('ignored', 'rounds_to_zero');
+  end if;
+  v_result := public.clawback_credits(v_ref, 'stripe:refund:' || v_charge || ':' || v_refunded,
+                                      least(v_target, 1000000000)::integer, 'refund');
+  return private.stripe_result('applied', 'clawed_back', (v_result -> 'balance' ->> 'account_id')::uuid,
+                               v_result);
+end
+$$;
+
+-- charge.dispute.created: claw back everything the payment granted.
+create function private.stripe_dispute_created(p jsonb) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_dispute text := private.stripe_text(p, 'dispute');
+  v_ref text := coalesce(private.stripe_text(p, 'payment_intent'), private.stripe_text(p, 'charge'));
+  v_result jsonb;
+begin
+  if v_dispute is null or v_ref is null then
+    perform private.invalid('dispute', 'dispute and charge are required');
+  end if;
+  if private.stripe_granted(v_ref) is null then
+    return private.stripe_result('parked', 'payment_unknown', null, null, '{}', array['payment:' || v_ref]);
+  end if;
+  v_result := public.clawback_credits(v_ref, 'stripe:dispute:' || v_dispute, null, 'dispute');
+  return private.stripe_result('applied', 'clawed_back', (v_result -> 'balance' ->> 'account_id')::uuid,
+                               v_result);
+end
+$$;
+
+create function private.stripe_apply(p_type text, p jsonb) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+begin
+  case p_type
+    when 'checkout.session.completed', 'checkout.session.async_payment_succeeded' then
+      return private.stripe_checkout(p_type, p);
+    when 'invoice.paid' then
+      return private.stripe_invoice_paid(p);
+    when 'customer.subscription.updated', 'customer.subscription.deleted' then
+      return private.stripe_subscription_changed(p_type, p);
+    when 'charge.refunded' then
+      return private.stripe_charge_refunded(p);
+    when 'charge.dispute.created' then
+      return private.stripe_dispute_created(p);
+    else
+      return private.stripe_result('ignored', 'unhandled_type');
+  end case;
+end
+$$;
+
+-- Apply in a subtransaction: a contract error (PTxxx, invalid_argument) undoes
+-- everything the event did and becomes a 'failed' outcome; any other error
+-- (connection, serialization, a bug) aborts the whole call so Stripe retries.
+create function private.stripe_attempt(p_type text, p jsonb) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_state text;
+  v_message text;
+  v_detail text;
+begin
+  return private.stripe_apply(p_type, p);
+exception when others then
+  get stacked diagnostics v_state = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
+  if v_state like 'PT%' or v_state = '22023' then
+    return private.stripe_result('failed', v_message)
+           || jsonb_build_object('error', jsonb_build_object('code', v_state, 'message', v_message,
+                                                             'detail', private.stripe_detail(v_detail)));
+  end if;
+  raise;
+end
+$$;
+
+-- Store the outcome of one attempt (first delivery, redelivery or unparking).
+create function private.stripe_store(p_event_id text, p_type text, p jsonb, p_res jsonb, p_delivery boolean)
+returns void
+language sql
+set search_path = ''
+as $$
+  insert into public.stripe_events as e (event_id, type, outcome, reason, error, account_id, customer_id,
+                                         subscription_id, payment_ref, parked_on, stripe_created, livemode,
+                                         api_version, payload, result)
+  values (p_event_id, p_type, p_res ->> 'outcome', p_res ->> 'reason', p_res -> 'error',
+          (p_res ->> 'account_id')::uuid, private.stripe_text(p, 'customer'),
+          private.stripe_text(p, 'subscription'),
+          coalesce(private.stripe_text(p, 'payment_intent'), private.stripe_text(p, 'charge')),
+          array(select jsonb_array_elements_text(p_res -> 'parked_on')), private.stripe_time(p, 'created'),
+          coalesce((p ->> 'livemode')::boolean, false), private.stripe_text(p, 'api_version'), p,
+          p_res -> 'result')
+  on conflict (event_id) do update
+     set outcome = excluded.outcome, reason = excluded.reason, error = excluded.error,
+         account_id = coalesce(excluded.account_id, e.account_id), parked_on = excluded.parked_on,
+         payload = excluded.payload, result = excluded.result,
+         attempts = e.attempts + 1,
+         deliveries = e.deliveries + case when p_delivery then 1 else 0 end,
+         last_received_at = case when p_delivery then now() else e.last_received_at end,
+         processed_at = now()
+$$;
+
+-- Apply the parked events waiting for any of p_keys, oldest first; what they
+-- apply may release more (a parked invoice grants, which releases a parked
+-- refund of its payment). Each event is tried once per call.
+create function private.stripe_unpark(p_keys text[]) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_keys text[] := p_keys;
+  v_tried text[] := '{}';
+  v_event public.stripe_events;
+  v_res jsonb;
+  v_out jsonb := '[]'::jsonb;
+begin
+  loop
+    select * into v_event from public.stripe_events e
+     where e.outcome = 'parked' and e.parked_on && v_keys and e.event_id <> all (v_tried)
+     order by e.stripe_created nulls last, e.first_received_at
+     limit 1;
+    exit when not found;
+    v_tried := v_tried || v_event.event_id;
+    v_res := private.stripe_attempt(v_event.type, v_event.payload);
+    perform private.stripe_store(v_event.event_id, v_event.type, v_event.payload, v_res, false);
+    v_out := v_out || jsonb_build_array(jsonb_build_object('event_id', v_event.event_id,
+                                                           'outcome', v_res ->> 'outcome'));
+    if v_res ->> 'outcome' = 'applied' then
+      v_keys := v_keys || array(select jsonb_array_elements_text(v_res -> 'touched'));
+    end if;
+  end loop;
+  return v_out;
+end
+$$;
+
+create function private.handle_stripe_event(p_event_id text, p_type text, p_payload jsonb) returns jsonb
+language plpgsql security definer
+set search_path = ''
+as $$
+declare
+  v_existing public.stripe_events;
+  v_res jsonb;
+  v_unparked jsonb := '[]'::jsonb;
+begin
+  if not private.is_service() then
+    perform private.fail('PT403', 'forbidden');
+  end if;
+  if p_event_id is null or length(p_event_id) not between 1 and 255 then
+    perform private.invalid('p_event_id', 'must be 1 to 255 characters');
+  end if;
+  if p_type is null or length(p_type) not between 1 and 255 then
+    perform private.invalid('p_type', 'must be 1 to 255 characters');
+  end if;
+  if p_payload is null or jsonb_typeof(p_payload) <> 'object' then
+    perform private.invalid('p_payload', 'must be a JSON object');
+  end if;
+
+  -- One event at a time (see the header); also makes concurrent redeliveries queue.
+  perform pg_advisory_xact_lock(7349210455160013);
+
+  select * into v_existing from public.stripe_events e where e.event_id = p_event_id;
+  if found and v_existing.outcome in ('applied', 'ignored') then
+    update public.stripe_events e
+       set deliveries = e.deliveries + 1, last_received_at = now()
+     where e.event_id = p_event_id;
+    return jsonb_build_object('event_id', p_event_id, 'type', v_existing.type, 'outcome', 'duplicate',
+                              'first_outcome', v_existing.outcome, 'account_id', v_existing.account_id);
+  end if;
+
+  v_res := private.stripe_attempt(p_type, p_payload);
+  perform private.stripe_store(p_event_id, p_type, p_payload, v_res, true);
+  if v_res ->> 'outcome' = 'applied' and jsonb_array_length(v_res -> 'touched') > 0 then
+    v_unparked := private.stripe_unpark(array(select jsonb_array_elements_text(v_res -> 'touched')));
+  end if;
+  return jsonb_build_object('event_id', p_event_id, 'type', p_type, 'outcome', v_res ->> 'outcome',
+                            'reason', v_res ->> 'reason', 'error', v_res -> 'error' ->> 'message',
+                            'account_id', v_res ->> 'account_id', 'unparked', v_unparked);
+end
+$$;
+
+create function public.handle_stripe_event(p_event_id text, p_type text, p_payload jsonb) returns jsonb
+language sql
+set search_path = ''
+as $$
+  select private.handle_stripe_event(p_event_id, p_type, p_payload)
+$$;
+comment on function public.handle_stripe_event(text, text, jsonb) is
+  'Record and apply one verified, normalised Stripe event (service only; called by the webhook).';
+
+revoke all on function
+  private.stripe_int(jsonb, text), private.stripe_time(jsonb, text), private.stripe_text(jsonb, text),
+  private.stripe_detail(text), private.stripe_result(text, text, uuid, jsonb, text[], text[]),
+  private.stripe_wait_keys(text, text), private.stripe_account(text, text, text),
+  private.stripe_link(uuid, text, text, text, boolean), private.stripe_checkout(text, jsonb),
+  private.stripe_invoice_paid(jsonb), private.stripe_subscription_changed(text, jsonb),
+  private.stripe_granted(text), private.stripe_charge_refunded(jsonb), private.stripe_dispute_created(jsonb),
+  private.stripe_apply(text, jsonb), private.stripe_attempt(text, jsonb),
+  private.stripe_store(text, text, jsonb, jsonb, boolean), private.stripe_unpark(text[])
+  from public;
+revoke all on function private.handle_stripe_event(text, text, jsonb),
+  public.handle_stripe_event(text, text, jsonb) from public, anon, authenticated;
+grant execute on function private.handle_stripe_event(text, text, jsonb),
+  public.handle_stripe_event(text, text, jsonb) to service_role;
