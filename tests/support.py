@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql as pgsql
 
 from devstack import db
 
@@ -121,3 +122,58 @@ class Db:
             account_id,
         )
         return [r[0] for r in rows]
+
+
+# --- assertions ---------------------------------------------------------------
+def new_key(prefix: str = "k") -> str:
+    """A fresh idempotency key (tests never share keys by accident)."""
+    return f"{prefix}-{uuid.uuid4()}"
+
+
+def expect_error(fn: Any, sqlstate: str, message: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Call ``fn(*args, **kwargs)``; assert it raised ``sqlstate`` with exactly
+    ``message`` (the contract's error name). Returns the JSON detail ({} if none)."""
+    try:
+        result = fn(*args, **kwargs)
+    except psycopg.Error as exc:
+        assert (exc.sqlstate, exc.diag.message_primary) == (sqlstate, message), (
+            exc.sqlstate, exc.diag.message_primary, exc.diag.message_detail)
+        detail = exc.diag.message_detail
+        return json.loads(detail) if detail else {}
+    raise AssertionError(f"expected {sqlstate} {message}, got result {result!r}")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a rejected call must leave as it was, for one account."""
+
+    balance: dict[str, Any]
+    ledger_rows: int
+    transactions: int
+    holds: list[tuple]
+
+
+def snapshot(database: Db, account_id: str) -> Snapshot:
+    return Snapshot(
+        balance=database.balance(account_id),
+        ledger_rows=database.one(
+            "select count(*) from public.credit_ledger where account_id = %s", account_id),
+        transactions=database.one(
+            "select count(*) from public.credit_transactions where account_id = %s", account_id),
+        holds=database.sql(
+            "select id, status, amount, expires_at from public.credit_holds"
+            " where account_id = %s order by id",
+            account_id),
+    )
+
+
+def select_as(database: Db, caller: Caller, query: str, *params: Any) -> list[dict[str, Any]]:
+    """Run a read as ``caller`` (role + JWT claims, like the REST layer) so RLS
+    applies; rows come back as dicts."""
+    with database.conn.transaction():
+        database.conn.execute(pgsql.SQL("set local role {}").format(pgsql.Identifier(caller.role)))
+        database.conn.execute("select set_config('request.jwt.claims', %s, true)",
+                              (json.dumps(caller.claims),))
+        cur = database.conn.execute(query, params or None)
+        names = [c.name for c in cur.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
