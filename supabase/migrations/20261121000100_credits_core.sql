@@ -400,8 +400,21 @@ begin
 end
 $$;
 
+-- Metadata is caller-supplied JSON stored on ledger and usage rows: an object, bounded.
+create function private.check_metadata(p_metadata jsonb) returns void
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  if p_metadata is not null
+     and (jsonb_typeof(p_metadata) <> 'object' or pg_column_size(p_metadata) > 16384) then
+    perform private.invalid('p_metadata', 'must be a JSON object of at most 16 kB');
+  end if;
+end
+$$;
+
 revoke all on function private.fail(text, text, jsonb), private.invalid(text, text),
-  private.check_key(text), private.check_amount(text, bigint, bigint) from public;
+  private.check_key(text), private.check_amount(text, bigint, bigint), private.check_metadata(jsonb) from public;
 
 -- ---------------------------------------------------------------------------
 -- Balances.

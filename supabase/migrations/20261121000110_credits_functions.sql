@@ -428,6 +428,7 @@ declare
 begin
   perform private.authorize(p_account_id, true);
   perform private.check_key(p_idempotency_key);
+  perform private.check_metadata(p_metadata);
   v_cost := private.spend_cost(p_amount, p_operation, p_input_tokens, p_output_tokens);
   return private.spend(p_account_id, p_idempotency_key,
     private.request_hash('deduct', jsonb_build_array(p_amount, p_operation, p_model, p_input_tokens,
@@ -498,6 +499,7 @@ begin
   end if;
   v_account_id := private.license_account(p_license_key);
   perform private.check_key(p_idempotency_key);
+  perform private.check_metadata(p_metadata);
   v_cost := private.spend_cost(p_amount, p_operation, p_input_tokens, p_output_tokens);
   return private.spend(v_account_id, p_idempotency_key,
     private.request_hash('deduct', jsonb_build_array(p_amount, p_operation, p_model, p_input_tokens,
@@ -548,6 +550,7 @@ declare
 begin
   perform private.authorize(p_account_id, true);
   perform private.check_key(p_idempotency_key);
+  perform private.check_metadata(p_metadata);
   v_cost := private.spend_cost(p_amount, p_operation, null, null);
   if v_cost < 1 then
     perform private.invalid('p_operation', 'a hold must reserve at least 1 credit');
@@ -643,6 +646,7 @@ begin
   if v_hold.status = 'captured' then
     return v_hold.result || '{"replayed": true}'::jsonb;
   end if;
+  perform private.check_metadata(p_metadata);
   if v_hold.status <> 'active' then
     perform private.fail('PT409', 'hold_not_active', jsonb_build_object('status', v_hold.status));
   end if;
@@ -800,6 +804,7 @@ begin
   perform private.authorize(p_account_id, true);
   perform private.check_amount('p_amount', p_amount);
   perform private.check_key(p_idempotency_key);
+  perform private.check_metadata(p_metadata);
   v_hash := private.request_hash('purchase', jsonb_build_array(p_amount, p_stripe_ref, p_description, p_metadata));
   v_account := private.lock_account(p_account_id);
   v_result := private.replay(p_account_id, p_idempotency_key, v_hash);
@@ -871,6 +876,7 @@ begin
   perform private.authorize(p_account_id, true);
   perform private.check_amount('p_amount', p_amount, 0);
   perform private.check_key(p_idempotency_key);
+  perform private.check_metadata(p_metadata);
   if p_period_start is null then
     perform private.invalid('p_period_start', 'required');
   end if;
