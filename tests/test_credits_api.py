@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import threading
 import time
@@ -19,11 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
+import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devstack import rest, serve, tokens
+from devstack import db, rest, serve, tokens
 from functions.auth import TokenVerifier, authenticate
 from functions.errors import ServiceUnavailable, Unauthorized
 from functions.settings import Settings
@@ -92,7 +94,11 @@ def make_invoke(handler: Callable[..., dict[str, Any]]) -> Invoke:
             hdrs.setdefault("content-type", "application/json")
         event = http_event(method, path, headers=hdrs, query=query, body=body, raw_body=raw_body)
         raw = handler(event, LambdaContext(function_name="credits-test-deduct"))
-        return Reply(raw["statusCode"], response_json(raw) if raw.get("body") else None, raw)
+        try:
+            body = response_json(raw)
+        except ValueError:  # e.g. a CORS preflight's plain "OK"
+            body = raw.get("body")
+        return Reply(raw["statusCode"], body, raw)
 
     return invoke
 
@@ -416,3 +422,333 @@ def test_bad_license_keys_are_rejected_in_order(invoke: Invoke, new_user: Callab
     assert snapshot(database, user.account_id) == before
     for r in (unknown, reply):
         assert "ck_" not in json.dumps(r.body)
+
+
+# --- holds ------------------------------------------------------------------------------------
+
+
+def test_hold_reserve_capture_and_replays(invoke: Invoke, new_user: Callable[[], User], database: Db) -> None:
+    user = new_user()
+    idem = key()
+    reserved = invoke("POST", "/credits/holds", token=user.token, key=idem,
+                      body={"amount": 2, "ttl_seconds": 600, "metadata": {"job": 1}})
+    assert reserved.status == 200, reserved.body
+    hold_id = reserved.body["hold_id"]
+    assert reserved.body["amount"] == 2 and reserved.body["balance"]["held"] == 2
+    assert database.balance(user.account_id)["available"] == 1
+    # Held credits cannot be spent twice.
+    spend = invoke("POST", "/credits/deduct", token=user.token, key=key(), body={"amount": 2})
+    assert_error(spend, 402, "insufficient_credits")
+    again = invoke("POST", "/credits/holds", token=user.token, key=idem,
+                   body={"amount": 2, "ttl_seconds": 600, "metadata": {"job": 1}})
+    assert again.status == 200 and again.body["replayed"] is True and again.body["hold_id"] == hold_id
+    assert database.balance(user.account_id)["held"] == 2
+
+    captured = invoke("POST", f"/credits/holds/{hold_id}/capture", token=user.token, body={"amount": 1})
+    assert captured.status == 200, captured.body
+    assert (captured.body["charged"], captured.body["released"]) == (1, 1)
+    after = snapshot(database, user.account_id)
+    assert after[0]["held"] == 0 and after[0]["available"] == 2
+    replay = invoke("POST", f"/credits/holds/{hold_id}/capture", token=user.token, body={"amount": 1})
+    assert replay.status == 200 and replay.body["replayed"] is True
+    released = invoke("POST", f"/credits/holds/{hold_id}/release", token=user.token)
+    assert_error(released, 409, "hold_not_active")
+    assert snapshot(database, user.account_id) == after
+
+
+def test_hold_release_capture_without_body_and_errors(invoke: Invoke, new_user: Callable[[], User],
+                                                      database: Db) -> None:
+    user, other = new_user(), new_user()
+    first = invoke("POST", "/credits/holds", token=user.token, key=key(), body={"amount": 1})
+    second = invoke("POST", "/credits/holds", token=user.token, key=key(), body={"amount": 1})
+    assert first.status == second.status == 200
+    released = invoke("POST", f"/credits/holds/{first.body['hold_id']}/release", token=user.token)
+    assert released.status == 200 and released.body["released"] == 1
+    assert invoke("POST", f"/credits/holds/{first.body['hold_id']}/release",
+                  token=user.token).body["replayed"] is True
+    # No body at all: capture everything held.
+    captured = invoke("POST", f"/credits/holds/{second.body['hold_id']}/capture", token=user.token)
+    assert captured.status == 200 and captured.body["charged"] == 1
+    state = snapshot(database, user.account_id)
+    assert state[0]["available"] == 2 and state[0]["held"] == 0
+
+    third = invoke("POST", "/credits/holds", token=user.token, key=key(), body={"amount": 1})
+    state = snapshot(database, user.account_id)
+    hold_id = third.body["hold_id"]
+    assert_error(invoke("POST", f"/credits/holds/{hold_id}/capture", token=other.token), 403, "forbidden")
+    assert_error(invoke("POST", f"/credits/holds/{hold_id}/release", token=other.token), 403, "forbidden")
+    assert_error(invoke("POST", f"/credits/holds/{uuid.uuid4()}/capture", token=user.token), 404,
+                 "hold_not_found")
+    assert_error(invoke("POST", "/credits/holds/not-a-uuid/capture", token=user.token), 422, "invalid_request")
+    assert_error(invoke("POST", f"/credits/holds/{hold_id}/capture", token=user.token, body={"amount": 0}),
+                 422, "invalid_request")
+    assert_error(invoke("POST", "/credits/holds", token=user.token, body={"amount": 1}), 400,
+                 "invalid_argument")  # no Idempotency-Key
+    # The database's own bound on the hold's lifetime comes back as its invalid_argument.
+    too_long = invoke("POST", "/credits/holds", token=user.token, key=key(),
+                      body={"amount": 1, "ttl_seconds": 10 * 86400})
+    assert_error(too_long, 400, "invalid_argument")
+    assert too_long.body["detail"]["argument"] == "p_ttl_seconds"
+    assert_error(invoke("POST", "/credits/holds", token=user.token, key=key(), body={"amount": 5}), 402,
+                 "insufficient_credits")
+    assert snapshot(database, user.account_id) == state
+
+
+# --- transactions ---------------------------------------------------------------------------------
+
+
+def test_transactions_newest_first_and_paged(invoke: Invoke, new_user: Callable[[], User],
+                                             database: Db) -> None:
+    user, other = new_user(), new_user()
+    database.fund(user.account_id, purchased=10)
+    for amount in (1, 2, 3):
+        assert invoke("POST", "/credits/deduct", token=user.token, key=key(), body={"amount": amount}).status == 200
+    everything = [row["id"] for row in reversed(database.ledger(user.account_id))]
+
+    first = invoke("GET", "/credits/transactions", token=user.token, query={"limit": 2})
+    assert first.status == 200, first.body
+    assert first.body["account_id"] == user.account_id
+    assert [row["id"] for row in first.body["transactions"]] == everything[:2]
+    assert first.body["next_before"] == everything[1]
+    rest_ids: list[int] = []
+    cursor = first.body["next_before"]
+    while cursor is not None:
+        page = invoke("GET", "/credits/transactions", token=user.token,
+                      query={"account_id": user.account_id, "limit": 2, "before": cursor})
+        assert page.status == 200
+        rest_ids += [row["id"] for row in page.body["transactions"]]
+        cursor = page.body["next_before"]
+    assert everything[:2] + rest_ids == everything
+    assert all(row["account_id"] == user.account_id for row in first.body["transactions"])
+
+    assert_error(invoke("GET", "/credits/transactions", token=other.token,
+                        query={"account_id": user.account_id}), 403, "forbidden")
+    for bad in ({"limit": 0}, {"limit": 201}, {"limit": "x"}, {"before": "abc"}, {"account_id": "nope"}):
+        assert_error(invoke("GET", "/credits/transactions", token=user.token, query=bad), 422)
+
+
+# --- availability ------------------------------------------------------------------------------------
+
+
+def test_rest_endpoint_unreachable_is_503_with_retry_after(new_user: Callable[[], User], database: Db) -> None:
+    user = new_user()
+    before = snapshot(database, user.account_id)
+    serve_sock = __import__("socket").socket()
+    serve_sock.bind(("127.0.0.1", 0))
+    port = serve_sock.getsockname()[1]
+    serve_sock.close()  # nothing listens there now
+    with fresh_handler(credits_env(f"http://127.0.0.1:{port}")) as handler:
+        call = make_invoke(handler)
+        for method, path, body in (("GET", "/credits/balance", None), ("POST", "/credits/deduct", {"amount": 1}),
+                                   ("GET", "/credits/transactions", None)):
+            reply = call(method, path, token=user.token, key=key(), body=body)
+            assert_error(reply, 503, "service_unavailable")
+            assert reply.header("retry-after") and int(reply.header("retry-after") or 0) > 0
+    assert snapshot(database, user.account_id) == before
+
+
+def test_database_down_is_503_then_works_again(pg_server: str) -> None:
+    """A REST endpoint whose database refuses connections answers 503; ours passes that on,
+    and a retry with the same key once it is back charges once. Uses a database of its own."""
+    dbname = f"credits_down_{os.getpid()}"
+    dsn = db.create_database(pg_server, dbname)
+    db.prepare_database(dsn)
+    own = Db(dsn)
+    try:
+        caller, account_id = own.new_user()
+        token = tokens.user_token(caller.user_id or "")
+        before = snapshot(own, account_id)
+        with serve.serve_in_thread(rest.create_app(dsn, tokens.LOCAL_JWT_SECRET, pool_timeout=1.0)) as url, \
+                fresh_handler(credits_env(url)) as handler:
+            call = make_invoke(handler)
+            assert call("GET", "/credits/balance", token=token).status == 200
+            idem = key()
+            with psycopg.connect(pg_server, autocommit=True) as admin:
+                admin.execute(f'alter database "{dbname}" with allow_connections false')
+                try:
+                    admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s",
+                                  (dbname,))
+                    for method, path, body in (("POST", "/credits/deduct", {"amount": 1}),
+                                               ("GET", "/credits/balance", None)):
+                        reply = call(method, path, token=token, key=idem, body=body)
+                        assert_error(reply, 503, "service_unavailable")
+                        assert reply.header("retry-after")
+                finally:
+                    admin.execute(f'alter database "{dbname}" with allow_connections true')
+            own.close()  # its connection was terminated too
+            assert snapshot(own, account_id) == before
+            retried = None
+            for _ in range(50):
+                retried = call("POST", "/credits/deduct", token=token, key=idem, body={"amount": 1})
+                if retried.status != 503:
+                    break
+                time.sleep(0.1)
+            assert retried is not None and retried.status == 200, retried
+            assert call("POST", "/credits/deduct", token=token, key=idem, body={"amount": 1}).body["replayed"]
+            assert own.balance(account_id)["available"] == before[0]["available"] - 1
+    finally:
+        own.close()
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{dbname}" with (force)')
+
+
+# --- HTTP surface -------------------------------------------------------------------------------------
+
+
+def test_cors_preflight_and_headers(invoke: Invoke, new_user: Callable[[], User]) -> None:
+    preflight = invoke("OPTIONS", "/credits/deduct", headers={
+        "origin": ORIGIN, "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type,idempotency-key"})
+    assert preflight.status == 200
+    assert preflight.header("access-control-allow-origin") == ORIGIN
+    assert "idempotency-key" in (preflight.header("access-control-allow-headers") or "").lower()
+    stranger = invoke("OPTIONS", "/credits/deduct", headers={
+        "origin": "https://evil.example", "access-control-request-method": "POST"})
+    assert stranger.header("access-control-allow-origin") is None
+    # Error responses carry CORS headers too, so a browser can read them.
+    user = new_user()
+    denied = invoke("GET", "/credits/balance", headers={"origin": ORIGIN})
+    assert denied.status == 401 and denied.header("access-control-allow-origin") == ORIGIN
+    ok = invoke("GET", "/credits/balance", token=user.token, headers={"origin": ORIGIN})
+    assert ok.status == 200 and ok.header("access-control-allow-origin") == ORIGIN
+
+
+def test_openapi_is_served_and_unknown_routes_are_404(invoke: Invoke) -> None:
+    spec = invoke("GET", "/credits/openapi.json")
+    assert spec.status == 200
+    paths = spec.body["paths"]
+    assert {"/credits/balance", "/credits/transactions", "/credits/deduct", "/credits/holds",
+            "/credits/holds/{hold_id}/capture", "/credits/holds/{hold_id}/release"} <= set(paths)
+    assert "Idempotency-Key" in json.dumps(paths["/credits/deduct"])
+    assert_error(invoke("GET", "/credits/nothing-here"), 404, "not_found")
+    assert_error(invoke("DELETE", "/credits/balance"), 405, "method_not_allowed")
+
+
+def test_no_token_key_or_sql_in_logs_or_bodies(invoke: Invoke, new_user: Callable[[], User],
+                                               capfd: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    user = new_user()
+    created_key = "ck_" + uuid.uuid4().hex * 2
+    replies = [
+        invoke("GET", "/credits/balance", token=user.token),
+        invoke("POST", "/credits/deduct", token=user.token, key=key(), body={"amount": 99}),
+        invoke("POST", "/credits/deduct", license_key=created_key, key=key(), body={"amount": 1}),
+        invoke("GET", "/credits/balance", token=user.token, query={"account_id": str(uuid.uuid4())}),
+        invoke("GET", "/credits/balance", token=tokens.user_token(user.user_id, ttl=-100)),
+    ]
+    output = capfd.readouterr()
+    records = " ".join(json.dumps(record.__dict__, default=str) for record in caplog.records)
+    text = output.out + output.err + records + json.dumps([r.body for r in replies])
+    for secret in (user.token, created_key, tokens.service_role_key(), tokens.anon_key(),
+                   tokens.LOCAL_JWT_SECRET):
+        assert secret not in text
+    lowered = text.lower()
+    for leak in ("traceback", "select ", "insert into", "private.", "psycopg"):
+        assert leak not in lowered, leak
+    assert '"status":402' in text.replace(" ", "")  # the log lines are there, just clean
+
+
+def test_concurrent_users_never_see_each_others_accounts(rest_url: str,
+                                                          new_user: Callable[[], User]) -> None:
+    """Locally uvicorn serves overlapping requests from one app (one set of clients):
+    each request must run as its own user."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from functions.credits_app import create_app
+    from functions.settings import CREDITS_API_SETTINGS, load_settings
+
+    settings = load_settings(CREDITS_API_SETTINGS, credits_env(rest_url))
+    users = [new_user() for _ in range(6)]
+    with serve.serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url, timeout=20) as client:
+        def balance_of(i: int) -> tuple[int, str]:
+            reply = client.get("/credits/balance", headers={"authorization": f"Bearer {users[i].token}"})
+            assert reply.status_code == 200, reply.text
+            return i, reply.json()["account_id"]
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            seen = list(pool.map(balance_of, [i % len(users) for i in range(36)]))
+    assert all(account == users[i].account_id for i, account in seen)
+
+
+# --- token verification with asymmetric keys (JWKS) ---------------------------------------------
+
+
+@contextmanager
+def jwks_server(jwks: dict[str, Any]) -> Iterator[str]:
+    body = json.dumps(jwks).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/auth/v1/.well-known/jwks.json"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_asymmetric_tokens_verified_with_the_jwks() -> None:
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    public_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private_key.public_key()))
+    public_jwk.update({"kid": "key-1", "use": "sig", "alg": "ES256"})
+    public_pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    claims = {**_claims("user-1"), "exp": int(time.time()) + 600}
+
+    def check(settings: Settings, token: str) -> str:
+        try:
+            return authenticate({"Authorization": f"Bearer {token}"}, settings, TokenVerifier(settings)).user_id \
+                or ""
+        except Unauthorized:
+            return "401"
+
+    with jwks_server({"keys": [public_jwk]}) as url:
+        settings = Settings(supabase_url="http://localhost", supabase_jwks_url=url)
+        good = jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": "key-1"})
+        assert check(settings, good) == "user-1"
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        assert check(settings, jwt.encode(claims, other_key, algorithm="ES256", headers={"kid": "key-1"})) \
+            == "401"
+        assert check(settings, jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": "nope"})) \
+            == "401"
+        assert check(settings, jwt.encode({**claims, "aud": "x"}, private_key, algorithm="ES256",
+                                          headers={"kid": "key-1"})) == "401"
+        # Algorithm confusion: an HMAC token "signed" with the public key must not pass.
+        forged = _hmac_token(claims, public_pem)
+        assert check(settings, forged) == "401"
+        assert check(settings, jwt.encode(claims, None, algorithm="none")) == "401"
+        # With only a JWKS configured, HS256 tokens (even with a "right" secret) are refused.
+        assert check(settings, tokens.user_token("user-1")) == "401"
+
+    # JWKS unreachable: our dependency is down, not the caller's token: 503.
+    settings = Settings(supabase_url="http://localhost", supabase_jwks_url="http://127.0.0.1:9/jwks.json")
+    with pytest.raises(ServiceUnavailable):
+        authenticate({"Authorization": f"Bearer {good}"}, settings, TokenVerifier(settings))
+
+
+def _hmac_token(claims: dict[str, Any], secret: bytes) -> str:
+    """An HS256 JWT built by hand (PyJWT itself refuses PEM keys as HMAC secrets)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "key-1"}).encode()) + "." + \
+        b64(json.dumps(claims).encode())
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)

@@ -1,0 +1,78 @@
+"""Locally, EventBridge's monthly schedule is an HTTP call.
+
+``POST /monthly-reset`` invokes the monthly-reset Lambda handler exactly as the
+schedule does (a "Scheduled Event" plus a Lambda context with a time limit) and
+answers with what the handler returned. An optional JSON body
+``{"period_start": "YYYY-MM-01"}`` is passed in the event's ``detail`` for
+re-running a past month.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+# A scheduled Lambda gets up to 15 minutes; the handler stops itself before that.
+TIME_LIMIT_MS = 15 * 60 * 1000
+
+
+@dataclass
+class LambdaContext:
+    """The attributes of AWS's context object that handlers and Powertools read."""
+
+    function_name: str = "monthly-reset-local"
+    function_version: str = "$LATEST"
+    memory_limit_in_mb: int = 256
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:000000000000:function:monthly-reset-local"
+    log_group_name: str = "/aws/lambda/monthly-reset-local"
+    log_stream_name: str = "local"
+    time_limit_ms: int = TIME_LIMIT_MS
+    started: float = field(default_factory=time.monotonic)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int(self.time_limit_ms - (time.monotonic() - self.started) * 1000))
+
+
+def scheduled_event(detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The event EventBridge sends for a schedule rule."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "000000000000",
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": "us-east-1",
+        "resources": ["arn:aws:events:us-east-1:000000000000:rule/monthly-reset-local"],
+        "detail": detail or {},
+    }
+
+
+def create_app() -> FastAPI:
+    """Imports the handler now, so a missing setting fails here as at a cold start."""
+    from handlers.monthly_reset import handler
+
+    app = FastAPI(title="monthly reset trigger", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/monthly-reset")
+    async def trigger(request: Request) -> JSONResponse:
+        raw = await request.body()
+        try:
+            body = await request.json() if raw.strip() else {}
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "invalid_argument", "message": "the body must be a JSON object",
+                                 "detail": {}}, status_code=400)
+        result = await run_in_threadpool(handler, scheduled_event(body), LambdaContext())
+        return JSONResponse(result)
+
+    return app

@@ -1,0 +1,26 @@
+"""Lambda entry point of the credits API (API Gateway HTTP API -> Mangum -> FastAPI).
+
+Settings are loaded at import, i.e. once per cold start: a missing one fails the
+cold start with an error naming it, instead of failing every request later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.logging import correlation_paths
+from mangum import Mangum
+
+from functions.credits_app import create_app
+from functions.observability import logger, metrics
+from functions.settings import CREDITS_API_SETTINGS, load_settings
+
+settings = load_settings(CREDITS_API_SETTINGS)
+app = create_app(settings)
+_asgi = Mangum(app, lifespan="off")
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _asgi(event, context)
