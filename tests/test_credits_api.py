@@ -144,7 +144,8 @@ def assert_error(reply: Reply, status: int, error: str | None = None) -> None:
 # --- balance --------------------------------------------------------------------------
 
 
-def test_balance_defaults_to_the_callers_personal_account(invoke: Invoke, new_user: Callable[[], User]) -> None:
+def test_balance_defaults_to_the_callers_personal_account(invoke: Invoke,
+                                                          new_user: Callable[[], User]) -> None:
     user = new_user()
     reply = invoke("GET", "/credits/balance", token=user.token)
     assert reply.status == 200, reply.body
@@ -269,7 +270,8 @@ def test_deduct_needs_an_idempotency_key(invoke: Invoke, new_user: Callable[[], 
     assert ok.status == 200, ok.body
 
 
-def test_deduct_more_than_available_is_402(invoke: Invoke, new_user: Callable[[], User], database: Db) -> None:
+def test_deduct_more_than_available_is_402(invoke: Invoke, new_user: Callable[[], User],
+                                           database: Db) -> None:
     user = new_user()
     before = snapshot(database, user.account_id)
     reply = invoke("POST", "/credits/deduct", token=user.token, key=key(), body={"amount": 4})
@@ -479,7 +481,8 @@ def test_hold_release_capture_without_body_and_errors(invoke: Invoke, new_user: 
     assert_error(invoke("POST", f"/credits/holds/{hold_id}/release", token=other.token), 403, "forbidden")
     assert_error(invoke("POST", f"/credits/holds/{uuid.uuid4()}/capture", token=user.token), 404,
                  "hold_not_found")
-    assert_error(invoke("POST", "/credits/holds/not-a-uuid/capture", token=user.token), 422, "invalid_request")
+    assert_error(invoke("POST", "/credits/holds/not-a-uuid/capture", token=user.token), 422,
+                 "invalid_request")
     assert_error(invoke("POST", f"/credits/holds/{hold_id}/capture", token=user.token, body={"amount": 0}),
                  422, "invalid_request")
     assert_error(invoke("POST", "/credits/holds", token=user.token, body={"amount": 1}), 400,
@@ -502,7 +505,8 @@ def test_transactions_newest_first_and_paged(invoke: Invoke, new_user: Callable[
     user, other = new_user(), new_user()
     database.fund(user.account_id, purchased=10)
     for amount in (1, 2, 3):
-        assert invoke("POST", "/credits/deduct", token=user.token, key=key(), body={"amount": amount}).status == 200
+        reply = invoke("POST", "/credits/deduct", token=user.token, key=key(), body={"amount": amount})
+        assert reply.status == 200
     everything = [row["id"] for row in reversed(database.ledger(user.account_id))]
 
     first = invoke("GET", "/credits/transactions", token=user.token, query={"limit": 2})
@@ -530,7 +534,8 @@ def test_transactions_newest_first_and_paged(invoke: Invoke, new_user: Callable[
 # --- availability ------------------------------------------------------------------------------------
 
 
-def test_rest_endpoint_unreachable_is_503_with_retry_after(new_user: Callable[[], User], database: Db) -> None:
+def test_rest_endpoint_unreachable_is_503_with_retry_after(new_user: Callable[[], User],
+                                                           database: Db) -> None:
     user = new_user()
     before = snapshot(database, user.account_id)
     serve_sock = __import__("socket").socket()
@@ -539,7 +544,8 @@ def test_rest_endpoint_unreachable_is_503_with_retry_after(new_user: Callable[[]
     serve_sock.close()  # nothing listens there now
     with fresh_handler(credits_env(f"http://127.0.0.1:{port}")) as handler:
         call = make_invoke(handler)
-        for method, path, body in (("GET", "/credits/balance", None), ("POST", "/credits/deduct", {"amount": 1}),
+        for method, path, body in (("GET", "/credits/balance", None),
+                                   ("POST", "/credits/deduct", {"amount": 1}),
                                    ("GET", "/credits/transactions", None)):
             reply = call(method, path, token=user.token, key=key(), body=body)
             assert_error(reply, 503, "service_unavailable")
@@ -710,8 +716,8 @@ def test_asymmetric_tokens_verified_with_the_jwks() -> None:
 
     def check(settings: Settings, token: str) -> str:
         try:
-            return authenticate({"Authorization": f"Bearer {token}"}, settings, TokenVerifier(settings)).user_id \
-                or ""
+            who = authenticate({"Authorization": f"Bearer {token}"}, settings, TokenVerifier(settings))
+            return who.user_id or ""
         except Unauthorized:
             return "401"
 
