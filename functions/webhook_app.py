@@ -57,7 +57,8 @@ def _verified_event(payload: bytes, signature: str | None, secret: str) -> dict[
     except stripe.SignatureVerificationError:
         raise BadRequest("the Stripe-Signature header does not match the body",
                          error="invalid_signature") from None
-    except (ValueError, UnicodeDecodeError):
+    except Exception:
+        # Signed but not an event object (not UTF-8, not JSON, a JSON list, ...).
         raise BadRequest("the body is not a JSON event", error="invalid_payload") from None
     event = json.loads(payload)
     if (not isinstance(event, dict) or not isinstance(event.get("id"), str)

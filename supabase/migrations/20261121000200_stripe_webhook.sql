@@ -207,6 +207,20 @@ begin
 end
 $$;
 
+-- Stripe does not guarantee order. The account's plan and status follow the
+-- latest subscription event: true when this subscription's deletion, or an
+-- update created after p_created, was already applied.
+create function private.stripe_newer_state(p_subscription text, p_created timestamptz) returns boolean
+language sql stable
+set search_path = ''
+as $$
+  select exists (
+    select 1 from public.stripe_events e
+     where e.subscription_id = p_subscription and e.outcome = 'applied'
+       and (e.type = 'customer.subscription.deleted'
+            or (e.type = 'customer.subscription.updated' and e.stripe_created > p_created)))
+$$;
+
 -- ---------------------------------------------------------------------------
 -- One function per flow. Each returns private.stripe_result(...).
 -- ---------------------------------------------------------------------------
@@ -226,6 +240,7 @@ declare
   v_quantity bigint;
   v_ref text;
   v_plan text;
+  v_new boolean;
   v_keys text[];
   v_result jsonb;
 begin
@@ -242,9 +257,13 @@ begin
       return private.stripe_result('parked', 'account_unknown', null, null, '{}',
                                    private.stripe_wait_keys(v_customer, null));
     end if;
+    v_new := not exists (select 1 from public.credit_accounts a
+                          where a.id = v_account and a.stripe_subscription_id = v_subscription);
     v_keys := private.stripe_link(v_account, v_customer, v_subscription, 'active', true);
     select pl.id into v_plan from public.credit_plans pl where pl.stripe_price_id = v_price;
-    if v_plan is not null then
+    -- Only a new link sets the plan: a later update or the deletion may have been applied already.
+    if v_new and v_plan is not null
+       and not private.stripe_newer_state(v_subscription, private.stripe_time(p, 'created')) then
       update public.credit_accounts a set plan_id = v_plan, updated_at = now()
        where a.id = v_account and a.stripe_subscription_id = v_subscription;
     end if;
@@ -359,7 +378,8 @@ begin
                                          'price_id', v_price,
                                          'billing_reason', private.stripe_text(p, 'billing_reason'))));
   -- The plan follows the invoice that started the account's current period.
-  if not (v_result ->> 'replayed')::boolean then
+  if not (v_result ->> 'replayed')::boolean
+     and not private.stripe_newer_state(v_subscription, private.stripe_time(p, 'created')) then
     update public.credit_accounts a set plan_id = v_plan_id, updated_at = now()
      where a.id = v_account and a.period_start = v_start
        and (a.stripe_subscription_id is null or a.stripe_subscription_id = v_subscription);
@@ -393,17 +413,8 @@ begin
   end if;
   -- Stripe does not guarantee order: an update older than one already applied,
   -- or any update after the deletion, changes nothing.
-  if p_type = 'customer.subscription.updated' then
-    if exists (select 1 from public.stripe_events e
-                where e.subscription_id = v_subscription and e.outcome = 'applied'
-                  and e.type = 'customer.subscription.deleted') then
-      return private.stripe_result('ignored', 'subscription_ended');
-    end if;
-    if exists (select 1 from public.stripe_events e
-                where e.subscription_id = v_subscription and e.outcome = 'applied'
-                  and e.type like 'customer.subscription.%' and e.stripe_created > v_created) then
-      return private.stripe_result('ignored', 'stale');
-    end if;
+  if p_type = 'customer.subscription.updated' and private.stripe_newer_state(v_subscription, v_created) then
+    return private.stripe_result('ignored', 'stale');
   end if;
 
   v_account_id := private.stripe_account(private.stripe_text(p, 'account_id'), v_customer, v_subscription);
@@ -413,10 +424,9 @@ begin
   end if;
   select * into v_account from public.credit_accounts a where a.id = v_account_id for update;
   if v_account.stripe_subscription_id is distinct from v_subscription then
-    if p_type = 'customer.subscription.deleted' then
-      -- The account moved on to another subscription (or never had this one).
-      return private.stripe_result('ignored', 'other_subscription', v_account_id);
-    end if;
+    -- The account moved on to another subscription: this one no longer decides its plan.
+    -- (An account without one adopts it, even from its deletion: Stripe may deliver
+    -- the deletion before the checkout that linked it.)
     if v_account.stripe_subscription_id is not null
        and coalesce(v_account.subscription_status, '') not in ('canceled', 'incomplete_expired') then
       return private.stripe_result('ignored', 'other_subscription', v_account_id);
@@ -683,7 +693,8 @@ revoke all on function
   private.stripe_wait_keys(text, text), private.stripe_account(text, text, text),
   private.stripe_link(uuid, text, text, text, boolean), private.stripe_checkout(text, jsonb),
   private.stripe_invoice_paid(jsonb), private.stripe_subscription_changed(text, jsonb),
-  private.stripe_granted(text), private.stripe_charge_refunded(jsonb), private.stripe_dispute_created(jsonb),
+  private.stripe_granted(text), private.stripe_newer_state(text, timestamptz),
+  private.stripe_charge_refunded(jsonb), private.stripe_dispute_created(jsonb),
   private.stripe_apply(text, jsonb), private.stripe_attempt(text, jsonb),
   private.stripe_store(text, text, jsonb, jsonb, boolean), private.stripe_unpark(text[])
   from public;

@@ -1,0 +1,674 @@
+"""The Stripe webhook end to end: signed Stripe payloads (both API-version shapes) in
+API Gateway v2 events -> handlers.stripe_webhook (Mangum) -> supabase-py -> the
+local REST endpoint -> PostgreSQL.
+
+Every test works on its own account, customer, subscription, payment and
+catalog rows, and checks what the user would see: balances, ledger rows, the
+account's plan and status, the recorded event, and what did NOT change after a
+rejected delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import random
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+
+from devstack import rest, serve, tokens
+from functions.stripe_events import normalize
+from tests.lambda_events import LambdaContext, http_event, response_json
+from tests.stripe_support import OMIT, TEST_WEBHOOK_SECRET, body_of, render, sign, stripe_id
+from tests.support import Db
+
+PATH = "/stripe/webhook"
+DAY = 86400
+BOTH_VERSIONS = pytest.mark.parametrize("version", ["2024-06-20", "2025-03-31"])
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+
+
+def webhook_env(rest_url: str) -> dict[str, str]:
+    return {
+        "SUPABASE_URL": rest_url,
+        "SUPABASE_SERVICE_ROLE_KEY": tokens.service_role_key(),
+        "STRIPE_WEBHOOK_SECRET": TEST_WEBHOOK_SECRET,
+        "RPC_TIMEOUT_SECONDS": "10",
+    }
+
+
+@contextmanager
+def fresh_handler(env: dict[str, str]) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Import handlers.stripe_webhook as a cold start with ``env``."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        sys.modules.pop("handlers.stripe_webhook", None)
+        module = importlib.import_module("handlers.stripe_webhook")
+        try:
+            yield module.handler
+        finally:
+            sys.modules.pop("handlers.stripe_webhook", None)
+
+
+Deliver = Callable[..., Reply]
+
+
+def make_deliver(handler: Callable[..., dict[str, Any]]) -> Deliver:
+    def deliver(event: dict[str, Any] | None = None, *, body: str | bytes | None = None,
+                signature: str | None = "sign", base64_body: bool = False) -> Reply:
+        raw = body if body is not None else body_of(event or {})
+        headers = {"content-type": "application/json; charset=utf-8", "user-agent": "Stripe/1.0"}
+        if signature == "sign":
+            signature = sign(raw)
+        if signature is not None:
+            headers["stripe-signature"] = signature
+        response = handler(http_event("POST", PATH, headers=headers, raw_body=raw, base64_body=base64_body),
+                           LambdaContext(function_name="credits-test-stripeWebhook"))
+        return Reply(response["statusCode"], response_json(response))
+
+    return deliver
+
+
+@pytest.fixture(scope="module")
+def deliver(rest_url: str) -> Iterator[Deliver]:
+    with fresh_handler(webhook_env(rest_url)) as handler:
+        yield make_deliver(handler)
+
+
+# --- one customer's world: account, catalog rows, Stripe ids -----------------------
+
+
+@dataclass
+class World:
+    db: Db
+    account: str
+    plan: str
+    plan_price: str
+    big_plan: str
+    big_plan_price: str
+    pack_price: str
+    customer: str = field(default_factory=lambda: stripe_id("cus"))
+    subscription: str = field(default_factory=lambda: stripe_id("sub"))
+    session: str = field(default_factory=lambda: stripe_id("cs_test"))
+    payment_intent: str = field(default_factory=lambda: stripe_id("pi"))
+    charge: str = field(default_factory=lambda: stripe_id("ch"))
+    invoice: str = field(default_factory=lambda: stripe_id("in"))
+    period_start: int = field(default_factory=lambda: int(time.time()) - 60)
+
+    def event(self, fixture: str, **values: Any) -> dict[str, Any]:
+        defaults: dict[str, Any] = {
+            "EVENT_ID": stripe_id("evt"), "CREATED": int(time.time()),
+            "ACCOUNT_ID": self.account, "SUB_ACCOUNT_ID": self.account,
+            "CUSTOMER": self.customer, "SUBSCRIPTION": self.subscription, "SESSION": self.session,
+            "INVOICE": self.invoice, "PAYMENT_INTENT": self.payment_intent, "CHARGE": self.charge,
+            "DISPUTE": stripe_id("dp"), "PRICE": self.plan_price, "CREDITS": "25", "QUANTITY": OMIT,
+            "AMOUNT": 2900, "AMOUNT_REFUNDED": 0, "REFUNDED": False, "PAYMENT_STATUS": "paid",
+            "BILLING_REASON": "subscription_create", "PERIOD_START": self.period_start,
+            "PERIOD_END": self.period_start + 30 * DAY, "STATUS": "active", "CANCEL_AT_PERIOD_END": False,
+        }
+        defaults.update(values)
+        return render(fixture, **defaults)
+
+    # account state as the user sees it
+    def balance(self) -> dict[str, Any]:
+        return self.db.balance(self.account)
+
+    def pools(self) -> tuple[int, int]:
+        b = self.balance()
+        return b["subscription"], b["purchased"]
+
+    def account_row(self) -> tuple[Any, ...]:
+        return self.db.one(
+            "select plan_id, subscription_status, stripe_customer_id, stripe_subscription_id "
+            "from public.credit_accounts where id = %s", self.account)
+
+    def recorded(self, event_id: str) -> dict[str, Any] | None:
+        rows = self.db.sql("select to_jsonb(e) from public.stripe_events e where event_id = %s", event_id)
+        return rows[0][0] if rows else None
+
+    def ledger_sum(self) -> dict[str, int]:
+        rows = self.db.sql("select pool, sum(amount)::bigint from public.credit_ledger "
+                           "where account_id = %s group by pool", self.account)
+        return {pool: int(total) for pool, total in rows}
+
+
+def make_world(database: Db) -> World:
+    tag = uuid.uuid4().hex[:10]
+    _, account = database.new_user()
+    plan, big_plan = f"pro_{tag}", f"team_{tag}"
+    plan_price, big_price, pack_price = f"price_pro_{tag}", f"price_team_{tag}", f"price_pack_{tag}"
+    database.sql("insert into public.credit_plans (id, name, monthly_credits, stripe_price_id) "
+                 "values (%s, 'Pro', 100, %s), (%s, 'Team', 500, %s)", plan, plan_price, big_plan, big_price)
+    database.sql("insert into public.credit_packs (stripe_price_id, credits, name) values (%s, 50, 'Pack')",
+                 pack_price)
+    return World(database, account, plan, plan_price, big_plan, big_price, pack_price)
+
+
+@pytest.fixture
+def world(database: Db) -> World:
+    return make_world(database)
+
+
+def link_subscription(deliver: Deliver, w: World) -> None:
+    reply = deliver(w.event("checkout.session.completed.subscription", PRICE=w.plan_price))
+    assert (reply.status, reply.body["outcome"]) == (200, "applied")
+
+
+# --- signatures -------------------------------------------------------------------
+
+
+def test_a_valid_delivery_is_applied_and_answers_200(deliver: Deliver, world: World) -> None:
+    event = world.event("checkout.session.completed.payment", CREDITS="25")
+    reply = deliver(event)
+    assert reply.status == 200
+    assert reply.body == {"received": True, "event_id": event["id"], "outcome": "applied"}
+    assert world.pools() == (3, 25)
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "wrong_secret", "stale", "future_only_v0"])
+def test_bad_signatures_are_rejected_and_change_nothing(deliver: Deliver, world: World, case: str) -> None:
+    event = world.event("checkout.session.completed.payment", CREDITS="25")
+    body = body_of(event)
+    signature = {
+        "missing": None,
+        "garbage": "t=oops,v1=nothex",
+        "wrong_secret": sign(body, "whsec_someone_else_entirely_0123456789"),
+        "stale": sign(body, timestamp=int(time.time()) - 301),
+        "future_only_v0": sign(body).replace("v1=", "v0="),
+    }[case]
+    reply = deliver(body=body, signature=signature)
+    assert reply.status == 400
+    assert reply.body["error"] == "invalid_signature"
+    assert TEST_WEBHOOK_SECRET not in str(reply.body)
+    assert world.recorded(event["id"]) is None
+    assert world.pools() == (3, 0)
+
+
+def test_a_timestamp_within_tolerance_is_accepted(deliver: Deliver, world: World) -> None:
+    event = world.event("checkout.session.completed.payment", CREDITS="7")
+    body = body_of(event)
+    reply = deliver(body=body, signature=sign(body, timestamp=int(time.time()) - 240))
+    assert (reply.status, reply.body["outcome"]) == (200, "applied")
+    assert world.pools() == (3, 7)
+
+
+def test_a_reserialized_body_fails_verification(deliver: Deliver, world: World) -> None:
+    """The signature covers the exact bytes: the same JSON with other whitespace is rejected."""
+    event = world.event("checkout.session.completed.payment", CREDITS="25")
+    signed_body = body_of(event)
+    compact = body_of(event).replace("\n", "").replace("  ", "")
+    assert compact != signed_body
+    reply = deliver(body=compact, signature=sign(signed_body))
+    assert reply.status == 400
+    assert world.recorded(event["id"]) is None
+    assert world.pools() == (3, 0)
+
+
+def test_a_base64_encoded_body_is_verified_on_the_decoded_bytes(deliver: Deliver, world: World) -> None:
+    event = world.event("checkout.session.completed.payment", CREDITS="12")
+    reply = deliver(event, base64_body=True)
+    assert (reply.status, reply.body["outcome"]) == (200, "applied")
+    assert world.pools() == (3, 12)
+
+
+def test_a_signed_body_that_is_not_an_event_is_rejected(deliver: Deliver, world: World) -> None:
+    for body in ("not json at all", '{"object": "event"}', "[1, 2]"):
+        reply = deliver(body=body)
+        assert reply.status == 400, body
+        assert reply.body["error"] == "invalid_payload"
+    assert world.pools() == (3, 0)
+
+
+# --- credit packs -----------------------------------------------------------------
+
+
+def test_pack_purchase_grants_once_with_the_payment_intent_as_reference(
+        deliver: Deliver, world: World) -> None:
+    event = world.event("checkout.session.completed.payment", CREDITS="40")
+    assert deliver(event).body["outcome"] == "applied"
+    assert deliver(event).body["outcome"] == "duplicate"
+    assert world.pools() == (3, 40)
+    purchases = [r for r in world.db.ledger(world.account) if r["type"] == "purchase"]
+    assert len(purchases) == 1
+    assert purchases[0]["stripe_ref"] == world.payment_intent
+    assert purchases[0]["idempotency_key"] == f"stripe:checkout:{world.session}"
+    recorded = world.recorded(event["id"])
+    assert recorded is not None
+    assert (recorded["outcome"], recorded["deliveries"]) == ("applied", 2)
+
+
+def test_pack_credits_come_from_the_pack_price_times_quantity(deliver: Deliver, world: World) -> None:
+    event = world.event("checkout.session.completed.payment", CREDITS=OMIT, PRICE=world.pack_price,
+                        QUANTITY="3")
+    assert deliver(event).body["outcome"] == "applied"
+    assert world.pools() == (3, 150)
+
+
+def test_a_checkout_for_something_else_is_ignored(deliver: Deliver, world: World) -> None:
+    unknown = world.event("checkout.session.completed.payment", CREDITS=OMIT, PRICE="price_tshirt")
+    reply = deliver(unknown)
+    assert (reply.status, reply.body["outcome"]) == (200, "ignored")
+    assert world.recorded(unknown["id"])["reason"] == "unknown_price"
+    assert world.pools() == (3, 0)
+
+
+def test_unpaid_checkout_grants_only_when_the_async_payment_succeeds(deliver: Deliver, world: World) -> None:
+    pending = world.event("checkout.session.completed.payment", PAYMENT_STATUS="unpaid", CREDITS="30")
+    assert deliver(pending).body["outcome"] == "ignored"
+    assert world.pools() == (3, 0)
+    succeeded = world.event("checkout.session.async_payment_succeeded", CREDITS="30")
+    assert deliver(succeeded).body["outcome"] == "applied"
+    assert world.pools() == (3, 30)
+    # A paid "completed" for the same session (e.g. replayed from the dashboard) grants nothing more.
+    paid = world.event("checkout.session.completed.payment", CREDITS="30")
+    assert deliver(paid).body["outcome"] == "applied"
+    assert world.pools() == (3, 30)
+
+
+@pytest.mark.parametrize(("values", "error"), [
+    ({"ACCOUNT_ID": "00000000-0000-4000-8000-000000000000"}, "account_not_found"),
+    ({"ACCOUNT_ID": "not-a-uuid"}, "invalid_argument"),
+    ({"CREDITS": "lots"}, "invalid_argument"),
+    ({"CREDITS": "0"}, "invalid_argument"),
+])
+def test_a_refused_event_is_recorded_failed_and_changes_nothing(
+        deliver: Deliver, world: World, values: dict[str, Any], error: str) -> None:
+    event = world.event("checkout.session.completed.payment", **values)
+    reply = deliver(event)
+    # Recorded (so Stripe stops retrying identical bytes); visible to operators.
+    assert (reply.status, reply.body["outcome"]) == (200, "failed")
+    recorded = world.recorded(event["id"])
+    assert recorded["outcome"] == "failed"
+    assert recorded["error"]["message"] == error
+    assert world.pools() == (3, 0)
+    # A redelivery tries again (it is not a duplicate) and still changes nothing.
+    again = deliver(event)
+    assert again.body["outcome"] == "failed"
+    assert world.recorded(event["id"])["attempts"] == 2
+
+
+# --- subscriptions ------------------------------------------------------------------
+
+
+@BOTH_VERSIONS
+def test_subscription_checkout_links_and_invoice_starts_the_period(
+        deliver: Deliver, world: World, version: str) -> None:
+    link_subscription(deliver, world)
+    plan, status, customer, subscription = world.account_row()
+    assert (status, customer, subscription) == ("active", world.customer, world.subscription)
+    assert plan == world.plan
+
+    invoice = world.event(f"invoice.paid.{version}", SUB_ACCOUNT_ID=OMIT)  # found through the link
+    reply = deliver(invoice)
+    assert (reply.status, reply.body["outcome"]) == (200, "applied")
+    balance = world.balance()
+    # The signup allowance expired, the plan's monthly credits granted for the line's period.
+    assert (balance["subscription"], balance["purchased"]) == (100, 0)
+    assert balance["period_start"].startswith(time.strftime("%Y-%m-%d", time.gmtime(world.period_start)))
+    grants = [r for r in world.db.ledger(world.account) if r["type"] == "grant"]
+    assert grants[-1]["amount"] == 100
+    assert grants[-1]["idempotency_key"] == f"stripe:invoice:{world.invoice}"
+    assert deliver(invoice).body["outcome"] == "duplicate"
+    assert world.pools() == (100, 0)
+
+
+@BOTH_VERSIONS
+def test_invoice_metadata_names_the_account_without_a_checkout(
+        deliver: Deliver, world: World, version: str) -> None:
+    reply = deliver(world.event(f"invoice.paid.{version}", BILLING_REASON="subscription_cycle"))
+    assert reply.body["outcome"] == "applied"
+    assert world.pools() == (100, 0)
+    plan, status, customer, subscription = world.account_row()
+    assert (plan, status) == (world.plan, "active")
+    assert (customer, subscription) == (world.customer, world.subscription)
+
+
+@BOTH_VERSIONS
+def test_invoice_with_an_unknown_price_is_ignored(deliver: Deliver, world: World, version: str) -> None:
+    event = world.event(f"invoice.paid.{version}", PRICE="price_not_a_plan")
+    reply = deliver(event)
+    assert (reply.status, reply.body["outcome"]) == (200, "ignored")
+    assert world.recorded(event["id"])["reason"] == "unknown_price"
+    assert world.pools() == (3, 0)
+    assert world.account_row()[0] == "free"
+
+
+def test_a_late_invoice_for_an_older_period_grants_nothing(deliver: Deliver, world: World) -> None:
+    current = world.event("invoice.paid.2025-03-31", INVOICE=stripe_id("in"),
+                          PERIOD_START=world.period_start, PERIOD_END=world.period_start + 30 * DAY)
+    older = world.event("invoice.paid.2024-06-20", INVOICE=stripe_id("in"),
+                        PERIOD_START=world.period_start - 2 * DAY, PERIOD_END=world.period_start + 28 * DAY)
+    assert deliver(current).body["outcome"] == "applied"
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=str(uuid.uuid4()),
+                  p_amount=10)
+    assert deliver(older).body["outcome"] == "applied"
+    assert world.pools() == (90, 0)
+
+
+@BOTH_VERSIONS
+def test_subscription_update_moves_the_plan_and_status(deliver: Deliver, world: World, version: str) -> None:
+    link_subscription(deliver, world)
+    reply = deliver(world.event(f"customer.subscription.updated.{version}", PRICE=world.big_plan_price,
+                                STATUS="past_due"))
+    assert reply.body["outcome"] == "applied"
+    assert world.account_row()[:2] == (world.big_plan, "past_due")
+
+
+def test_an_older_subscription_update_does_not_undo_a_newer_one(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    now = int(time.time())
+    newer = world.event("customer.subscription.updated.2025-03-31", PRICE=world.big_plan_price, CREATED=now)
+    older = world.event("customer.subscription.updated.2024-06-20", PRICE=world.plan_price,
+                        STATUS="incomplete", CREATED=now - 30)
+    assert deliver(newer).body["outcome"] == "applied"
+    reply = deliver(older)
+    assert reply.body["outcome"] == "ignored"
+    assert world.recorded(older["id"])["reason"] == "stale"
+    assert world.account_row()[:2] == (world.big_plan, "active")
+
+
+@BOTH_VERSIONS
+def test_deletion_returns_to_free_and_keeps_purchased_credits(
+        deliver: Deliver, world: World, version: str) -> None:
+    link_subscription(deliver, world)
+    deliver(world.event(f"invoice.paid.{version}"))
+    deliver(world.event("checkout.session.completed.payment", SESSION=stripe_id("cs_test"),
+                        PAYMENT_INTENT=stripe_id("pi"), CREDITS="20"))
+    assert world.pools() == (100, 20)
+    reply = deliver(world.event(f"customer.subscription.deleted.{version}"))
+    assert reply.body["outcome"] == "applied"
+    assert world.account_row()[:2] == ("free", "canceled")
+    # What is left of the paid period stays until it ends; purchased credits are untouched.
+    assert world.pools() == (100, 20)
+    # An update that arrives after the deletion does not bring the plan back.
+    late = world.event(f"customer.subscription.updated.{version}", CREATED=int(time.time()) + 5)
+    assert deliver(late).body["outcome"] == "ignored"
+    assert world.account_row()[:2] == ("free", "canceled")
+
+
+# --- refunds and disputes ------------------------------------------------------------
+
+
+def test_partial_refunds_claw_back_proportionally_and_cumulatively(deliver: Deliver, world: World) -> None:
+    deliver(world.event("checkout.session.completed.payment", CREDITS="100", AMOUNT=1000))
+    assert world.pools() == (3, 100)
+    # 333/1000 of 100 credits = 33.3 -> 33 (half up on whole credits).
+    first = world.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=333)
+    assert deliver(first).body["outcome"] == "applied"
+    assert world.pools() == (3, 67)
+    assert deliver(first).body["outcome"] == "duplicate"
+    # Stripe reports the running total: 335/1000 -> 33.5 -> 34 in total, so 1 more now.
+    second = world.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=335)
+    assert deliver(second).body["outcome"] == "applied"
+    assert world.pools() == (3, 66)
+    # A different event reporting the same running total takes nothing more.
+    same_total = world.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=335)
+    assert deliver(same_total).body["outcome"] == "applied"
+    assert world.pools() == (3, 66)
+    full = world.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=1000, REFUNDED=True)
+    assert deliver(full).body["outcome"] == "applied"
+    assert world.pools() == (3, 0)
+    clawbacks = [r for r in world.db.ledger(world.account) if r["type"] == "clawback"]
+    assert sum(r["amount"] for r in clawbacks) == -100
+    assert {r["stripe_ref"] for r in clawbacks} == {world.payment_intent}
+
+
+def test_a_dispute_claws_back_everything_the_payment_granted(deliver: Deliver, world: World) -> None:
+    deliver(world.event("checkout.session.completed.payment", CREDITS="60", AMOUNT=1500))
+    deliver(world.event("charge.refunded", AMOUNT=1500, AMOUNT_REFUNDED=500))
+    assert world.pools() == (3, 40)
+    dispute = world.event("charge.dispute.created", AMOUNT=1000)
+    assert deliver(dispute).body["outcome"] == "applied"
+    assert world.pools() == (3, 0)
+    assert deliver(dispute).body["outcome"] == "duplicate"
+
+
+def test_a_refund_never_takes_more_than_is_left(deliver: Deliver, world: World) -> None:
+    deliver(world.event("checkout.session.completed.payment", CREDITS="50", AMOUNT=500))
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=str(uuid.uuid4()),
+                  p_amount=43)  # 3 subscription + 40 purchased spent
+    reply = deliver(world.event("charge.refunded", AMOUNT=500, AMOUNT_REFUNDED=500, REFUNDED=True))
+    assert reply.body["outcome"] == "applied"
+    assert world.pools() == (0, 0)
+
+
+# --- other types, unknown accounts ----------------------------------------------------
+
+
+def test_other_event_types_are_recorded_and_ignored(deliver: Deliver, world: World) -> None:
+    event = world.event("customer.created")
+    reply = deliver(event)
+    assert reply.status == 200
+    assert reply.body["outcome"] == "ignored"
+    recorded = world.recorded(event["id"])
+    assert (recorded["type"], recorded["reason"]) == ("customer.created", "unhandled_type")
+    assert world.pools() == (3, 0)
+
+
+@BOTH_VERSIONS
+def test_an_unknown_account_is_parked_then_applied_when_the_link_arrives(
+        deliver: Deliver, world: World, version: str) -> None:
+    invoice = world.event(f"invoice.paid.{version}", SUB_ACCOUNT_ID=OMIT)
+    update = world.event(f"customer.subscription.updated.{version}", SUB_ACCOUNT_ID=OMIT,
+                         PRICE=world.plan_price, CREATED=int(time.time()) - 5)
+    for event in (invoice, update):
+        reply = deliver(event)
+        assert (reply.status, reply.body["outcome"]) == (200, "parked")
+    assert world.pools() == (3, 0)
+    assert world.recorded(invoice["id"])["parked_on"] == [f"customer:{world.customer}",
+                                                          f"subscription:{world.subscription}"]
+
+    link = world.event("checkout.session.completed.subscription")
+    reply = deliver(link)
+    assert reply.body["outcome"] == "applied"
+    assert world.pools() == (100, 0)
+    assert world.account_row()[:2] == (world.plan, "active")
+    assert world.recorded(invoice["id"])["outcome"] == "applied"
+    assert world.recorded(update["id"])["outcome"] == "applied"
+    # Applied once: a redelivery of the parked event is now a duplicate.
+    assert deliver(invoice).body["outcome"] == "duplicate"
+    assert world.pools() == (100, 0)
+
+
+def test_a_refund_before_its_purchase_waits_for_it(deliver: Deliver, world: World) -> None:
+    refund = world.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=500)
+    assert deliver(refund).body["outcome"] == "parked"
+    purchase = world.event("checkout.session.completed.payment", CREDITS="80")
+    assert deliver(purchase).body["outcome"] == "applied"
+    assert world.pools() == (3, 40)
+    assert world.recorded(refund["id"])["outcome"] == "applied"
+
+
+# --- retries, order and concurrency -----------------------------------------------------
+
+
+def lifecycle(w: World) -> list[dict[str, Any]]:
+    """A subscriber's month: link, invoice (parked until linked), plan change, two packs,
+    a partial refund, a dispute, an unrelated event, cancellation."""
+    t = int(time.time()) - 100
+    pack2_pi = stripe_id("pi")
+    return [
+        w.event("checkout.session.completed.subscription", CREATED=t),
+        w.event("invoice.paid.2025-03-31", SUB_ACCOUNT_ID=OMIT, CREATED=t + 1),
+        w.event("customer.subscription.updated.2024-06-20", PRICE=w.big_plan_price, CREATED=t + 2),
+        w.event("checkout.session.completed.payment", CREDITS="100", AMOUNT=1000, CREATED=t + 3),
+        w.event("checkout.session.completed.payment", SESSION=stripe_id("cs_test"), PAYMENT_INTENT=pack2_pi,
+                CREDITS=OMIT, PRICE=w.pack_price, QUANTITY="2", CREATED=t + 4),
+        w.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=250, CREATED=t + 5),
+        w.event("charge.dispute.created", PAYMENT_INTENT=pack2_pi, CHARGE=stripe_id("ch"), CREATED=t + 6),
+        w.event("customer.created", CREATED=t + 7),
+        w.event("customer.subscription.deleted.2025-03-31", CREATED=t + 8),
+    ]
+
+
+def final_state(w: World) -> dict[str, Any]:
+    b = w.balance()
+    plan, status, customer, subscription = w.account_row()
+    return {"subscription": b["subscription"], "purchased": b["purchased"], "plan": plan,
+            "status": status, "linked": (customer == w.customer, subscription == w.subscription),
+            "ledger": w.ledger_sum()}
+
+
+def test_redelivered_shuffled_and_concurrent_events_apply_once(
+        deliver: Deliver, rest_url: str, database: Db) -> None:
+    ordered, chaotic = make_world(database), make_world(database)
+    for event in lifecycle(ordered):
+        assert deliver(event).status == 200
+    expected = final_state(ordered)
+    assert expected["purchased"] == 75 and expected["subscription"] == 100
+    assert expected["plan"] == "free"
+
+    deliveries = lifecycle(chaotic) * 3
+    random.Random(20261121).shuffle(deliveries)
+    statuses: list[int] = []
+    lock = threading.Lock()
+    queue = list(deliveries)
+
+    def worker() -> None:
+        # Each thread is one Lambda container: its own cold start and event loop.
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        while True:
+            with lock:
+                if not queue:
+                    return
+                event = queue.pop()
+            reply = deliver(event)
+            with lock:
+                statuses.append(reply.status)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert statuses == [200] * len(deliveries)
+    assert final_state(chaotic) == expected
+    outcomes = database.sql("select outcome, count(*) from public.stripe_events where account_id = %s "
+                            "group by outcome", chaotic.account)
+    assert dict(outcomes).get("parked") is None
+
+
+# --- failures ---------------------------------------------------------------------------
+
+
+def test_rest_unreachable_answers_500_and_a_redelivery_applies_once(
+        deliver: Deliver, world: World) -> None:
+    sock = serve.bind()  # a free port, closed again: nothing listens there
+    dead_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    env = {**webhook_env(dead_url), "RPC_TIMEOUT_SECONDS": "2"}
+    event = world.event("checkout.session.completed.payment", CREDITS="9")
+    with fresh_handler(env) as handler:
+        reply = make_deliver(handler)(event)
+    assert reply.status == 500
+    assert reply.body["error"] == "event_not_recorded"
+    assert world.recorded(event["id"]) is None
+    assert world.pools() == (3, 0)
+    assert deliver(event).body["outcome"] == "applied"
+    assert deliver(event).body["outcome"] == "duplicate"
+    assert world.pools() == (3, 9)
+
+
+def test_database_down_answers_500(db_dsn: str, world: World) -> None:
+    """A REST layer whose database is gone (PostgREST answers 503): the webhook says 500."""
+    gone = psycopg.conninfo.make_conninfo(db_dsn, dbname=f"missing_{uuid.uuid4().hex[:8]}")
+    app = rest.create_app(gone, tokens.LOCAL_JWT_SECRET)
+    event = world.event("checkout.session.completed.payment", CREDITS="9")
+    with serve.serve_in_thread(app) as url, fresh_handler(webhook_env(url)) as handler:
+        reply = make_deliver(handler)(event)
+    assert reply.status == 500
+    assert "password" not in str(reply.body) and "select" not in str(reply.body).lower()
+    assert world.recorded(event["id"]) is None
+    assert world.pools() == (3, 0)
+
+
+def test_database_failure_mid_event_rolls_everything_back(
+        deliver: Deliver, world: World, db_dsn: str) -> None:
+    """The connection dies after the credits were written but before the event was
+    recorded: nothing of it stays, the webhook answers 500, Stripe's retry applies it once."""
+    event = world.event("checkout.session.completed.payment", CREDITS="15")
+    blocker = psycopg.connect(db_dsn)  # holds an uncommitted row with this event id
+    try:
+        blocker.execute("insert into public.stripe_events (event_id, type, outcome, payload) "
+                        "values (%s, 'x', 'ignored', '{}')", (event["id"],))
+        result: dict[str, Reply] = {}
+
+        def run() -> None:
+            asyncio.set_event_loop(asyncio.new_event_loop())
+            result["reply"] = deliver(event)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        with psycopg.connect(db_dsn, autocommit=True) as admin:
+            pid = None
+            for _ in range(200):  # wait until the webhook's transaction waits on that row
+                row = admin.execute(
+                    "select pid from pg_stat_activity where wait_event_type = 'Lock' "
+                    "and pid <> %s and query ilike %s", (blocker.info.backend_pid, "%handle_stripe_event%"),
+                ).fetchone()
+                if row:
+                    pid = row[0]
+                    break
+                time.sleep(0.05)
+            assert pid is not None, "the webhook's transaction never reached the event log"
+            # It has already written the purchase: the account row is locked by it.
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                admin.execute("select 1 from public.credit_accounts where id = %s for update nowait",
+                              (world.account,))
+            admin.execute("select pg_terminate_backend(%s)", (pid,))
+        thread.join(timeout=30)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert result["reply"].status == 500
+    assert world.recorded(event["id"]) is None
+    assert world.pools() == (3, 0)
+    assert [r for r in world.db.ledger(world.account) if r["type"] == "purchase"] == []
+    assert deliver(event).body["outcome"] == "applied"
+    assert deliver(event).body["outcome"] == "duplicate"
+    assert world.pools() == (3, 15)
+
+
+# --- both API versions read the same ---------------------------------------------------------
+
+
+def test_both_invoice_shapes_normalise_to_the_same_facts(world: World) -> None:
+    old = normalize(world.event("invoice.paid.2024-06-20", EVENT_ID="evt_1", CREATED=1))
+    new = normalize(world.event("invoice.paid.2025-03-31", EVENT_ID="evt_1", CREATED=1))
+    for facts in (old, new):
+        facts.pop("api_version")
+    assert old.pop("payment_intent") == world.payment_intent  # gone from the invoice in 2025-03-31
+    assert new.pop("payment_intent") is None
+    assert old == new
+    assert new["subscription"] == world.subscription
+    assert new["lines"][0]["price_id"] == world.plan_price
+    assert new["lines"][0]["period_start"] == world.period_start
+    assert new["account_id"] == world.account
+
+
+def test_both_subscription_shapes_normalise_to_the_same_facts(world: World) -> None:
+    old = normalize(world.event("customer.subscription.updated.2024-06-20", CREATED=1))
+    new = normalize(world.event("customer.subscription.updated.2025-03-31", CREATED=1))
+    for facts in (old, new):
+        facts.pop("api_version")
+    # 2025-03-31 moved the period onto the items; both yield the period end.
+    assert old["current_period_end"] == new["current_period_end"] == world.period_start + 30 * DAY
+    old_items = [{k: v for k, v in i.items() if not k.startswith("period")} for i in old.pop("items")]
+    new_items = [{k: v for k, v in i.items() if not k.startswith("period")} for i in new.pop("items")]
+    assert old_items == new_items == [{"price_id": world.plan_price, "quantity": 1}]
+    assert old == new
