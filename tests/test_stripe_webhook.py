@@ -672,3 +672,35 @@ def test_both_subscription_shapes_normalise_to_the_same_facts(world: World) -> N
     new_items = [{k: v for k, v in i.items() if not k.startswith("period")} for i in new.pop("items")]
     assert old_items == new_items == [{"price_id": world.plan_price, "quantity": 1}]
     assert old == new
+
+
+# --- who may call it ----------------------------------------------------------------------
+
+
+def test_only_the_service_role_may_record_events_or_read_the_log(database: Db, world: World) -> None:
+    from tests.support import Caller
+
+    user, _ = database.new_user()
+    args = {"p_event_id": stripe_id("evt"), "p_type": "checkout.session.completed",
+            "p_payload": normalize(world.event("checkout.session.completed.payment", CREDITS="500"))}
+    for caller in (Caller.anon(), user):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            database.call("handle_stripe_event", caller, **args)
+    with database.connect() as conn, conn.transaction():
+        conn.execute("set local role authenticated")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select count(*) from public.stripe_events")
+    assert world.pools() == (3, 0)
+    assert world.recorded(args["p_event_id"]) is None
+
+
+def test_a_subscription_linked_to_another_account_is_refused(
+        deliver: Deliver, world: World, database: Db) -> None:
+    link_subscription(deliver, world)
+    _, other_account = database.new_user()
+    event = world.event("invoice.paid.2025-03-31", SUB_ACCOUNT_ID=other_account)
+    reply = deliver(event)
+    assert (reply.status, reply.body["outcome"]) == (200, "failed")
+    assert world.recorded(event["id"])["error"]["message"] == "subscription_linked_elsewhere"
+    assert database.balance(other_account)["subscription"] == 3
+    assert world.pools() == (3, 0)
