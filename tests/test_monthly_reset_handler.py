@@ -1,0 +1,191 @@
+"""The monthly reset handler end to end: scheduled event -> handlers.monthly_reset ->
+supabase-py -> the local REST endpoint -> PostgreSQL.
+
+The reset renews every account in the database, so this module works on a
+database of its own (same server) and knows exactly which accounts exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from devstack import db, rest, serve, tokens
+from functions.errors import ServiceUnavailable
+from tests.lambda_events import LambdaContext, scheduled_event
+from tests.support import Caller, Db
+
+BATCH = 3
+MARGIN_MS = 5_000
+
+
+@pytest.fixture(scope="module")
+def reset_db(pg_server: str) -> Iterator[Db]:
+    name = f"credits_reset_{os.getpid()}"
+    dsn = db.create_database(pg_server, name)
+    db.prepare_database(dsn)
+    handle = Db(dsn)
+    yield handle
+    handle.close()
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture(scope="module")
+def reset_rest_url(reset_db: Db) -> Iterator[str]:
+    with serve.serve_in_thread(rest.create_app(reset_db.dsn, tokens.LOCAL_JWT_SECRET)) as url:
+        yield url
+
+
+def reset_env(url: str) -> dict[str, str]:
+    return {
+        "SUPABASE_URL": url,
+        "SUPABASE_SERVICE_ROLE_KEY": tokens.service_role_key(),
+        "RESET_BATCH_SIZE": str(BATCH),
+        "RESET_SAFETY_MARGIN_MS": str(MARGIN_MS),
+        "RPC_TIMEOUT_SECONDS": "10",
+    }
+
+
+@contextmanager
+def cold_start(env: dict[str, str]) -> Iterator[Callable[..., dict[str, Any]]]:
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("SUPABASE_ANON_KEY", "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET"):
+            mp.delenv(name, raising=False)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        sys.modules.pop("handlers.monthly_reset", None)
+        try:
+            yield importlib.import_module("handlers.monthly_reset").handler
+        finally:
+            sys.modules.pop("handlers.monthly_reset", None)
+
+
+@pytest.fixture(scope="module")
+def handler(reset_rest_url: str) -> Iterator[Callable[..., dict[str, Any]]]:
+    with cold_start(reset_env(reset_rest_url)) as h:
+        yield h
+
+
+def month_start() -> str:
+    return datetime.now(UTC).date().replace(day=1).isoformat()
+
+
+def age_accounts(reset_db: Db, accounts: list[str]) -> None:
+    """Move these accounts' current period one month back (their state on the 1st before the reset)."""
+    reset_db.sql("""
+        update public.credit_accounts
+           set period_start = date_trunc('month', now(), 'UTC') - interval '1 month',
+               period_end = date_trunc('month', now(), 'UTC')
+         where id = any(%s::uuid[])""", accounts)
+
+
+def grants_this_month(reset_db: Db, account_id: str) -> int:
+    return reset_db.one(
+        "select count(*) from public.credit_ledger where account_id = %s and type = 'grant'"
+        " and period_start = date_trunc('month', now(), 'UTC') and idempotency_key like 'monthly_reset:%%'",
+        account_id)
+
+
+def make_accounts(reset_db: Db, n: int) -> list[str]:
+    return [reset_db.new_user()[1] for _ in range(n)]
+
+
+def ledger_rows(reset_db: Db) -> int:
+    return reset_db.one("select count(*) from public.credit_ledger")
+
+
+def test_reset_renews_every_account_in_batches_once(handler: Callable[..., dict[str, Any]],
+                                                    reset_db: Db, capfd: pytest.CaptureFixture[str],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    accounts = make_accounts(reset_db, 7)
+    spender = Caller.user(reset_db.one("select user_id::text from public.credit_accounts where id = %s",
+                                       accounts[0]))
+    reset_db.call("deduct_credits", spender, p_account_id=accounts[0], p_amount=2,
+                  p_idempotency_key=f"k-{uuid.uuid4()}")
+    reset_db.fund(accounts[1], purchased=10)
+    age_accounts(reset_db, accounts)
+    total = reset_db.one("select count(*) from public.credit_accounts")
+    assert total == 7
+
+    result = handler(scheduled_event(), LambdaContext(function_name="credits-test-monthly-reset"))
+    assert result == {"period_start": month_start(), "processed": 7, "expired": 7 * 3 - 2, "granted": 21,
+                      "batches": 3, "done": True}
+    for account in accounts:
+        balance = reset_db.balance(account)
+        assert balance["subscription"] == 3
+        assert balance["period_start"].startswith(month_start())
+        assert grants_this_month(reset_db, account) == 1
+    assert reset_db.balance(accounts[1])["purchased"] == 10  # purchased credits never expire
+
+    out = capfd.readouterr().out
+    assert "MonthlyResetProcessed" in out and "MonthlyResetGranted" in out  # EMF metrics were flushed
+    summaries = [r for r in caplog.records if r.getMessage() == "monthly reset"]
+    assert [getattr(r, "summary", None) for r in summaries] == [result]
+
+    rows = ledger_rows(reset_db)
+    again = handler(scheduled_event(), LambdaContext())
+    assert again == {"period_start": month_start(), "processed": 0, "expired": 0, "granted": 0,
+                     "batches": 3, "done": True}
+    assert ledger_rows(reset_db) == rows
+
+
+def test_reset_stops_before_the_time_limit_and_resumes(handler: Callable[..., dict[str, Any]],
+                                                       reset_db: Db) -> None:
+    accounts = make_accounts(reset_db, 7)  # 14 accounts in all now: five batches of up to 3
+    age_accounts(reset_db, accounts)
+    rows = ledger_rows(reset_db)
+
+    # Plenty of time for two batches, then less than the safety margin.
+    remaining = itertools.chain([60_000, 60_000], itertools.repeat(MARGIN_MS - 1))
+    first = handler(scheduled_event(), LambdaContext(remaining_ms=lambda: next(remaining)))
+    assert first["done"] is False and first["batches"] == 2
+    assert first["processed"] <= 6 and first["granted"] == 3 * first["processed"]
+    assert ledger_rows(reset_db) >= rows + first["processed"]
+
+    # The next invocation starts over; accounts renewed already are skipped, nothing is granted twice.
+    second = handler(scheduled_event(), LambdaContext())
+    assert second["done"] is True and second["batches"] == 5
+    assert first["processed"] + second["processed"] == 7
+    assert first["granted"] + second["granted"] == 21
+    for account in accounts:
+        assert grants_this_month(reset_db, account) == 1
+        assert reset_db.balance(account)["subscription"] == 3
+
+    # No time at all: nothing is attempted, and the run says it is not done.
+    idle = handler(scheduled_event(), LambdaContext(remaining_ms=100))
+    assert idle["batches"] == 0 and idle["done"] is False
+
+
+def test_reset_of_an_explicit_month_and_bad_input(handler: Callable[..., dict[str, Any]],
+                                                  reset_db: Db) -> None:
+    rows = ledger_rows(reset_db)
+    with pytest.raises(ValueError, match="period_start"):
+        handler(scheduled_event(detail={"period_start": "2026-02-15"}), LambdaContext())
+    with pytest.raises(ValueError, match="period_start"):
+        handler({"period_start": 202602}, LambdaContext())
+    # A month that already passed for every account: nothing to renew.
+    past = handler(scheduled_event(detail={"period_start": "2020-01-01"}), LambdaContext())
+    assert past["period_start"] == "2020-01-01" and past["granted"] == 0 and past["done"] is True
+    assert ledger_rows(reset_db) == rows
+
+
+def test_reset_with_the_database_unreachable_fails_for_a_retry(reset_db: Db) -> None:
+    sock = __import__("socket").socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    rows = ledger_rows(reset_db)
+    with cold_start(reset_env(f"http://127.0.0.1:{port}")) as broken, pytest.raises(ServiceUnavailable):
+        broken(scheduled_event(), LambdaContext())
+    assert ledger_rows(reset_db) == rows
