@@ -369,6 +369,17 @@ def test_subscription_update_moves_the_plan_and_status(deliver: Deliver, world: 
     assert world.account_row()[:2] == (world.big_plan, "past_due")
 
 
+@pytest.mark.parametrize("status", ["unpaid", "canceled", "paused"])
+def test_a_subscription_that_stops_paying_puts_the_account_on_free(
+        deliver: Deliver, world: World, status: str) -> None:
+    link_subscription(deliver, world)
+    deliver(world.event("invoice.paid.2025-03-31"))
+    reply = deliver(world.event("customer.subscription.updated.2025-03-31", STATUS=status))
+    assert reply.body["outcome"] == "applied"
+    assert world.account_row()[:2] == ("free", status)
+    assert world.pools() == (100, 0)  # the paid period's credits stay until it is renewed
+
+
 def test_an_older_subscription_update_does_not_undo_a_newer_one(deliver: Deliver, world: World) -> None:
     link_subscription(deliver, world)
     now = int(time.time())

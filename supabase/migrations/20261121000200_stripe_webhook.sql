@@ -448,12 +448,18 @@ begin
                                    else '[]'::jsonb end) i
     join public.credit_plans pl on pl.stripe_price_id = i.value ->> 'price_id'
    limit 1;
+  -- A subscription that no longer pays puts the account on free, so the monthly
+  -- reset (which renews every account Stripe does not) grants free's allowance.
   update public.credit_accounts a
-     set subscription_status = v_status, plan_id = coalesce(v_plan, a.plan_id), updated_at = now()
-   where a.id = v_account_id;
+     set subscription_status = v_status,
+         plan_id = case when v_status in ('active', 'trialing', 'past_due') then coalesce(v_plan, a.plan_id)
+                        when v_status in ('canceled', 'unpaid', 'incomplete_expired', 'paused') then 'free'
+                        else a.plan_id end,
+         updated_at = now()
+   where a.id = v_account_id
+  returning a.plan_id into v_plan;
   return private.stripe_result('applied', 'subscription_updated', v_account_id,
-                               jsonb_build_object('plan_id', coalesce(v_plan, v_account.plan_id),
-                                                  'status', v_status), v_keys);
+                               jsonb_build_object('plan_id', v_plan, 'status', v_status), v_keys);
 end
 $$;
 
