@@ -1,0 +1,349 @@
+"""Concurrency of the SQL core with real parallel connections.
+
+Every worker is a thread with its own PostgreSQL connection, released together
+by a barrier, calling the contract functions through `devstack.db.call_function`
+exactly as the REST layer does. The module works in a database of its own,
+because the monthly reset renews every account of the database it runs in.
+
+What must hold whatever the interleaving: no overdraft, no deadlock (40P01)
+or serialization failure, one charge per idempotency key and per hold, and a
+ledger that explains every balance at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from devstack import db
+from tests.support import Caller, Db
+
+THREADS = 16
+# The only refusals a correct engine gives under contention in these tests.
+EXPECTED_REFUSALS = {("PT402", "insufficient_credits"), ("PT409", "hold_not_active")}
+
+
+@dataclass
+class Outcome:
+    op: str
+    result: Any = None
+    sqlstate: str | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.sqlstate is None
+
+
+def attempt(conn: psycopg.Connection, op: str, fn: str, caller: Caller, **args: Any) -> Outcome:
+    try:
+        return Outcome(op, db.call_function(conn, fn, args, role=caller.role, claims=caller.claims))
+    except psycopg.Error as exc:
+        return Outcome(op, sqlstate=exc.sqlstate, message=exc.diag.message_primary)
+
+
+Work = Callable[[int, psycopg.Connection], list[Outcome]]
+
+
+def run_parallel(dsn: str, work: Work, threads: int = THREADS) -> list[Outcome]:
+    """Run ``work(i, conn)`` in ``threads`` threads, each on its own connection,
+    all starting at once; return every outcome (re-raising a worker's crash)."""
+    barrier = threading.Barrier(threads)
+    outcomes: list[list[Outcome]] = [[] for _ in range(threads)]
+    crashes: list[BaseException] = []
+
+    def target(i: int) -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                barrier.wait(timeout=60)
+                outcomes[i] = work(i, conn)
+        except BaseException as exc:
+            crashes.append(exc)
+            barrier.abort()
+
+    workers = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not any(w.is_alive() for w in workers), "a worker hung"
+    if crashes:
+        raise crashes[0]
+    return [o for per_thread in outcomes for o in per_thread]
+
+
+def assert_no_unexpected_errors(outcomes: list[Outcome]) -> None:
+    unexpected = Counter((o.op, o.sqlstate, o.message) for o in outcomes
+                         if not o.ok and (o.sqlstate, o.message) not in EXPECTED_REFUSALS)
+    assert not unexpected, unexpected  # a deadlock would show here as 40P01
+
+
+@pytest.fixture(scope="module")
+def conc(pg_server: str) -> Iterator[Db]:
+    name = f"credits_concurrency_{os.getpid()}"
+    dsn = db.create_database(pg_server, name)
+    db.prepare_database(dsn)
+    handle = Db(dsn)
+    yield handle
+    handle.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        result = db.call_function(conn, "reconcile_credit_balances")
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+    assert result["mismatches"] == [], result
+
+
+def pools(database: Db, account: str) -> tuple[int, int, int]:
+    """(subscription, purchased, held) from the account row."""
+    return database.one("select subscription_balance, purchased_balance, held from public.credit_accounts "
+                        "where id = %s", account)
+
+
+def ledger_sums(database: Db, account: str) -> tuple[int, int]:
+    return database.one(
+        "select coalesce(sum(amount) filter (where pool = 'subscription'), 0)::bigint, "
+        "coalesce(sum(amount) filter (where pool = 'purchased'), 0)::bigint "
+        "from public.credit_ledger where account_id = %s", account)
+
+
+def assert_books_balance(database: Db) -> None:
+    result = database.call("reconcile_credit_balances")
+    assert result["mismatches"] == [], result
+
+
+def test_parallel_deducts_never_overdraw(conc: Db) -> None:
+    user, account = conc.new_user()            # 3 subscription credits at signup
+    conc.fund(account, purchased=47)           # 50 in all
+    cost, per_thread = 3, 3                    # 48 attempts for floor(50 / 3) = 16 successes
+
+    def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
+        caller = user if i % 2 else Caller.service()
+        return [attempt(conn, "deduct", "deduct_credits", caller, p_account_id=account,
+                        p_idempotency_key=f"t{i}-{n}", p_amount=cost) for n in range(per_thread)]
+
+    outcomes = run_parallel(conc.dsn, work)
+    assert_no_unexpected_errors(outcomes)
+    succeeded = [o for o in outcomes if o.ok]
+    assert len(succeeded) == 50 // cost
+    assert {o.message for o in outcomes if not o.ok} == {"insufficient_credits"}
+    assert all(o.result["charged"] == cost and o.result["balance"]["available"] >= 0 for o in succeeded)
+    assert pools(conc, account) == (0, 50 % cost, 0)
+    assert ledger_sums(conc, account) == (0, 50 % cost)
+    spent = conc.one("select -sum(amount) from public.credit_ledger where account_id = %s and type = 'spend'",
+                     account)
+    assert spent == cost * (50 // cost)
+    assert_books_balance(conc)
+
+
+@pytest.mark.parametrize("fn", ["deduct_credits", "reserve_credits", "add_purchased_credits"])
+def test_one_idempotency_key_from_many_connections_applies_once(conc: Db, fn: str) -> None:
+    _, account = conc.new_user()
+    conc.fund(account, purchased=100)
+    before = pools(conc, account)
+    ledger_before = conc.one("select count(*) from public.credit_ledger where account_id = %s", account)
+    key = f"same-{uuid.uuid4()}"
+    args: dict[str, Any] = {"p_account_id": account, "p_idempotency_key": key, "p_amount": 7}
+
+    outcomes = run_parallel(conc.dsn, lambda i, conn: [attempt(conn, fn, fn, Caller.service(), **args)])
+    assert all(o.ok for o in outcomes), Counter((o.sqlstate, o.message) for o in outcomes)
+    id_key = "hold_id" if fn == "reserve_credits" else "transaction_id"
+    assert len({o.result[id_key] for o in outcomes}) == 1
+    assert sorted(o.result["replayed"] for o in outcomes) == [False] + [True] * (THREADS - 1)
+
+    sub, purchased, held = pools(conc, account)
+    if fn == "deduct_credits":
+        assert sub + purchased == before[0] + before[1] - 7 and held == 0
+    elif fn == "reserve_credits":
+        assert (sub, purchased, held) == (before[0], before[1], 7)
+        assert conc.one("select count(*) from public.credit_holds where account_id = %s", account) == 1
+    else:
+        assert (sub, purchased, held) == (before[0], before[1] + 7, 0)
+    assert conc.one("select count(*) from public.credit_transactions where account_id = %s "
+                    "and idempotency_key = %s", account, key) == 1
+    ledger_after = conc.one("select count(*) from public.credit_ledger where account_id = %s", account)
+    new_rows = ledger_after - ledger_before
+    assert new_rows == {"deduct_credits": 2, "reserve_credits": 0, "add_purchased_credits": 1}[fn]
+    assert ledger_sums(conc, account) == (sub, purchased)
+    assert_books_balance(conc)
+
+
+def test_parallel_captures_of_one_hold_charge_once(conc: Db) -> None:
+    user, account = conc.new_user()
+    conc.fund(account, purchased=20)
+    hold = conc.call("reserve_credits", p_account_id=account, p_idempotency_key="hold", p_amount=8)["hold_id"]
+
+    def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
+        return [attempt(conn, "capture", "capture_hold", user if i % 2 else Caller.service(), p_hold_id=hold)]
+
+    outcomes = run_parallel(conc.dsn, work)
+    assert all(o.ok for o in outcomes), Counter((o.sqlstate, o.message) for o in outcomes)
+    assert len({o.result["transaction_id"] for o in outcomes}) == 1
+    assert sorted(o.result["replayed"] for o in outcomes) == [False] + [True] * (THREADS - 1)
+    assert all(o.result["charged"] == 8 for o in outcomes)
+    assert pools(conc, account) == (0, 15, 0)      # 3 subscription + 5 purchased taken
+    assert conc.one("select -sum(amount) from public.credit_ledger where account_id = %s and type = 'spend'",
+                    account) == 8
+    assert conc.one("select status from public.credit_holds where id = %s", hold) == "captured"
+    assert_books_balance(conc)
+
+
+def test_capture_racing_release_settles_the_hold_one_way(conc: Db) -> None:
+    _, account = conc.new_user()
+    conc.fund(account, purchased=20)
+    hold = conc.call("reserve_credits", p_account_id=account, p_idempotency_key="race", p_amount=6)["hold_id"]
+
+    def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
+        fn = "capture_hold" if i % 2 else "release_hold"
+        return [attempt(conn, fn, fn, Caller.service(), p_hold_id=hold)]
+
+    outcomes = run_parallel(conc.dsn, work)
+    assert_no_unexpected_errors(outcomes)
+    status = conc.one("select status from public.credit_holds where id = %s", hold)
+    winner = {"captured": "capture_hold", "released": "release_hold"}[status]
+    assert all(o.ok for o in outcomes if o.op == winner)
+    assert sum(1 for o in outcomes if o.op == winner and not o.result["replayed"]) == 1
+    losers = [o for o in outcomes if o.op != winner]
+    assert losers and all(o.message == "hold_not_active" for o in losers)
+    expected = (0, 17, 0) if status == "captured" else (3, 20, 0)
+    assert pools(conc, account) == expected
+    assert_books_balance(conc)
+
+
+# --- everything at once ------------------------------------------------------
+
+PERIODS = ["2026-12-01", "2027-01-01"]
+
+
+@dataclass
+class Mix:
+    accounts: list[str]
+    owners: dict[str, Caller]
+    holds: list[tuple[str, str]]      # (account, hold id), shared by the workers
+    lock: threading.Lock
+
+
+def mixed_op(rng: random.Random, mix: Mix, conn: psycopg.Connection, tag: str) -> Outcome:
+    account = rng.choice(mix.accounts)
+    service = Caller.service()
+    spender = rng.choice([service, mix.owners[account]])
+    key = f"{tag}-{uuid.uuid4()}"
+    op = rng.choice(["deduct", "deduct", "reserve", "reserve", "capture", "release", "purchase",
+                     "subscription", "expire", "adjust", "reset"])
+    if op == "deduct":
+        return attempt(conn, op, "deduct_credits", spender, p_account_id=account, p_idempotency_key=key,
+                       p_amount=rng.randint(1, 6))
+    if op == "reserve":
+        out = attempt(conn, op, "reserve_credits", spender, p_account_id=account, p_idempotency_key=key,
+                      p_amount=rng.randint(1, 6), p_ttl_seconds=rng.choice([1, 1, 600]))
+        if out.ok:
+            with mix.lock:
+                mix.holds.append((account, out.result["hold_id"]))
+        return out
+    if op in ("capture", "release"):
+        with mix.lock:
+            if not mix.holds:
+                return Outcome("noop")
+            hold_account, hold = rng.choice(mix.holds)
+        if op == "release":
+            return attempt(conn, op, "release_hold", mix.owners[hold_account], p_hold_id=hold)
+        amount = rng.choice([None, 1])
+        args = {} if amount is None else {"p_amount": amount}
+        return attempt(conn, op, "capture_hold", mix.owners[hold_account], p_hold_id=hold, **args)
+    if op == "purchase":
+        return attempt(conn, op, "add_purchased_credits", service, p_account_id=account,
+                       p_amount=rng.randint(1, 10), p_idempotency_key=key, p_stripe_ref=f"pi_{key}")
+    if op == "subscription":
+        start = rng.choice(PERIODS)
+        end = "2027-01-01" if start == "2026-12-01" else "2027-02-01"
+        return attempt(conn, op, "add_subscription_credits", service, p_account_id=account,
+                       p_amount=rng.randint(0, 8), p_period_start=start, p_period_end=end,
+                       p_idempotency_key=key)
+    if op == "expire":
+        return attempt(conn, op, "expire_subscription_credits", service, p_account_id=account,
+                       p_idempotency_key=key)
+    if op == "adjust":
+        return attempt(conn, op, "admin_adjust_credits", service, p_account_id=account,
+                       p_pool=rng.choice(["subscription", "purchased"]),
+                       p_amount=rng.choice([-4, -2, -1, 2, 5]), p_reason="concurrency", p_idempotency_key=key)
+    # The reset, in small batches as the scheduled job runs it.
+    period, after = rng.choice(PERIODS), None
+    while True:
+        args: dict[str, Any] = {"p_period_start": period, "p_batch_size": 2}
+        if after is not None:
+            args["p_after"] = after
+        out = attempt(conn, op, "run_monthly_reset", service, **args)
+        if not out.ok or out.result["done"]:
+            return out
+        after = out.result["next_after"]
+
+
+def test_everything_at_once_keeps_the_books(conc: Db) -> None:
+    owners: dict[str, Caller] = {}
+    for _ in range(3):
+        user, account = conc.new_user()
+        conc.fund(account, purchased=60)
+        owners[account] = user
+    tenant_owner, _ = conc.new_user()
+    _, tenant_account = conc.new_tenant({tenant_owner.user_id: "owner"})  # type: ignore[dict-item]
+    conc.fund(tenant_account, purchased=60)
+    owners[tenant_account] = tenant_owner
+    mix = Mix(list(owners), owners, [], threading.Lock())
+    stop = threading.Event()
+    negatives: list[Any] = []
+
+    def watch() -> None:
+        # Readers must never see a negative pool or more held than owned.
+        with psycopg.connect(conc.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                for row in conn.execute(
+                        "select account_id, subscription, purchased, held, total from public.credit_balances "
+                        "where account_id = any(%s::uuid[])", (mix.accounts,)).fetchall():
+                    if min(row[1:4]) < 0 or row[3] > row[4]:
+                        negatives.append(row)
+                time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    outcomes: list[Outcome] = []
+    try:
+        for round_no in range(2):
+            def work(i: int, conn: psycopg.Connection, r: int = round_no) -> list[Outcome]:
+                rng = random.Random(1000 * r + i)
+                return [mixed_op(rng, mix, conn, f"r{r}t{i}n{n}") for n in range(14)]
+            outcomes += run_parallel(conc.dsn, work)
+            if round_no == 0:
+                time.sleep(1.1)  # let the 1-second holds lapse before the second round
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+
+    assert_no_unexpected_errors(outcomes)
+    done = Counter(o.op for o in outcomes if o.ok)
+    # The mix really mixed: every kind of call succeeded at least once.
+    assert {"deduct", "reserve", "capture", "release", "purchase", "subscription", "expire", "adjust",
+            "reset"} <= set(done), done
+    assert negatives == []
+    for o in outcomes:
+        balance = o.result.get("balance") if o.ok and isinstance(o.result, dict) else None
+        if balance:
+            assert min(balance["subscription"], balance["purchased"], balance["held"]) >= 0, o
+            assert balance["available"] == balance["total"] - balance["held"], o
+    for account in mix.accounts:
+        sub, purchased, held = pools(conc, account)
+        assert ledger_sums(conc, account) == (sub, purchased)
+        assert held <= sub + purchased
+        active = conc.one("select coalesce(sum(amount), 0) from public.credit_holds "
+                          "where account_id = %s and status = 'active'", account)
+        assert held == active
+    assert_books_balance(conc)
