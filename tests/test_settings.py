@@ -1,0 +1,193 @@
+"""Settings: from the environment or from SSM Parameter Store (through moto), and a
+missing or placeholder setting fails the cold start naming it, never showing a value."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from functions.settings import (
+    CREDITS_API_SETTINGS,
+    MONTHLY_RESET_SETTINGS,
+    WEBHOOK_SETTINGS,
+    SettingsError,
+    load_settings,
+)
+
+SECRET = "a-very-secret-jwt-secret-of-sufficient-length"
+SERVICE_KEY = "service-role-key-value-0123456789"
+
+ENV = {
+    "SUPABASE_URL": "https://abcd.supabase.co",
+    "SUPABASE_ANON_KEY": "anon-key-value-0123456789",
+    "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+    "SUPABASE_JWT_SECRET": SECRET,
+    "STRIPE_WEBHOOK_SECRET": "whsec_0123456789",
+    "CORS_ALLOW_ORIGINS": " https://app.example.com/ ,http://localhost:3000,",
+}
+
+
+def without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in ENV.items() if k not in names}
+
+
+def test_values_from_the_environment() -> None:
+    settings = load_settings(CREDITS_API_SETTINGS, ENV)
+    assert settings.supabase_url == "https://abcd.supabase.co"
+    assert settings.rest_url == "https://abcd.supabase.co/rest/v1"
+    assert settings.supabase_service_role_key == SERVICE_KEY
+    assert settings.cors_allow_origins == ["https://app.example.com", "http://localhost:3000"]
+    assert settings.rpc_timeout_seconds == 10.0
+    tuned = load_settings(MONTHLY_RESET_SETTINGS,
+                          {**ENV, "RPC_TIMEOUT_SECONDS": "60", "RESET_BATCH_SIZE": "250"})
+    assert tuned.rpc_timeout_seconds == 60.0 and tuned.reset_batch_size == 250
+    # Secrets stay out of repr/str, so they cannot reach a log line that way.
+    for text in (repr(settings), str(settings)):
+        assert SECRET not in text and SERVICE_KEY not in text
+
+
+@pytest.mark.parametrize("name", ["SUPABASE_URL", "SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY",
+                                  "CORS_ALLOW_ORIGINS"])
+def test_a_missing_setting_is_named(name: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        load_settings(CREDITS_API_SETTINGS, without(name))
+
+
+@pytest.mark.parametrize("placeholder", ["", "   ", "changeme", "CHANGE_ME", "<your anon key>",
+                                         "your-service-role-key", "${SUPABASE_ANON_KEY}", "xxxx"])
+def test_placeholders_count_as_missing_and_are_not_echoed(placeholder: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(CREDITS_API_SETTINGS, {**ENV, "SUPABASE_ANON_KEY": placeholder})
+    assert "SUPABASE_ANON_KEY" in str(raised.value)
+    if placeholder.strip():
+        assert placeholder not in str(raised.value)
+
+
+def test_jwt_secret_or_jwks_url() -> None:
+    jwks_only = {**without("SUPABASE_JWT_SECRET"),
+                 "SUPABASE_JWKS_URL": "https://abcd.supabase.co/auth/v1/.well-known/jwks.json"}
+    settings = load_settings(CREDITS_API_SETTINGS, jwks_only)
+    assert settings.supabase_jwt_secret is None and settings.supabase_jwks_url
+    with pytest.raises(SettingsError, match="SUPABASE_JWT_SECRET or SUPABASE_JWKS_URL"):
+        load_settings(CREDITS_API_SETTINGS, without("SUPABASE_JWT_SECRET"))
+    # Each function needs only its own settings: the webhook has no JWT secret, the reset no anon key.
+    load_settings(WEBHOOK_SETTINGS, without("SUPABASE_JWT_SECRET", "SUPABASE_ANON_KEY", "CORS_ALLOW_ORIGINS"))
+    load_settings(MONTHLY_RESET_SETTINGS, without("SUPABASE_JWT_SECRET", "SUPABASE_ANON_KEY",
+                                                  "STRIPE_WEBHOOK_SECRET", "CORS_ALLOW_ORIGINS"))
+    with pytest.raises(SettingsError, match="STRIPE_WEBHOOK_SECRET"):
+        load_settings(WEBHOOK_SETTINGS, without("STRIPE_WEBHOOK_SECRET"))
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("SUPABASE_URL", "abcd.supabase.co"),
+    ("SUPABASE_JWKS_URL", "file:///etc/keys.json"),
+    ("RPC_TIMEOUT_SECONDS", "soon"),
+    ("RPC_TIMEOUT_SECONDS", "-1"),
+    ("RESET_BATCH_SIZE", "0"),
+])
+def test_unusable_values_are_named_not_shown(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(CREDITS_API_SETTINGS, {**ENV, name: value})
+    assert name in str(raised.value) and value not in str(raised.value)
+
+
+# --- SSM Parameter Store ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def ssm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    for name, value in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with mock_aws():
+        client = boto3.client("ssm", region_name="us-east-1")
+        yield client
+
+
+def put(ssm: Any, name: str, value: str, secure: bool = True) -> None:
+    ssm.put_parameter(Name=name, Value=value, Type="SecureString" if secure else "String", Overwrite=True)
+
+
+def test_secrets_resolved_from_ssm(ssm: Any) -> None:
+    put(ssm, "/credits/test/supabase-url", "https://abcd.supabase.co", secure=False)
+    put(ssm, "/credits/test/supabase-service-role-key", SERVICE_KEY)
+    put(ssm, "/credits/test/supabase-jwt-secret", SECRET)
+    put(ssm, "/credits/test/supabase-anon-key", "anon-from-ssm-0123456789")
+    env = {
+        "SUPABASE_URL_PARAM": "/credits/test/supabase-url",
+        "SUPABASE_ANON_KEY_PARAM": "/credits/test/supabase-anon-key",
+        "SUPABASE_SERVICE_ROLE_KEY_PARAM": "/credits/test/supabase-service-role-key",
+        "SUPABASE_JWT_SECRET": "changeme",  # a placeholder value falls through to the parameter
+        "SUPABASE_JWT_SECRET_PARAM": "/credits/test/supabase-jwt-secret",
+        "CORS_ALLOW_ORIGINS": "https://app.example.com",
+    }
+    settings = load_settings(CREDITS_API_SETTINGS, env)
+    assert settings.supabase_url == "https://abcd.supabase.co"
+    assert settings.supabase_service_role_key == SERVICE_KEY  # decrypted
+    assert settings.supabase_jwt_secret == SECRET
+    assert settings.supabase_anon_key == "anon-from-ssm-0123456789"
+
+
+def test_missing_or_placeholder_ssm_parameter_is_named(ssm: Any) -> None:
+    env = {**without("SUPABASE_SERVICE_ROLE_KEY"),
+           "SUPABASE_SERVICE_ROLE_KEY_PARAM": "/credits/test/does-not-exist"}
+    with pytest.raises(SettingsError) as raised:
+        load_settings(CREDITS_API_SETTINGS, env)
+    message = str(raised.value)
+    assert "SUPABASE_SERVICE_ROLE_KEY" in message and "/credits/test/does-not-exist" in message
+
+    put(ssm, "/credits/test/placeholder", "<paste the service role key here>")
+    env["SUPABASE_SERVICE_ROLE_KEY_PARAM"] = "/credits/test/placeholder"
+    with pytest.raises(SettingsError) as raised:
+        load_settings(CREDITS_API_SETTINGS, env)
+    assert "SUPABASE_SERVICE_ROLE_KEY" in str(raised.value) and "paste" not in str(raised.value)
+
+
+# --- cold starts ---------------------------------------------------------------------------------
+
+
+def cold_import(module: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name in ("SUPABASE_URL", "SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
+                 "SUPABASE_JWKS_URL", "STRIPE_WEBHOOK_SECRET", "CORS_ALLOW_ORIGINS"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(f"{name}_PARAM", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sys.modules.pop(module, None)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.modules.pop(module, None)
+
+
+def test_handlers_fail_their_cold_start_naming_the_missing_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError, match="SUPABASE_ANON_KEY"):
+        cold_import("handlers.deduct", without("SUPABASE_ANON_KEY"), monkeypatch)
+    with pytest.raises(SettingsError, match="SUPABASE_SERVICE_ROLE_KEY"):
+        cold_import("handlers.monthly_reset", without("SUPABASE_SERVICE_ROLE_KEY"), monkeypatch)
+    module = cold_import("handlers.monthly_reset", {"SUPABASE_URL": ENV["SUPABASE_URL"],
+                                                    "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY}, monkeypatch)
+    assert callable(module.handler)
+
+
+def test_handler_cold_start_reads_ssm(ssm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    put(ssm, "/credits/dev/supabase-url", "https://abcd.supabase.co", secure=False)
+    put(ssm, "/credits/dev/supabase-anon-key", "anon-from-ssm-0123456789")
+    put(ssm, "/credits/dev/supabase-service-role-key", SERVICE_KEY)
+    put(ssm, "/credits/dev/supabase-jwt-secret", SECRET)
+    module = cold_import("handlers.deduct", {
+        "SUPABASE_URL_PARAM": "/credits/dev/supabase-url",
+        "SUPABASE_ANON_KEY_PARAM": "/credits/dev/supabase-anon-key",
+        "SUPABASE_SERVICE_ROLE_KEY_PARAM": "/credits/dev/supabase-service-role-key",
+        "SUPABASE_JWT_SECRET_PARAM": "/credits/dev/supabase-jwt-secret",
+        "CORS_ALLOW_ORIGINS": "https://app.example.com",
+    }, monkeypatch)
+    assert module.settings.supabase_jwt_secret == SECRET
+    assert module.settings.supabase_anon_key == "anon-from-ssm-0123456789"
