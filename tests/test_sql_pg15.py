@@ -1,0 +1,153 @@
+"""The migrations and the seed on PostgreSQL 15, the oldest version we support.
+
+Supabase projects still run PostgreSQL 15, which lacks some of what the
+embedded server (18) has, e.g. OLD/NEW in RETURNING. When the server binaries
+are installed (Debian's ``postgresql-15`` package, or ``PG15_BIN``), this
+module makes a throwaway cluster on a Unix socket, prepares a database exactly
+as the other tests do, and runs the main calls on it; otherwise it is skipped
+with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from devstack import db
+from tests.sql_access import as_caller, expect_error
+from tests.support import Caller, Db
+
+PG15_BIN = Path(os.environ.get("PG15_BIN", "/usr/lib/postgresql/15/bin"))
+SERVER_USER = "postgres"  # Debian's server binaries refuse to run as root
+
+# From supabase/seed.sql.
+ALICE = "11111111-1111-4111-8111-111111111111"
+BOB = "22222222-2222-4222-8222-222222222222"
+PLATFORM_ADMIN = "33333333-3333-4333-8333-333333333333"
+ACME = "44444444-4444-4444-8444-444444444444"
+DEMO_KEY = "ck_demo_0000000000000000000000000000000000000000000000000000000000"
+
+
+def _server_command(args: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", SERVER_USER, "--", *args]
+    return args
+
+
+def _run(args: list[str], log: Path | None = None) -> None:
+    # A fixed argument list, no shell.
+    done = subprocess.run(_server_command(args), capture_output=True, text=True, timeout=120,  # noqa: S603
+                          check=False)
+    if done.returncode != 0:
+        tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+        raise RuntimeError(f"{Path(args[0]).name} failed: {done.stderr.strip()[-2000:]}\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def pg15() -> Iterator[Db]:
+    if not (PG15_BIN / "postgres").exists():
+        pytest.skip(f"PostgreSQL 15 server not found in {PG15_BIN} (Debian: apt-get install postgresql-15)")
+    if os.geteuid() == 0:
+        try:
+            account = pwd.getpwnam(SERVER_USER)
+        except KeyError:
+            pytest.skip(f"running as root and there is no {SERVER_USER!r} OS user to run PostgreSQL 15 as")
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root and runuser is missing")
+    base = Path(tempfile.mkdtemp(prefix="credits-pg15-"))
+    if os.geteuid() == 0:
+        os.chown(base, account.pw_uid, account.pw_gid)
+    data, log = base / "data", base / "server.log"
+    started = False
+    try:
+        _run([str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+              "--no-locale", "--no-sync"])
+        _run([str(PG15_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+              "-o", f"-k {base} -c listen_addresses='' -c fsync=off", "start"], log)
+        started = True
+        admin = f"postgresql://postgres@/postgres?host={base}"
+        dsn = db.create_database(admin, "credits_pg15")
+        db.prepare_database(dsn, seed=True)
+        handle = Db(dsn)
+        yield handle
+        handle.close()
+    finally:
+        if started:
+            _run([str(PG15_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_it_really_is_postgresql_15(pg15: Db) -> None:
+    assert 150000 <= int(pg15.one("show server_version_num")) < 160000
+
+
+def test_seeded_accounts_and_reads(pg15: Db) -> None:
+    alice = Caller.user(ALICE)
+    own = pg15.call("get_credit_balance", alice)
+    assert own["subscription"] == 3 and own["held"] == 0
+    tenant_account = str(pg15.one("select id from public.credit_accounts where tenant_id = %s", ACME))
+    # Security-invoker views (new in 15) apply the caller's RLS: Alice sees her
+    # account and her tenant's, Bob (a member) the tenant's and his own.
+    bobs = str(pg15.one("select id from public.credit_accounts where user_id = %s", BOB))
+    for user, expected in ((ALICE, {own["account_id"], tenant_account}), (BOB, {bobs, tenant_account})):
+        rows = as_caller(pg15.conn, Caller.user(user), "select account_id from public.credit_balances")
+        assert {str(r[0]) for r in rows} == expected, user
+    assert pg15.call("get_credit_balance", Caller.user(PLATFORM_ADMIN, app_metadata={"role": "super_admin"}),
+                     p_account_id=own["account_id"])["account_id"] == own["account_id"]
+    expect_error(lambda: pg15.call("get_credit_balance", Caller.user(BOB), p_account_id=own["account_id"]),
+                 "PT403", "forbidden")
+    expect_error(lambda: pg15.call("get_credit_balance", Caller.anon()), "42501")
+
+
+def test_spending_paths(pg15: Db) -> None:
+    caller, account = pg15.new_user()
+    pg15.call("add_purchased_credits", p_account_id=account, p_amount=20, p_idempotency_key="buy")
+    # The split between pools is what PostgreSQL 15 reports without OLD in RETURNING.
+    spent = pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="k1",
+                      p_operation="image.generate")
+    assert (spent["charged"], spent["from_subscription"], spent["from_purchased"]) == (4, 3, 1)
+    again = pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="k1",
+                      p_operation="image.generate")
+    assert again["replayed"] is True and again["transaction_id"] == spent["transaction_id"]
+    hold = pg15.call("reserve_credits", caller, p_account_id=account, p_idempotency_key="h1", p_amount=5)
+    captured = pg15.call("capture_hold", caller, p_hold_id=hold["hold_id"], p_amount=2)
+    assert (captured["charged"], captured["released"]) == (2, 3)
+    expect_error(lambda: pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="k2",
+                                   p_amount=1000), "PT402", "insufficient_credits")
+    assert pg15.call("get_credit_balance", caller)["purchased"] == 20 - 1 - 2
+    by_key = pg15.call("deduct_credits_by_license", p_license_key=DEMO_KEY,
+                       p_idempotency_key=str(uuid.uuid4()), p_amount=1)
+    assert by_key["charged"] == 1
+    ledger = pg15.ledger(account)
+    assert sum(r["amount"] for r in ledger if r["pool"] == "purchased") == 17
+    assert [r["type"] for r in ledger] == ["grant", "purchase", "spend", "spend", "spend"]
+
+
+def test_monthly_reset_and_books(pg15: Db) -> None:
+    today = datetime.now(UTC).date()
+    next_month = date(today.year + today.month // 12, today.month % 12 + 1, 1)
+    after, processed = None, 0
+    while True:
+        args = {"p_period_start": next_month.isoformat(), "p_batch_size": 2}
+        if after:
+            args["p_after"] = after
+        result = pg15.call("run_monthly_reset", **args)
+        processed += result["processed"]
+        after = result["next_after"]
+        if result["done"]:
+            break
+    assert processed == pg15.one("select count(*) from public.credit_accounts")
+    again = pg15.call("run_monthly_reset", p_period_start=next_month.isoformat())
+    assert (again["processed"], again["granted"]) == (0, 0)
+    assert pg15.call("reconcile_credit_balances")["mismatches"] == []
+    expect_error(lambda: pg15.call("run_monthly_reset", Caller.user(ALICE),
+                                   p_period_start=next_month.isoformat()), "42501")
