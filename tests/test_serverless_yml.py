@@ -1,0 +1,160 @@
+"""serverless.yml names handlers and routes that exist, reads settings only from SSM
+parameters of its stage, and grants each function only those parameters."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.routing import APIRoute
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET_SETTINGS = ("SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
+                   "STRIPE_WEBHOOK_SECRET")
+HANDLER_ENV = {
+    "SUPABASE_URL": "https://abcd.supabase.co",
+    "SUPABASE_ANON_KEY": "anon-key-value-0123456789",
+    "SUPABASE_SERVICE_ROLE_KEY": "service-role-key-value-0123456789",
+    "SUPABASE_JWT_SECRET": "jwt-secret-value-of-at-least-32-characters",
+    "STRIPE_WEBHOOK_SECRET": "whsec_0123456789abcdef",
+    "CORS_ALLOW_ORIGINS": "https://app.example.com",
+}
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "serverless.yml").read_text())
+
+
+def import_handler(handler: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name, value in HANDLER_ENV.items():
+        monkeypatch.setenv(name, value)
+    path, _, attribute = handler.rpartition(".")
+    module_name = path.replace("/", ".")
+    assert (ROOT / f"{path}.py").is_file(), handler
+    sys.modules.pop(module_name, None)
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        sys.modules.pop(module_name, None)
+    target = getattr(module, attribute)
+    assert callable(target)
+    return module
+
+
+def http_routes(function: dict[str, Any]) -> set[tuple[str, str]]:
+    routes = set()
+    for event in function.get("events", []):
+        if "httpApi" in event:
+            spec = event["httpApi"]
+            method, path = spec.split(" ", 1) if isinstance(spec, str) else (spec["method"], spec["path"])
+            routes.add((method.upper(), path))
+    return routes
+
+
+def app_routes(app: Any) -> set[tuple[str, str]]:
+    found = {(method, route.path) for route in app.routes if isinstance(route, APIRoute)
+             for method in route.methods}
+    # FastAPI's own documentation routes are plain Starlette routes.
+    for route in app.routes:
+        if not isinstance(route, APIRoute) and getattr(route, "path", None):
+            found |= {(m, route.path) for m in (getattr(route, "methods", None) or {"GET"})}
+    return found
+
+
+def test_three_python312_functions_with_real_handlers(config: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config["provider"]["runtime"] == "python3.12"
+    functions = config["functions"]
+    assert set(functions) == {"deduct", "stripeWebhook", "monthlyReset"}
+    assert functions["deduct"]["handler"] == "handlers/deduct.handler"
+    assert functions["stripeWebhook"]["handler"] == "handlers/stripe_webhook.handler"
+    assert functions["monthlyReset"]["handler"] == "handlers/monthly_reset.handler"
+    for name, function in functions.items():
+        assert "${sls:stage}" in function["name"], name  # one set of functions per stage
+        import_handler(function["handler"], monkeypatch)
+
+
+def test_http_routes_exist_in_the_apps(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    deduct = import_handler("handlers/deduct.handler", monkeypatch)
+    declared = http_routes(config["functions"]["deduct"])
+    assert declared <= app_routes(deduct.app), declared - app_routes(deduct.app)
+    api_routes = {(m, r.path) for r in deduct.app.routes if isinstance(r, APIRoute) for m in r.methods}
+    assert api_routes <= declared, api_routes - declared  # every API route is reachable through the gateway
+
+    webhook = import_handler("handlers/stripe_webhook.handler", monkeypatch)
+    assert http_routes(config["functions"]["stripeWebhook"]) == {("POST", "/stripe/webhook")}
+    assert ("POST", "/stripe/webhook") in app_routes(webhook.app)
+    assert not http_routes(config["functions"]["monthlyReset"])
+
+
+def test_monthly_reset_schedule(config: dict[str, Any]) -> None:
+    reset = config["functions"]["monthlyReset"]
+    rates = [event["schedule"]["rate"] for event in reset["events"] if "schedule" in event]
+    assert "cron(5 0 1 * ? *)" in rates  # 00:05 UTC on the 1st
+    assert any(re.fullmatch(r"cron\(5 \d+-\d+ 1 \* \? \*\)", rate) for rate in rates)  # retries that day
+    assert reset["timeout"] == 900
+    margin_ms = int(reset["environment"]["RESET_SAFETY_MARGIN_MS"])
+    assert margin_ms > int(reset["environment"]["RPC_TIMEOUT_SECONDS"]) * 1000
+    assert margin_ms < reset["timeout"] * 1000
+
+
+def function_env(config: dict[str, Any], name: str) -> dict[str, str]:
+    return {**config["provider"].get("environment", {}), **config["functions"][name].get("environment", {})}
+
+
+def resolve(value: str, config: dict[str, Any]) -> str:
+    return value.replace("${self:custom.ssmPrefix}", config["custom"]["ssmPrefix"]).replace(
+        "${param:jwtSecretParam}", config["params"]["default"]["jwtSecretParam"])
+
+
+def test_secrets_only_from_this_stages_ssm_with_least_privilege(config: dict[str, Any]) -> None:
+    assert "iam" not in config["provider"]  # no shared role: each function has its own statements
+    prefix = "arn:aws:ssm:${aws:region}:${aws:accountId}:parameter"
+    for name, function in config["functions"].items():
+        env = function_env(config, name)
+        for secret in SECRET_SETTINGS:
+            assert secret not in env, (name, secret)  # never a value, only a parameter name
+        params = {k: resolve(v, config) for k, v in env.items() if k.endswith("_PARAM")}
+        assert params, name
+        for setting, parameter in params.items():
+            assert parameter.startswith("/credits/${sls:stage}/"), (name, setting, parameter)
+
+        statements = function["iamRoleStatements"]
+        actions = {action for s in statements for action in s["Action"]}
+        assert actions == {"ssm:GetParameter", "ssm:GetParameters", "kms:Decrypt"}, name
+        assert all(s["Effect"] == "Allow" for s in statements)
+        ssm_resources = {r.replace("${self:custom.ssmArn}", prefix + "/credits/${sls:stage}")
+                         for s in statements if "ssm:GetParameter" in s["Action"] for r in s["Resource"]}
+        # Exactly the parameters this function reads, nothing else.
+        assert ssm_resources == {prefix + p for p in params.values()}, name
+        kms = [s for s in statements if "kms:Decrypt" in s["Action"]]
+        assert len(kms) == 1 and kms[0]["Condition"]["StringEquals"]["kms:ViaService"].startswith("ssm.")
+
+
+def test_each_function_reads_only_what_it_needs(config: dict[str, Any]) -> None:
+    def settings(name: str) -> set[str]:
+        return {k.removesuffix("_PARAM") for k in function_env(config, name) if k.endswith("_PARAM")}
+
+    assert settings("deduct") == {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_ANON_KEY",
+                                  "SUPABASE_JWT_SECRET"}
+    assert settings("stripeWebhook") == {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "STRIPE_WEBHOOK_SECRET"}
+    assert settings("monthlyReset") == {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"}
+    assert "CORS_ALLOW_ORIGINS" in function_env(config, "deduct")
+
+
+def test_packaging_and_cors(config: dict[str, Any]) -> None:
+    assert "serverless-python-requirements" in config["plugins"]
+    assert config["custom"]["pythonRequirements"]["fileName"] == "requirements.txt"
+    assert (ROOT / "requirements.txt").is_file()
+    patterns = config["package"]["patterns"]
+    assert "functions/**" in patterns and "handlers/**" in patterns and "!**" in patterns
+    cors = config["provider"]["httpApi"]["cors"]
+    assert {"Authorization", "Idempotency-Key", "X-License-Key"} <= set(cors["allowedHeaders"])
+    assert cors["allowedOrigins"] == ["${param:corsAllowOrigins}"]
+    assert function_env(config, "deduct")["CORS_ALLOW_ORIGINS"] == "${param:corsAllowOrigins}"
