@@ -52,7 +52,11 @@ begin
   end if;
   v_start := p_period_start::timestamp at time zone 'UTC';
   v_end := (p_period_start + interval '1 month')::timestamp at time zone 'UTC';
-  v_key := 'monthly_reset:' || p_period_start::text;
+  -- Each renewal's key ends in its own transaction id: callers choose their own
+  -- keys freely, so a fixed key could already be taken on an account and fail
+  -- the whole batch. The period check (under the row lock) is what makes a
+  -- second run grant nothing.
+  v_key := 'monthly_reset:' || p_period_start::text || ':';
   v_hash := private.request_hash('monthly_reset', to_jsonb(p_period_start::text));
 
   -- The batch: the next p_batch_size accounts by id.
@@ -115,7 +119,7 @@ begin
     ), transactions as (
       insert into public.credit_transactions (id, account_id, kind, idempotency_key, request_hash, result,
                                               amount, pool, description)
-      select c.tx, c.id, 'grant', v_key, v_hash,
+      select c.tx, c.id, 'grant', v_key || c.tx, v_hash,
              jsonb_build_object('transaction_id', c.tx, 'expired', c.expire, 'granted', c.grant_amount,
                                 'replayed', false),
              c.grant_amount, 'subscription', 'monthly allowance'
@@ -124,7 +128,7 @@ begin
     ), ledger as (
       insert into public.credit_ledger (account_id, transaction_id, pool, amount, balance_after, type,
                                         idempotency_key, metadata, period_start, period_end)
-      select c.id, c.tx, 'subscription', v.amount, v.balance_after, v.type, v_key,
+      select c.id, c.tx, 'subscription', v.amount, v.balance_after, v.type, v_key || c.tx,
              '{"reason": "monthly_reset"}'::jsonb, v.period_start, v.period_end
         from calc c
        cross join lateral (values (-c.expire, c.old_sub - c.expire, 'expire', c.old_start, c.old_end),
