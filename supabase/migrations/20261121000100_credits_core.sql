@@ -474,7 +474,8 @@ begin
 
   insert into public.credit_transactions (id, account_id, kind, idempotency_key, request_hash, result,
                                           amount, pool, description)
-  values (v_tx, v_account.id, 'grant', 'signup', md5('signup')::uuid,
+  -- The key ends in the transaction id so that no key a caller may choose is taken.
+  values (v_tx, v_account.id, 'grant', 'signup:' || v_tx, md5('signup')::uuid,
           jsonb_build_object('expired', 0, 'granted', v_grant, 'replayed', false,
                              'balance', private.balance_json(v_account, 0)),
           v_grant, 'subscription', 'first month''s allowance');
@@ -482,7 +483,7 @@ begin
   if v_grant > 0 then
     insert into public.credit_ledger (account_id, transaction_id, pool, amount, balance_after, type,
                                       idempotency_key, period_start, period_end, metadata)
-    values (v_account.id, v_tx, 'subscription', v_grant, v_grant, 'grant', 'signup', v_start, v_end,
+    values (v_account.id, v_tx, 'subscription', v_grant, v_grant, 'grant', 'signup:' || v_tx, v_start, v_end,
             '{"reason": "signup"}'::jsonb);
   end if;
   return v_account.id;

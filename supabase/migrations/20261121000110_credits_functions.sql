@@ -659,7 +659,9 @@ begin
   v_charge := coalesce(p_amount, v_hold.amount);
   -- Holds are protected from every other decrease, so the pools cover them.
   v_from_sub := least(v_account.subscription_balance, v_charge);
-  v_key := 'hold:' || p_hold_id || ':capture';
+  -- Unique per capture (the hold's status makes a capture happen once), so no
+  -- key a caller may choose is taken.
+  v_key := 'hold:' || p_hold_id || ':capture:' || v_tx;
   v_metadata := v_hold.metadata || coalesce(p_metadata, '{}'::jsonb);
 
   update public.credit_accounts a
