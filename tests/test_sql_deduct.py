@@ -441,3 +441,12 @@ def test_any_sequence_keeps_balance_equal_to_the_ledger(database: Db, operations
         for r in rows:
             running += r["amount"]
             assert r["balance_after"] == running
+
+
+def test_any_fresh_key_is_a_first_call(database: Db) -> None:
+    caller, account_id = database.new_user()
+    # The account's opening grant is not a call of the user's: its key must not be in the way.
+    for key in ("signup", "grant", "monthly_reset"):
+        result = deduct(database, caller, account_id, key, p_amount=1)
+        assert result["replayed"] is False
+    assert database.balance(account_id)["total"] == 0

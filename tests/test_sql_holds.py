@@ -311,3 +311,14 @@ def test_only_the_lapsed_hold_stops_counting(database: Db) -> None:
     assert database.balance(account_id)["available"] == 0
     captured = database.call("capture_hold", caller, p_hold_id=late["hold_id"])
     assert captured["balance"]["held"] == 5
+
+
+def test_a_callers_own_keys_never_block_a_capture(database: Db) -> None:
+    caller, account_id = database.new_user()
+    database.fund(account_id, purchased=5)
+    hold = reserve(database, caller, account_id, p_amount=2)
+    # Keys are the caller's to choose, even ones that look like the engine's own.
+    database.call("deduct_credits", caller, p_account_id=account_id,
+                  p_idempotency_key=f"hold:{hold['hold_id']}:capture", p_amount=1)
+    captured = database.call("capture_hold", caller, p_hold_id=hold["hold_id"])
+    assert (captured["charged"], captured["balance"]["total"]) == (2, 5)
