@@ -347,3 +347,78 @@ def test_everything_at_once_keeps_the_books(conc: Db) -> None:
                           "where account_id = %s and status = 'active'", account)
         assert held == active
     assert_books_balance(conc)
+
+
+def test_parallel_refunds_of_one_spend_never_exceed_it(conc: Db) -> None:
+    _, account = conc.new_user()
+    conc.fund(account, purchased=20)
+    spend = conc.call("deduct_credits", p_account_id=account, p_idempotency_key="spend", p_amount=10)
+    before = pools(conc, account)
+
+    def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
+        return [attempt(conn, "refund", "refund_credits", Caller.service(), p_amount=1,
+                        p_transaction_id=spend["transaction_id"], p_idempotency_key=f"refund-{i}")]
+
+    outcomes = run_parallel(conc.dsn, work)
+    refused = [o for o in outcomes if not o.ok]
+    assert sum(o.ok for o in outcomes) == 10
+    assert {(o.sqlstate, o.message) for o in refused} == {("22023", "invalid_argument")}
+    assert pools(conc, account) == (before[0], before[1] + 10, 0)
+    refunded = "select refunded from public.credit_transactions where id = %s"
+    assert conc.one(refunded, spend["transaction_id"]) == 10
+    assert_books_balance(conc)
+
+
+def test_parallel_clawbacks_take_a_payment_back_once(conc: Db) -> None:
+    _, account = conc.new_user()
+    ref = f"pi_conc_{uuid.uuid4().hex}"
+    conc.call("add_purchased_credits", p_account_id=account, p_amount=30, p_idempotency_key="buy",
+              p_stripe_ref=ref)
+    before = pools(conc, account)
+
+    # Stripe reports refunds cumulatively: many deliveries of "12 so far" take 12 in all.
+    def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
+        return [attempt(conn, "clawback", "clawback_credits", Caller.service(), p_stripe_ref=ref,
+                        p_idempotency_key=f"claw-{i}", p_amount=12)]
+
+    outcomes = run_parallel(conc.dsn, work)
+    assert all(o.ok for o in outcomes), Counter((o.sqlstate, o.message) for o in outcomes)
+    assert sum(o.result["clawed_back"] for o in outcomes) == 12
+    assert all(o.result["shortfall"] == 0 for o in outcomes)
+    assert pools(conc, account) == (before[0], before[1] - 12, 0)
+    assert_books_balance(conc)
+
+
+def test_parallel_resets_of_one_period_renew_each_account_once(conc: Db) -> None:
+    # Every account of this database is on an earlier period, so each needs
+    # exactly one renewal for this month, whoever of the workers gets to it.
+    period = "2027-03-01"
+    before_period = "period_start < %s::timestamp at time zone 'UTC'"
+    due = conc.one(f"select count(*) from public.credit_accounts where {before_period} "
+                   "and not (stripe_subscription_id is not null "
+                   "and coalesce(subscription_status, '') in ('active', 'trialing', 'past_due'))", period)
+    assert due > 0
+
+    def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
+        done: list[Outcome] = []
+        after = None
+        while True:
+            args: dict[str, Any] = {"p_period_start": period, "p_batch_size": 1 + i % 3}
+            if after is not None:
+                args["p_after"] = after
+            out = attempt(conn, "reset", "run_monthly_reset", Caller.service(), **args)
+            done.append(out)
+            if not out.ok or out.result["done"]:
+                return done
+            after = out.result["next_after"]
+
+    outcomes = run_parallel(conc.dsn, work, threads=8)
+    assert all(o.ok for o in outcomes), Counter((o.sqlstate, o.message) for o in outcomes)
+    assert sum(o.result["processed"] for o in outcomes) == due
+    grants = conc.sql("select account_id, count(*) from public.credit_ledger "
+                      "where type = 'grant' and period_start = %s::timestamp at time zone 'UTC' "
+                      "group by account_id", period)
+    assert len(grants) == due and all(n == 1 for _, n in grants)
+    assert conc.one(f"select count(*) from public.credit_accounts where {before_period} "
+                    "and stripe_subscription_id is null", period) == 0
+    assert_books_balance(conc)
