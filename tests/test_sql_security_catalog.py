@@ -9,7 +9,7 @@ if no behaviour test happens to touch the new object.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -39,6 +39,80 @@ select p.oid, n.nspname, p.proname, p.oid::regprocedure::text as signature,
 """
 
 
+Run = Callable[..., list[tuple]]
+
+
+# --- finders: each lists what breaks one rule (empty = the rule holds) --------
+
+def unpinned_functions(run: Run) -> list[str]:
+    return [r[0] for r in run(
+        "select sig from (" + OUR_FUNCTIONS + ") f(oid, nspname, proname, sig, prosecdef, config, owner) "
+        "where not exists (select 1 from unnest(config) c where c like 'search_path=%%')")]
+
+
+def public_definers(run: Run) -> list[str]:
+    return [r[0] for r in run(
+        "select sig from (" + OUR_FUNCTIONS + ") f(oid, nspname, proname, sig, prosecdef, config, owner) "
+        "where nspname = 'public' and prosecdef")]
+
+
+def anon_executable(run: Run) -> list[str]:
+    # has_function_privilege follows PUBLIC grants and role membership, so it
+    # answers what anon can really run.
+    return [r[0] for r in run(
+        "select sig from (" + OUR_FUNCTIONS + ") f(oid, nspname, proname, sig, prosecdef, config, owner) "
+        "where has_function_privilege('anon', oid, 'EXECUTE')")]
+
+
+def tables_without_rls(run: Run) -> list[str]:
+    return [r[0] for r in run(
+        "select c.relname from pg_class c where c.relnamespace = 'public'::regnamespace "
+        "and c.relkind in ('r', 'p') and not c.relrowsecurity")]
+
+
+def definer_views(run: Run) -> list[str]:
+    return [r[0] for r in run(
+        "select c.relname from pg_class c where c.relnamespace = 'public'::regnamespace "
+        "and c.relkind in ('v', 'm') and not coalesce(c.reloptions, '{}') "
+        "&& array['security_invoker=true', 'security_invoker=on', 'security_invoker=1']")]
+
+
+def _policies(run: Run) -> list[tuple]:
+    return run(
+        "select tablename, policyname, permissive, roles, cmd, coalesce(qual, ''), coalesce(with_check, '') "
+        "from pg_policies where schemaname = 'public'"
+    )
+
+
+def policies_reading_user_metadata(run: Run) -> list[str]:
+    return [p[1] for p in _policies(run) if re.search(r"user_meta", p[5] + p[6], re.I)]
+
+
+def policies_calling_per_row(run: Run, fn: str) -> list[str]:
+    # "(select auth.uid())" is evaluated once as an initplan; a bare call runs per row.
+    name = fn.split(".")[1].rstrip("()")
+    wrapped = re.compile(rf"\(\s*SELECT {re.escape(fn)}( AS {name})?\s*\)", re.I)
+    return [p[1] for p in _policies(run) if fn in wrapped.sub("", p[5] + " " + p[6])]
+
+
+def always_true_write_policies(run: Run) -> list[str]:
+    return [p[1] for p in _policies(run)
+            if p[2] == "PERMISSIVE" and p[4] in ("INSERT", "UPDATE", "DELETE", "ALL")
+            and ("true" in (p[5].strip().lower(), p[6].strip().lower()) or (not p[5] and not p[6]))]
+
+
+def overlapping_permissive_policies(run: Run) -> dict[tuple[str, str, str], list[str]]:
+    seen: dict[tuple[str, str, str], list[str]] = {}
+    for table, name, permissive, roles, cmd, _, _ in _policies(run):
+        if permissive != "PERMISSIVE":
+            continue
+        actions = ("SELECT", "INSERT", "UPDATE", "DELETE") if cmd == "ALL" else (cmd,)
+        for role in roles:
+            for action in actions:
+                seen.setdefault((table, role, action), []).append(name)
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
 @pytest.fixture(scope="module")
 def functions(database: Db) -> list[tuple]:
     rows = database.sql(OUR_FUNCTIONS + " order by 2, 3")
@@ -60,15 +134,12 @@ def executors(database: Db, oid: int) -> set[str]:
     return {r[0] for r in rows}
 
 
-def test_every_function_pins_its_search_path(functions: list[tuple]) -> None:
-    unpinned = [sig for _, _, _, sig, _, config, _ in functions
-                if not any(c.startswith("search_path=") for c in config)]
-    assert unpinned == []
+def test_every_function_pins_its_search_path(database: Db, functions: list[tuple]) -> None:
+    assert unpinned_functions(database.sql) == []
 
 
-def test_no_security_definer_function_in_public(functions: list[tuple]) -> None:
-    definers = [sig for _, schema, _, sig, definer, _, _ in functions if schema == "public" and definer]
-    assert definers == []
+def test_no_security_definer_function_in_public(database: Db, functions: list[tuple]) -> None:
+    assert public_definers(database.sql) == []
 
 
 def test_every_contract_function_exists_in_public(functions: list[tuple]) -> None:
@@ -77,11 +148,7 @@ def test_every_contract_function_exists_in_public(functions: list[tuple]) -> Non
 
 
 def test_no_function_is_executable_by_anon_or_public(database: Db, functions: list[tuple]) -> None:
-    # has_function_privilege follows PUBLIC grants and role membership, so it
-    # answers what anon can really run.
-    anon_can = [sig for oid, _, _, sig, *_ in functions
-                if database.one("select has_function_privilege('anon', %s::oid, 'EXECUTE')", oid)]
-    assert anon_can == []
+    assert anon_executable(database.sql) == []
     public_grant = [sig for oid, _, _, sig, *_ in functions if "PUBLIC" in executors(database, oid)]
     assert public_grant == []
 
@@ -132,35 +199,21 @@ def test_private_definer_code_is_not_reachable_by_anon(database: Db, functions: 
 
 
 def test_every_public_table_has_row_level_security(database: Db) -> None:
-    tables = database.sql(
-        "select c.relname, c.relrowsecurity from pg_class c "
-        "where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')"
-    )
-    assert tables
-    assert [name for name, rls in tables if not rls] == []
+    assert database.one("select count(*) from pg_class where relnamespace = 'public'::regnamespace "
+                        "and relkind = 'r'") > 0
+    assert tables_without_rls(database.sql) == []
 
 
 def test_every_public_view_is_security_invoker(database: Db) -> None:
-    views = database.sql(
-        "select c.relname, coalesce(c.reloptions, '{}') from pg_class c "
-        "where c.relnamespace = 'public'::regnamespace and c.relkind in ('v', 'm')"
-    )
-    assert {"credit_balances", "credit_pool_usage", "credit_usage"} <= {name for name, _ in views}
-    assert [name for name, options in views
-            if not any(o in ("security_invoker=true", "security_invoker=on") for o in options)] == []
-
-
-def _policies(database: Db) -> list[tuple]:
-    return database.sql(
-        "select tablename, policyname, permissive, roles, cmd, coalesce(qual, ''), coalesce(with_check, '') "
-        "from pg_policies where schemaname = 'public'"
-    )
+    views = {r[0] for r in database.sql("select relname from pg_class "
+                                        "where relnamespace = 'public'::regnamespace and relkind = 'v'")}
+    assert {"credit_balances", "credit_pool_usage", "credit_usage"} <= views
+    assert definer_views(database.sql) == []
 
 
 def test_no_policy_trusts_user_metadata(database: Db) -> None:
-    policies = _policies(database)
-    assert policies
-    assert [p[1] for p in policies if re.search(r"user_meta", p[5] + p[6], re.I)] == []
+    assert _policies(database.sql)
+    assert policies_reading_user_metadata(database.sql) == []
     # Nor any function of ours (policies call private helpers): user_metadata
     # is writable by the user and must never decide anything.
     bodies = database.sql(
@@ -172,30 +225,15 @@ def test_no_policy_trusts_user_metadata(database: Db) -> None:
 
 @pytest.mark.parametrize("fn", ["auth.uid()", "auth.jwt()", "auth.role()"])
 def test_policies_call_auth_functions_once_per_statement(database: Db, fn: str) -> None:
-    # "(select auth.uid())" is evaluated once as an initplan; a bare call runs per row.
-    name = fn.split(".")[1].rstrip("()")
-    wrapped = re.compile(rf"\(\s*SELECT {re.escape(fn)}( AS {name})?\s*\)", re.I)
-    bare = [p[1] for p in _policies(database) if fn in wrapped.sub("", p[5] + " " + p[6])]
-    assert bare == []
+    assert policies_calling_per_row(database.sql, fn) == []
 
 
 def test_no_permissive_write_policy_is_always_true(database: Db) -> None:
-    loose = [p[1] for p in _policies(database)
-             if p[2] == "PERMISSIVE" and p[4] in ("INSERT", "UPDATE", "DELETE", "ALL")
-             and ("true" in (p[5].strip().lower(), p[6].strip().lower()) or (not p[5] and not p[6]))]
-    assert loose == []
+    assert always_true_write_policies(database.sql) == []
 
 
 def test_one_permissive_policy_per_table_role_and_action(database: Db) -> None:
-    seen: dict[tuple[str, str, str], list[str]] = {}
-    for table, name, permissive, roles, cmd, _, _ in _policies(database):
-        if permissive != "PERMISSIVE":
-            continue
-        actions = ("SELECT", "INSERT", "UPDATE", "DELETE") if cmd == "ALL" else (cmd,)
-        for role in roles:
-            for action in actions:
-                seen.setdefault((table, role, action), []).append(name)
-    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+    assert overlapping_permissive_policies(database.sql) == {}
 
 
 def test_anon_holds_no_privilege_on_any_public_table_or_view(database: Db) -> None:
@@ -261,3 +299,37 @@ def test_bootstrap_default_grants_are_in_effect(scratch: psycopg.Connection) -> 
     scratch.execute("set local role anon")
     scratch.execute("insert into public.zz_probe values (1)")
     assert scratch.execute("select public.zz_probe_fn()").fetchone() == (1,)
+
+
+def test_the_checks_catch_what_they_look_for(scratch: psycopg.Connection) -> None:
+    # Offenders of every rule, made in a transaction that is rolled back: each
+    # finder must name its offender, or the checks above prove nothing.
+    for statement in (
+        "create function public.zz_loose() returns int language sql as 'select 1'",
+        "create function public.zz_definer() returns int language sql security definer "
+        "set search_path = '' as 'select 1'",
+        "create table public.zz_open (id int, owner uuid)",
+        "create table public.zz_guarded (id int, owner uuid)",
+        "alter table public.zz_guarded enable row level security",
+        "create policy zz_per_row on public.zz_guarded for select to authenticated "
+        "using (owner = auth.uid() or (auth.jwt() -> 'user_metadata' ->> 'role') = 'x')",
+        "create policy zz_also_select on public.zz_guarded for select to authenticated using (false)",
+        "create policy zz_write_all on public.zz_guarded for insert to authenticated with check (true)",
+        "create view public.zz_definer_view as select 1 as one",
+    ):
+        scratch.execute(statement)
+
+    def run(query: str, *params: object) -> list[tuple]:
+        return scratch.execute(query, params or None).fetchall()  # type: ignore[arg-type]
+
+    assert "zz_loose()" in unpinned_functions(run)
+    assert "zz_definer()" in public_definers(run)
+    assert "zz_loose()" in anon_executable(run)
+    assert "zz_open" in tables_without_rls(run)
+    assert "zz_definer_view" in definer_views(run)
+    assert "zz_per_row" in policies_reading_user_metadata(run)
+    assert "zz_per_row" in policies_calling_per_row(run, "auth.uid()")
+    assert "zz_per_row" in policies_calling_per_row(run, "auth.jwt()")
+    assert "zz_write_all" in always_true_write_policies(run)
+    overlapping = overlapping_permissive_policies(run)[("zz_guarded", "authenticated", "SELECT")]
+    assert sorted(overlapping) == ["zz_also_select", "zz_per_row"]
