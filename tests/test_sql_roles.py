@@ -393,3 +393,21 @@ def test_service_role_maintains_the_catalog(database: Db) -> None:
     as_caller(database.conn, service, "delete from public.credit_packs where stripe_price_id = %s", price)
     assert database.sql("select 1 from public.credit_packs where stripe_price_id = %s", price) == []
     expect_error(lambda: as_caller(database.conn, service, "truncate public.credit_packs"), "42501")
+
+
+def test_claims_cannot_promote_an_authenticated_request(database: Db, world: World) -> None:
+    # What decides is the database role the REST layer switched to, never a
+    # claim in the token: a user token claiming service_role stays a user.
+    me, account = world.callers["self"]
+    forged = Caller("authenticated", {**me.claims, "role": "service_role",
+                                      "app_metadata": {"role": "service_role"}})
+    before = snapshot(database, world.tenant_account)
+    expect_error(lambda: database.call("add_purchased_credits", forged, p_account_id=account, p_amount=5,
+                                       p_idempotency_key=key()), "42501")
+    expect_error(lambda: database.call("deduct_credits", forged, p_account_id=world.tenant_account,
+                                       p_idempotency_key=key(), p_amount=1), "PT403", "forbidden")
+    expect_error(lambda: database.call("get_credit_balance", forged, p_account_id=world.tenant_account),
+                 "PT403", "forbidden")
+    assert snapshot(database, world.tenant_account) == before
+    assert {str(r[0]) for r in as_caller(database.conn, forged, "select id from public.credit_accounts")} == {
+        account}
