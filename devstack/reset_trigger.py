@@ -9,16 +9,21 @@ re-running a past month.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+HANDLER = Path(__file__).resolve().parent.parent / "handlers" / "monthly_reset.py"
 # A scheduled Lambda gets up to 15 minutes; the handler stops itself before that.
 TIME_LIMIT_MS = 15 * 60 * 1000
 
@@ -56,9 +61,28 @@ def scheduled_event(detail: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def create_app() -> FastAPI:
-    """Imports the handler now, so a missing setting fails here as at a cold start."""
-    from handlers.monthly_reset import handler
+def cold_start(env: Mapping[str, str], path: Path = HANDLER) -> Callable[[dict[str, Any], Any], Any]:
+    """Load the handler module as a Lambda cold start would, with ``env`` as its
+    environment: a private copy of the module (its settings are read at import),
+    leaving ``sys.modules`` and this process's environment as they were."""
+    if not path.exists():
+        raise ImportError("the monthly reset handler is not there", name=path.stem)
+    spec = importlib.util.spec_from_file_location(f"_local_{path.stem}_{uuid.uuid4().hex}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.copy()
+    os.environ.update(env)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return module.handler
+
+
+def create_app(env: Mapping[str, str]) -> FastAPI:
+    """Cold-starts the handler now, so a missing setting fails here as in Lambda."""
+    handler = cold_start(env)
 
     app = FastAPI(title="monthly reset trigger", docs_url=None, redoc_url=None, openapi_url=None)
 

@@ -118,7 +118,7 @@ class Stack:
             "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
             "SUPABASE_JWT_SECRET": self.jwt_secret,
             "STRIPE_WEBHOOK_SECRET": self.webhook_secret,
-            "CORS_ALLOW_ORIGINS": CORS_ORIGINS,
+            "CORS_ALLOW_ORIGINS": os.environ.get("CORS_ALLOW_ORIGINS", CORS_ORIGINS),
         }
 
 
@@ -147,39 +147,42 @@ def start_database(data_dir: Path, *, reset_data: bool = False, keep: bool = Tru
 
 
 def _function_apps(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The function apps that exist in this checkout, built from ``env``; and why others are not."""
-    os.environ.update(env)  # modules that read settings at import see the same values
+    """The function apps that exist in this checkout, built from ``env``; and why others are not.
+
+    Settings go in explicitly (never through this process's environment), so
+    several stacks, and tests in the same process, cannot see each other's.
+    """
     apps: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    builders: dict[str, Callable[[], Any]] = {
+    builders: dict[str, Callable[[Mapping[str, str]], Any]] = {
         "credits": _credits_app, "webhook": _webhook_app, "reset": _reset_app,
     }
     for name, build in builders.items():
         try:
-            apps[name] = build()
+            apps[name] = build(env)
         except ImportError as exc:
             skipped[name] = f"not available ({exc.name or 'import failed'})"
     return apps, skipped
 
 
-def _credits_app() -> Any:
+def _credits_app(env: Mapping[str, str]) -> Any:
     from functions.credits_app import create_app
     from functions.settings import CREDITS_API_SETTINGS, load_settings
 
-    return create_app(load_settings(CREDITS_API_SETTINGS))
+    return create_app(load_settings(CREDITS_API_SETTINGS, environ=env))
 
 
-def _webhook_app() -> Any:
+def _webhook_app(env: Mapping[str, str]) -> Any:
     from functions.settings import WEBHOOK_SETTINGS, load_settings
     from functions.webhook_app import create_app
 
-    return create_app(load_settings(WEBHOOK_SETTINGS))
+    return create_app(load_settings(WEBHOOK_SETTINGS, environ=env))
 
 
-def _reset_app() -> Any:
+def _reset_app(env: Mapping[str, str]) -> Any:
     from devstack.reset_trigger import create_app
 
-    return create_app()
+    return create_app(env)
 
 
 @contextmanager

@@ -3,6 +3,7 @@ migration tracking it relies on applies each file exactly once."""
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import re
@@ -17,11 +18,11 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from devstack import db, migrate, serve, tokens
+from devstack import db, demo, migrate, serve, tokens
 from supabase import ClientOptions, create_client
 
 ALICE = "11111111-1111-4111-8111-111111111111"
-START_TIMEOUT = 60
+START_TIMEOUT = 120  # generous: a loaded CI machine can take a while to initdb
 
 
 class Started:
@@ -29,6 +30,7 @@ class Started:
 
     def __init__(self, data_dir: Path, log: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # always its own server
+        self._log_path = log
         self._log = log.open("w")
         self.process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
             [sys.executable, "-m", "devstack.serve", "--port-base", "0", "--data-dir", str(data_dir)],
@@ -48,11 +50,13 @@ class Started:
         deadline = time.monotonic() + START_TIMEOUT
         while marker not in text:
             if self.process.poll() is not None and self.lines.empty():
-                raise AssertionError(f"the stack exited with {self.process.returncode}:\n{text}")
+                raise AssertionError(f"the stack exited with {self.process.returncode}:\n{text}"
+                                     f"{self._log_path.read_text()[-3000:]}")
             try:
                 text += self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no {marker!r} within {START_TIMEOUT}s:\n{text}") from None
+                raise AssertionError(f"no {marker!r} within {START_TIMEOUT}s:\n{text}"
+                                     f"{self._log_path.read_text()[-3000:]}") from None
         return text
 
     @property
@@ -168,3 +172,17 @@ def test_banner_names_every_endpoint() -> None:
     text = serve.banner(stack)
     assert "http://127.0.0.1:1" in text and "/credits/balance" in text and "/stripe/webhook" in text
     assert "monthly reset    not available" in text
+
+
+def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
+    """`./dev demo` end to end: every step checks its own balance, and the ledger is whole."""
+    out = io.StringIO()
+    with serve.run_stack(tmp_path / "pgdata", port_base=None, reset_data=True, keep_data=False) as stack:
+        demo.Demo(stack, out=out).run()
+        with psycopg.connect(stack.dsn) as conn:
+            dana = conn.execute(
+                "select a.subscription_balance, a.purchased_balance from public.credit_accounts a "
+                "join auth.users u on u.id = a.user_id where u.email = 'dana@example.com'").fetchone()
+    text = out.getvalue()
+    assert "0 mismatches" in text and "(duplicate)" in text and "(replayed)" in text
+    assert dana == (500, 42)
