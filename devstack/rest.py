@@ -234,8 +234,12 @@ def connection_dsn(dsn: str) -> str:
     return candidate
 
 
-def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> FastAPI:
-    """The REST endpoint for the database at ``dsn``, trusting tokens signed with ``jwt_secret``."""
+def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: float = 5.0,
+               max_rows: int | None = 1000) -> FastAPI:
+    """The REST endpoint for the database at ``dsn``, trusting tokens signed with ``jwt_secret``.
+
+    ``max_rows`` caps a table read like PostgREST's ``max_rows`` (supabase/config.toml).
+    """
     pool = ConnectionPool(
         connection_dsn(dsn), min_size=1, max_size=pool_size, timeout=pool_timeout,
         kwargs={"autocommit": True}, open=False, name="rest",
@@ -336,6 +340,8 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
                 query = rest_tables.build(table, columns_cache[table], params)
             except rest_tables.QueryError as exc:
                 raise RestError(exc.status, exc.code, exc.message, exc.details) from exc
+            if max_rows is not None and (query.limit is None or query.limit > max_rows):
+                query.limit = max_rows
             want_count = "count=exact" in request.headers.get("prefer", "")
             try:
                 with conn.transaction():

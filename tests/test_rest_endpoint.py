@@ -437,3 +437,18 @@ def test_filter_values_are_data_not_sql(client: Callable[..., Client], database:
     assert table.select("id").eq("type", "spend' or '1'='1").execute().data == []
     assert table.select("id").in_("type", ["x\",\"y", "grant"]).execute().data == [
         {"id": row["id"]} for row in database.ledger(account_id) if row["type"] == "grant"]
+
+
+def test_reads_are_capped_at_max_rows(db_dsn: str, database: Db) -> None:
+    caller, account_id = database.new_user()
+    database.fund(account_id, purchased=5)
+    _spend(database, caller, account_id, [1, 1])
+    headers = {"apikey": SERVICE}
+    params = {"account_id": f"eq.{account_id}", "order": "id"}
+    with serve.serve_in_thread(rest.create_app(db_dsn, tokens.LOCAL_JWT_SECRET, max_rows=2)) as url:
+        capped = httpx.get(f"{url}/rest/v1/credit_ledger", params=params, headers=headers)
+        smaller = httpx.get(f"{url}/rest/v1/credit_ledger", params={**params, "limit": "1"}, headers=headers)
+    assert len(database.ledger(account_id)) == 4
+    assert [row["id"] for row in capped.json()] == [row["id"] for row in database.ledger(account_id)[:2]]
+    assert capped.headers["Content-Range"] == "0-1/*"
+    assert len(smaller.json()) == 1
