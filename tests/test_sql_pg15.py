@@ -66,6 +66,10 @@ def pg15() -> Iterator[Db]:
     base = Path(tempfile.mkdtemp(prefix="credits-pg15-"))
     if os.geteuid() == 0:
         os.chown(base, account.pw_uid, account.pw_gid)
+        reachable = subprocess.run(_server_command(["test", "-w", str(base)]), check=False)  # noqa: S603
+        if reachable.returncode != 0:
+            shutil.rmtree(base, ignore_errors=True)
+            pytest.skip(f"the {SERVER_USER!r} OS user cannot reach the temporary directory (TMPDIR)")
     data, log = base / "data", base / "server.log"
     started = False
     try:
