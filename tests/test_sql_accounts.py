@@ -265,3 +265,24 @@ def test_the_ledger_is_append_only_even_for_the_owner(database: Db) -> None:
     expect_error(database.sql, "42501", "credit_ledger is append-only", "truncate public.credit_ledger")
     assert database.ledger(account_id) == before
 
+
+
+def test_reconcile_finds_a_balance_the_ledger_does_not_explain(database: Db) -> None:
+    caller, account_id = database.new_user()
+    database.call("reserve_credits", caller, p_account_id=account_id, p_idempotency_key=new_key(), p_amount=1)
+    clean = database.call("reconcile_credit_balances")
+    assert clean["mismatches"] == []
+    assert clean["checked"] == 3 * database.one("select count(*) from public.credit_accounts")
+    # Tamper behind the functions' back (as only the database owner could), then put it right.
+    database.sql("update public.credit_accounts set purchased_balance = 5, held = 0 where id = %s",
+                 account_id)
+    try:
+        found = database.call("reconcile_credit_balances")["mismatches"]
+    finally:
+        database.sql("update public.credit_accounts set purchased_balance = 0, held = 1 where id = %s",
+                     account_id)
+    assert sorted(found, key=lambda m: m["pool"]) == [
+        {"account_id": account_id, "pool": "held", "balance": 0, "ledger": 1},
+        {"account_id": account_id, "pool": "purchased", "balance": 5, "ledger": 0},
+    ]
+    assert database.call("reconcile_credit_balances")["mismatches"] == []
