@@ -217,7 +217,8 @@ set search_path = ''
 as $$
   insert into public.credit_ledger (account_id, transaction_id, pool, amount, balance_after, type,
                                     idempotency_key, metadata, actor_id, period_start, period_end)
-  select p_account.id, p_tx, v.pool, -v.amount, v.balance_after, p_type, p_key, p_metadata, p_actor,
+  select p_account.id, p_tx, v.pool, -v.amount, v.balance_after, p_type, p_key,
+         coalesce(p_metadata, '{}'::jsonb), p_actor,
          v.period_start, v.period_end
     from (values ('subscription', p_from_subscription, p_account.subscription_balance,
                   p_account.period_start, p_account.period_end),
