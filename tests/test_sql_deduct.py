@@ -450,3 +450,14 @@ def test_any_fresh_key_is_a_first_call(database: Db) -> None:
         result = deduct(database, caller, account_id, key, p_amount=1)
         assert result["replayed"] is False
     assert database.balance(account_id)["total"] == 0
+
+
+def test_null_metadata_is_an_empty_object(database: Db) -> None:
+    caller, account_id = database.new_user()
+    key = database.call("create_license_key", p_account_id=account_id, p_name="k")["key"]
+    first = deduct(database, caller, account_id, p_amount=1, p_metadata=None)
+    second = by_license(database, key, p_amount=1, p_metadata=None)
+    assert (first["charged"], second["balance"]["total"]) == (1, 1)
+    assert [r["metadata"] for r in database.ledger(account_id)[1:]] == [{}, {}]
+    assert database.one("select metadata from public.credit_usage where transaction_id = %s",
+                        first["transaction_id"]) == {}
