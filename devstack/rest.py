@@ -214,6 +214,16 @@ class _NoTraceback:
                 await response(scope, receive, send)
 
 
+def check_profile(request: Request) -> None:
+    """Only ``public`` is exposed (supabase/config.toml); PostgREST refuses any
+    other schema asked for with Accept-Profile / Content-Profile."""
+    header = "content-profile" if request.method == "POST" else "accept-profile"
+    schema = request.headers.get(header)
+    if schema is not None and schema != "public":
+        raise RestError(406, "PGRST106", "Invalid schema: " + schema[:63],
+                        hint="Only the following schemas are exposed: public")
+
+
 # --- app ----------------------------------------------------------------------------
 
 def connection_dsn(dsn: str) -> str:
@@ -308,6 +318,7 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
     @app.post("/rest/v1/rpc/{fn}")
     async def rpc_post(fn: str, request: Request) -> Response:
         role, claims = authenticate(request, jwt_secret)
+        check_profile(request)
         raw = await request.body()
         try:
             args = json.loads(raw) if raw.strip() else {}
@@ -322,12 +333,14 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
     @app.get("/rest/v1/rpc/{fn}")
     def rpc_get(fn: str, request: Request) -> Response:
         role, claims = authenticate(request, jwt_secret)
+        check_profile(request)
         args = {k: v for k, v in request.query_params.items() if k not in rest_tables.RESERVED | {"apikey"}}
         return json_response(call(fn, args, role, claims, read_only=True))
 
-    @app.get("/rest/v1/{table}")
+    @app.api_route("/rest/v1/{table}", methods=["GET", "HEAD"])
     def read_table(table: str, request: Request) -> Response:
         role, claims = authenticate(request, jwt_secret)
+        check_profile(request)
         params = [(k, v) for k, v in request.query_params.multi_items() if k != "apikey"]
         with connection(role) as conn:
             if table not in columns_cache:

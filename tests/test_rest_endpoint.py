@@ -452,3 +452,34 @@ def test_reads_are_capped_at_max_rows(db_dsn: str, database: Db) -> None:
     assert [row["id"] for row in capped.json()] == [row["id"] for row in database.ledger(account_id)[:2]]
     assert capped.headers["Content-Range"] == "0-1/*"
     assert len(smaller.json()) == 1
+
+
+def test_views_read_under_the_callers_rights(client: Callable[..., Client], database: Db,
+                                             funded: tuple[Caller, str]) -> None:
+    caller, account_id = funded
+    as_user = client(ANON, user_token(caller))
+    rows = as_user.table("credit_balances").select("*").execute().data
+    assert len(rows) == 1
+    balance = database.balance(account_id)
+    assert {key: rows[0][key] for key in ("account_id", "subscription", "purchased", "held", "available",
+                                          "total")} == {key: balance[key] for key in (
+        "account_id", "subscription", "purchased", "held", "available", "total")}
+    usage = as_user.table("credit_pool_usage").select("account_id,total_credits").execute().data
+    assert {row["account_id"] for row in usage} == {account_id}
+
+
+def test_only_the_public_schema_is_exposed(client: Callable[..., Client], http: httpx.Client) -> None:
+    service = client(SERVICE)
+    error = api_error(lambda: service.postgrest.schema("private").rpc("get_credit_balance", {}).execute())
+    assert error.code == "PGRST106"
+    response = http.get("/credit_ledger", headers={"apikey": SERVICE, "Accept-Profile": "auth"})
+    assert response.status_code == 406
+    assert service.postgrest.schema("public").from_("credit_plans").select("id").eq("id", "free") \
+        .execute().data == [{"id": "free"}]
+
+
+def test_count_only_head_request(client: Callable[..., Client], database: Db) -> None:
+    caller, account_id = database.new_user()
+    result = client(ANON, user_token(caller)).table("credit_ledger").select("*", count="exact", head=True) \
+        .execute()
+    assert result.count == len(database.ledger(account_id)) == 1
