@@ -256,6 +256,24 @@ def test_authenticated_may_only_read(database: Db) -> None:
     assert rows == []
 
 
+def test_no_api_role_may_use_a_public_sequence(database: Db) -> None:
+    # Supabase's default grants open every new sequence; the ledger's ids must not be advanced or reset.
+    rows = database.sql(
+        "select c.relname, r.role from pg_class c cross join unnest(array['anon', 'authenticated', "
+        "'service_role']) r(role) where c.relnamespace = 'public'::regnamespace and c.relkind = 'S' "
+        "and has_sequence_privilege(r.role, c.oid, 'USAGE, SELECT, UPDATE')"
+    )
+    assert rows == []
+
+
+def test_service_role_may_only_read_the_views(database: Db) -> None:
+    rows = database.sql(
+        "select c.relname from pg_class c where c.relnamespace = 'public'::regnamespace and c.relkind = 'v' "
+        "and has_table_privilege('service_role', c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')"
+    )
+    assert rows == []
+
+
 def test_service_role_cannot_rewrite_the_books(database: Db) -> None:
     # Ledger, transactions and holds change only through the functions; on
     # accounts service_role may change the plan, never a balance.

@@ -206,6 +206,8 @@ comment on table public.credit_ledger is
 alter table public.credit_ledger enable row level security;
 revoke all on public.credit_ledger from anon, authenticated, service_role;
 grant select on public.credit_ledger to authenticated, service_role;
+-- Supabase's default grants open new sequences to the API roles; only definer code writes the ledger.
+revoke all on sequence public.credit_ledger_id_seq from anon, authenticated, service_role;
 
 -- Privileges already keep everyone but the owner from writing; this keeps the
 -- owner (and so every definer function) out too. Deletes that arrive through
@@ -578,5 +580,6 @@ select t.id as transaction_id,
   join public.credit_accounts a on a.id = t.account_id
  where t.kind in ('spend', 'capture');
 
-revoke all on public.credit_balances, public.credit_pool_usage, public.credit_usage from anon, authenticated;
+revoke all on public.credit_balances, public.credit_pool_usage, public.credit_usage
+  from anon, authenticated, service_role;
 grant select on public.credit_balances, public.credit_pool_usage, public.credit_usage to authenticated, service_role;
