@@ -52,7 +52,8 @@ class Rpc:
     def close(self) -> None:
         self._http.close()
 
-    def _user_postgrest(self, token: str) -> SyncPostgrestClient:
+    def user_client(self, token: str) -> SyncPostgrestClient:
+        """A PostgREST client acting as this token's user, sharing only the connection pool."""
         if self._anon is None:
             raise RuntimeError("user calls need SUPABASE_ANON_KEY")
         return self._anon.postgrest.schema("public").auth(token)
@@ -63,7 +64,7 @@ class Rpc:
 
     def user(self, token: str, fn: str, params: Mapping[str, Any] | None = None) -> Any:
         """Call ``fn`` as the user whose access token this is (RLS and auth.uid() apply)."""
-        return _execute(fn, lambda: self._user_postgrest(token).rpc(fn, dict(params or {})).execute())
+        return _execute(fn, lambda: self.user_client(token).rpc(fn, dict(params or {})).execute())
 
     def user_select(
         self,
@@ -79,7 +80,7 @@ class Rpc:
         """Read rows of ``table`` as the user (what RLS lets them see)."""
 
         def run() -> Any:
-            query = self._user_postgrest(token).from_(table).select(columns)
+            query = self.user_client(token).from_(table).select(columns)
             for column, operator, value in filters:
                 if operator not in _OPERATORS:
                     raise ValueError(f"unsupported filter operator {operator}")
