@@ -390,7 +390,14 @@ begin
   v_result := jsonb_build_object(
     'transaction_id', v_tx, 'account_id', p_account_id, 'charged', p_cost,
     'from_subscription', v_from_sub, 'from_purchased', p_cost - v_from_sub, 'replayed', false,
-    'balance', private.balance_json(v_account, v_account.held));
+    -- private.balance_json, inlined: the hot path avoids nested function calls
+    -- (each one pins search_path, which costs a GUC save/restore per call).
+    'balance', jsonb_build_object(
+      'account_id', p_account_id, 'subscription', v_account.subscription_balance,
+      'purchased', v_account.purchased_balance, 'held', v_account.held,
+      'available', greatest(v_account.subscription_balance + v_account.purchased_balance - v_account.held, 0),
+      'total', v_account.subscription_balance + v_account.purchased_balance,
+      'period_start', v_account.period_start, 'period_end', v_account.period_end));
 
   insert into public.credit_transactions (id, account_id, kind, idempotency_key, request_hash, result, amount,
                                           operation, model, input_tokens, output_tokens, metadata, actor_id)
@@ -409,8 +416,16 @@ begin
     return private.replay(p_account_id, p_key, p_hash);
   end if;
 
-  perform private.write_debit_ledger(v_account, v_tx, 'spend', v_from_sub, p_cost - v_from_sub,
-                                     p_key, p_metadata, p_actor);
+  -- private.write_debit_ledger, inlined (see above).
+  insert into public.credit_ledger (account_id, transaction_id, pool, amount, balance_after, type,
+                                    idempotency_key, metadata, actor_id, period_start, period_end)
+  select p_account_id, v_tx, v.pool, -v.amount, v.balance_after, 'spend', p_key,
+         coalesce(p_metadata, '{}'::jsonb), p_actor, v.period_start, v.period_end
+    from (values ('subscription', v_from_sub, v_account.subscription_balance,
+                  v_account.period_start, v_account.period_end),
+                 ('purchased', p_cost - v_from_sub, v_account.purchased_balance, null, null))
+         as v(pool, amount, balance_after, period_start, period_end)
+   where v.amount > 0;
   return v_result;
 end
 $$;
@@ -425,16 +440,37 @@ language plpgsql security definer
 set search_path = ''
 as $$
 declare
+  -- private.is_service(), inlined: this is the hot path, and every nested
+  -- call pins search_path (a GUC save/restore). The helpers below run only
+  -- when their check fails, to raise their error; the checks and their order
+  -- are exactly those of authorize, check_key, check_metadata, spend_cost.
+  v_service boolean := coalesce(nullif(current_setting('role', true), ''), 'none') in ('service_role', 'none');
   v_cost bigint;
 begin
-  perform private.authorize(p_account_id, true);
-  perform private.check_key(p_idempotency_key);
+  if v_service and p_account_id is not null then
+    perform from public.credit_accounts a where a.id = p_account_id;
+    if not found then
+      perform private.fail('PT404', 'account_not_found');
+    end if;
+  else
+    perform private.authorize(p_account_id, true);
+  end if;
+  if p_idempotency_key is null or length(p_idempotency_key) not between 1 and 255 then
+    perform private.check_key(p_idempotency_key);
+  end if;
   perform private.check_metadata(p_metadata);
-  v_cost := private.spend_cost(p_amount, p_operation, p_input_tokens, p_output_tokens);
+  if p_amount between 1 and 1000000000 and p_operation is null
+     and p_input_tokens is null and p_output_tokens is null then
+    v_cost := p_amount;
+  else
+    v_cost := private.spend_cost(p_amount, p_operation, p_input_tokens, p_output_tokens);
+  end if;
+  -- private.request_hash('deduct', ...) and private.actor(), inlined.
   return private.spend(p_account_id, p_idempotency_key,
-    private.request_hash('deduct', jsonb_build_array(p_amount, p_operation, p_model, p_input_tokens,
-                                                     p_output_tokens, p_metadata)),
-    v_cost, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata, private.actor());
+    md5('deduct:' || jsonb_build_array(p_amount, p_operation, p_model, p_input_tokens,
+                                       p_output_tokens, p_metadata)::text)::uuid,
+    v_cost, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata,
+    case when v_service then null else auth.uid() end);
 end
 $$;
 
