@@ -13,7 +13,7 @@ from typing import Any
 
 import jwt
 
-LOCAL_JWT_SECRET = "local-development-jwt-secret-at-least-32-characters"  # noqa: S105 - local only
+LOCAL_JWT_SECRET = "local-development-jwt-secret-at-least-32-characters"  # local development only
 
 
 def mint(claims: dict[str, Any], secret: str = LOCAL_JWT_SECRET, *, ttl: int = 3600,

@@ -269,7 +269,8 @@ def test_no_api_role_may_use_a_public_sequence(database: Db) -> None:
 def test_service_role_may_only_read_the_views(database: Db) -> None:
     rows = database.sql(
         "select c.relname from pg_class c where c.relnamespace = 'public'::regnamespace and c.relkind = 'v' "
-        "and has_table_privilege('service_role', c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')"
+        "and has_table_privilege('service_role', c.oid, "
+        "'INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')"
     )
     assert rows == []
 
