@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
 import uvicorn
 
 from devstack import db, migrate, rest, tokens
@@ -77,6 +78,7 @@ FUNCTION_PORT_OFFSETS = {"credits": 10, "webhook": 11, "reset": 12}
 LOCAL_WEBHOOK_SECRET = "whsec_local_development_only_0000000000"
 CORS_ORIGINS = "http://localhost:3000,http://127.0.0.1:3000"
 DEMO_TOKEN_TTL = 24 * 3600
+KEYS_ISSUED_AT = 1767225600  # 2026-01-01T00:00:00Z
 READY = "Ready. Ctrl-C stops everything."
 
 _SEED_USER = re.compile(r"\(\s*'([0-9a-f-]{36})',\s*'([^']+@[^']+)',\s*'(\{[^']*\})'")
@@ -144,6 +146,13 @@ def start_database(data_dir: Path, *, reset_data: bool = False, keep: bool = Tru
     admin_dsn = db.start_server(data_dir, keep=keep)
     dsn = db.create_database(admin_dsn, database, drop=reset_data)
     return dsn, migrate.apply_pending(dsn, seed=True)
+
+
+def api_key(role: str, secret: str) -> str:
+    """The anon / service role key, identical on every start (like `supabase start`'s),
+    so it can be pasted into a frontend's settings once."""
+    return jwt.encode({"iss": "supabase-local", "role": role, "iat": KEYS_ISSUED_AT,
+                       "exp": KEYS_ISSUED_AT + 20 * 365 * 86400}, secret, algorithm="HS256")
 
 
 def stop_embedded_server(data_dir: Path) -> None:
@@ -215,8 +224,8 @@ def run_stack(data_dir: Path = DATA_DIR, *, port_base: int | None = DEFAULT_PORT
         stack.callback(stop_embedded_server, data_dir)  # registered first, so it runs last
         dsn, report = start_database(data_dir, reset_data=reset_data, keep=keep_data)
         rest_url = stack.enter_context(serve_in_thread(rest.create_app(dsn, secret), port(0)))
-        running = Stack(dsn=dsn, rest_url=rest_url, anon_key=tokens.anon_key(secret),
-                        service_role_key=tokens.service_role_key(secret), jwt_secret=secret,
+        running = Stack(dsn=dsn, rest_url=rest_url, anon_key=api_key("anon", secret),
+                        service_role_key=api_key("service_role", secret), jwt_secret=secret,
                         webhook_secret=LOCAL_WEBHOOK_SECRET, migrations=report)
         apps, running.skipped = _function_apps(running.settings_env())
         for name, app in apps.items():

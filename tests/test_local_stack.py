@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import jwt
 import psycopg
 
 from devstack import db, demo, migrate, serve, tokens
@@ -186,3 +187,13 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     text = out.getvalue()
     assert "0 mismatches" in text and "(duplicate)" in text and "(replayed)" in text
     assert dana == (500, 42)
+
+
+def test_printed_api_keys_are_stable_and_valid() -> None:
+    anon = serve.api_key("anon", tokens.LOCAL_JWT_SECRET)
+    assert anon == serve.api_key("anon", tokens.LOCAL_JWT_SECRET)
+    claims = jwt.decode(anon, tokens.LOCAL_JWT_SECRET, algorithms=["HS256"])
+    assert claims["role"] == "anon" and claims["exp"] > time.time() + 5 * 365 * 86400
+    service = jwt.decode(serve.api_key("service_role", tokens.LOCAL_JWT_SECRET), tokens.LOCAL_JWT_SECRET,
+                         algorithms=["HS256"])
+    assert service["role"] == "service_role"
