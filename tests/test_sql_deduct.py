@@ -220,6 +220,20 @@ def test_keys_are_per_account(database: Db) -> None:
     assert database.balance(account_id)["subscription"] == 2
 
 
+def test_users_cannot_take_keys_reserved_for_stripe_grants(database: Db) -> None:
+    # The webhook keys a payment's grant "stripe:<object>" on the account; a user
+    # holding that key first would make the grant fail.
+    caller, account_id = database.new_user()
+    before = snapshot(database, account_id)
+    for fn, args in (("deduct_credits", {"p_amount": 1}), ("reserve_credits", {"p_amount": 1})):
+        detail = expect_error(database.call, "22023", "invalid_argument", fn, caller,
+                              p_account_id=account_id, p_idempotency_key="stripe:checkout:cs_1", **args)
+        assert detail["argument"] == "p_idempotency_key"
+    assert snapshot(database, account_id) == before
+    served = deduct(database, Caller.service(), account_id, "stripe:checkout:cs_2", p_amount=1)
+    assert served["charged"] == 1
+
+
 # --- rejected calls ----------------------------------------------------------------
 
 def test_insufficient_credits_reports_required_and_available(database: Db) -> None:

@@ -379,13 +379,18 @@ as $$
                       jsonb_build_object('argument', p_argument, 'reason', p_reason))
 $$;
 
+-- Keys starting with "stripe:" belong to the Stripe webhook (it keys grants by
+-- the Stripe object); a user taking one first could make a payment's grant fail.
 create function private.check_key(p_key text) returns void
-language plpgsql immutable
+language plpgsql stable
 set search_path = ''
 as $$
 begin
   if p_key is null or length(p_key) not between 1 and 255 then
     perform private.invalid('p_idempotency_key', 'must be 1 to 255 characters');
+  end if;
+  if left(p_key, 7) = 'stripe:' and not private.is_service() then
+    perform private.invalid('p_idempotency_key', 'the stripe: prefix is reserved');
   end if;
 end
 $$;

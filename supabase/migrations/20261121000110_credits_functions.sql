@@ -455,7 +455,8 @@ begin
   else
     perform private.authorize(p_account_id, true);
   end if;
-  if p_idempotency_key is null or length(p_idempotency_key) not between 1 and 255 then
+  if p_idempotency_key is null or length(p_idempotency_key) not between 1 and 255
+     or (not v_service and left(p_idempotency_key, 7) = 'stripe:') then
     perform private.check_key(p_idempotency_key);
   end if;
   perform private.check_metadata(p_metadata);
