@@ -1,0 +1,128 @@
+"""Benchmarks 1-3: the spend path under pgbench, against the bare SQL pair.
+
+Compared variants run interleaved (A B A B ...) so that whatever else the
+machine is doing affects both alike; each ratio is the median of the per-round
+ratios, throughputs are medians over rounds, latency percentiles are over every
+transaction of every round.
+"""
+
+from __future__ import annotations
+
+from benchmarks import load, pgbench, scripts
+from benchmarks.config import Config
+from benchmarks.results import Result, Row, ms, num
+from benchmarks.server import BenchDatabase, Server
+from benchmarks.stats import median, percentile, ratio
+
+DEDUCT_TARGET = 0.8
+
+
+def prepare(server: Server, cfg: Config) -> BenchDatabase:
+    """Accounts 1..N (each with a license key), plus the bare pair's tables."""
+    bench = server.database("credits_bench_spend")
+    with bench.connect() as conn:
+        load.load_accounts(conn, cfg.accounts, purchased=cfg.hot_purchased, license_keys=True)
+        load.load_baseline(conn, cfg.accounts, balance=cfg.hot_purchased)
+    return bench
+
+
+def interleaved(bench: BenchDatabase, variants: dict[str, str], cfg: Config,
+                accounts: int) -> dict[str, list[pgbench.Run]]:
+    runs: dict[str, list[pgbench.Run]] = {label: [] for label in variants}
+    for _ in range(cfg.rounds):
+        for label, script in variants.items():
+            runs[label].append(pgbench.run(label, bench.dsn, script, clients=cfg.clients, seconds=cfg.seconds,
+                                           variables={"accounts": accounts}))
+    return runs
+
+
+def _latencies(runs: list[pgbench.Run]) -> list[float]:
+    return [lat for run in runs for lat in run.latencies_ms]
+
+
+def _errors(runs: list[pgbench.Run]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for run in runs:
+        for name, count in run.errors.items():
+            total[name] = total.get(name, 0) + count
+        if run.failed and not run.errors:
+            total["failed transactions"] = total.get("failed transactions", 0) + run.failed
+    return total
+
+
+def _describe(runs: list[pgbench.Run]) -> dict[str, float]:
+    lat = _latencies(runs)
+    return {"tps": median([r.tps for r in runs]), "p50": percentile(lat, 50), "p99": percentile(lat, 99),
+            "transactions": sum(r.transactions for r in runs)}
+
+
+def _pair_ratio(a: list[pgbench.Run], b: list[pgbench.Run]) -> float:
+    return median([ratio(x.tps, y.tps) for x, y in zip(a, b, strict=True)])
+
+
+def _compare(name: str, label: str, runs: dict[str, list[pgbench.Run]], deadlocks: int, cfg: Config,
+             *, hot: bool) -> Result:
+    deduct, bare = _describe(runs["deduct"]), _describe(runs["bare"])
+    r = _pair_ratio(runs["deduct"], runs["bare"])
+    errors = _errors(runs["deduct"])
+    other_errors = {k: v for k, v in errors.items() if k != "insufficient_credits"}
+    aborted = sum(run.aborted_clients for run in runs["deduct"])
+    rows = [
+        Row("deduct_credits tps (median)", num(deduct["tps"])),
+        Row("bare pair tps (median)", num(bare["tps"])),
+        Row("ratio deduct / bare (median of rounds)", num(r, 2), f">= {DEDUCT_TARGET}",
+            None if cfg.smoke else r >= DEDUCT_TARGET),
+        Row("deduct p50 / p99", f"{ms(deduct['p50'])} / {ms(deduct['p99'])}"),
+        Row("bare pair p50 / p99", f"{ms(bare['p50'])} / {ms(bare['p99'])}"),
+        Row("errors other than insufficient_credits", num(sum(other_errors.values()) + aborted), "0",
+            not other_errors and not aborted),
+    ]
+    if hot:
+        rows.append(Row("deadlocks", num(deadlocks), "0", deadlocks == 0))
+    summary = (f"{name}: {label}: deduct_credits {num(deduct['tps'])} tps (p50 {ms(deduct['p50'])}, "
+               f"p99 {ms(deduct['p99'])}) vs bare pair {num(bare['tps'])} tps (p50 {ms(bare['p50'])}, "
+               f"p99 {ms(bare['p99'])}); ratio {num(r, 2)} (target >= {DEDUCT_TARGET}); "
+               f"errors {dict(errors) or 0}; deadlocks {deadlocks}")
+    return Result(name, summary, rows, {"deduct": deduct, "bare": bare, "ratio": r, "errors": errors,
+                                        "aborted_clients": aborted, "deadlocks": deadlocks})
+
+
+def deduct_spread(bench: BenchDatabase, cfg: Config) -> Result:
+    """1. deduct_credits over N funded accounts vs the bare pair."""
+    before = bench.deadlocks()
+    runs = interleaved(bench, {"deduct": scripts.DEDUCT, "bare": scripts.BARE_PAIR}, cfg, cfg.accounts)
+    return _compare("1 deduct", f"{cfg.accounts:,} accounts, {cfg.clients} clients", runs,
+                    bench.deadlocks() - before, cfg, hot=False)
+
+
+def deduct_hot(bench: BenchDatabase, cfg: Config) -> Result:
+    """2. Every call on one hot account vs the bare pair on one hot row."""
+    before = bench.deadlocks()
+    runs = interleaved(bench, {"deduct": scripts.DEDUCT, "bare": scripts.BARE_PAIR}, cfg, 1)
+    return _compare("2 hot account", f"1 account, {cfg.clients} clients", runs,
+                    bench.deadlocks() - before, cfg, hot=True)
+
+
+def other_spends(bench: BenchDatabase, cfg: Config) -> Result:
+    """3. reserve+capture pairs and license-key deducts, reported against (1)."""
+    variants = {"deduct": scripts.DEDUCT, "reserve_capture": scripts.RESERVE_CAPTURE,
+                "by_license": scripts.DEDUCT_BY_LICENSE}
+    runs = interleaved(bench, variants, cfg, cfg.accounts)
+    base = _describe(runs["deduct"])
+    rows = [Row("deduct_credits tps (median)", num(base["tps"]))]
+    data: dict[str, object] = {"deduct": base}
+    parts = []
+    titles = (("reserve_capture", "reserve+capture pairs"), ("by_license", "deduct_credits_by_license"))
+    for label, title in titles:
+        d = _describe(runs[label])
+        r = _pair_ratio(runs[label], runs["deduct"])
+        errors = _errors(runs[label])
+        rows += [Row(f"{title} per s (median)", num(d["tps"])),
+                 Row(f"{title} / deduct", num(r, 2)),
+                 Row(f"{title} p50 / p99", f"{ms(d['p50'])} / {ms(d['p99'])}"),
+                 Row(f"{title} errors", num(sum(errors.values())), "0", not errors)]
+        data[label] = {**d, "ratio_to_deduct": r, "errors": errors}
+        parts.append(f"{title} {num(d['tps'])}/s ({num(r, 2)}x deduct, p99 {ms(d['p99'])})")
+    summary = (f"3 holds and license keys: {cfg.accounts:,} accounts, {cfg.clients} clients: "
+               f"deduct {num(base['tps'])} tps; " + "; ".join(parts))
+    return Result("3 holds + license", summary, rows, data)
