@@ -6,21 +6,31 @@ ones the functions would have written (an account, its signup grant and a
 funding purchase in the transaction log and the ledger), so the ledger still
 explains every balance and ``reconcile_credit_balances`` stays clean.
 
-Account ``n`` has a deterministic id, ``md5('bench-account-' || n)::uuid``,
-which pgbench scripts compute from a random ``n`` without a lookup; its
-license key (when loaded) is ``license_key(n)``.
+Account ``n`` has a deterministic id that pgbench scripts compute from a
+random ``n`` without a lookup: a UUIDv7 whose timestamp is ``n`` milliseconds
+after a fixed instant (the rest from an md5 of ``n``), i.e. ids in creation
+order, as the schema's own ``private.uuid_v7()`` default gives accounts that
+sign up over time. Its license key (when loaded) is ``license_key(n)``.
 """
 
 from __future__ import annotations
 
 import psycopg
 
-ACCOUNT_ID_SQL = "md5('bench-account-' || {n})::uuid"
+# 2023-11-14 22:13:20 UTC in ms; account n "signed up" n ms later.
+_EPOCH_MS = 1_700_000_000_000
+UUID7_SQL = ("(lpad(to_hex({epoch}::bigint + {n}), 12, '0') || '7' || substr(md5('{salt}' || {n}), 1, 3) "
+             "|| '8' || substr(md5('{salt}' || {n}), 4, 15))::uuid")
 LICENSE_KEY_SQL = "'ck_bench_' || lpad(({n})::text, 24, '0')"
 
 
+def uuid7_sql(n: str, salt: str) -> str:
+    """SQL for a deterministic, time-ordered UUIDv7 built from integer expression ``n``."""
+    return UUID7_SQL.format(epoch=_EPOCH_MS, n=n, salt=salt)
+
+
 def account_id_sql(n: str) -> str:
-    return ACCOUNT_ID_SQL.format(n=n)
+    return uuid7_sql(n, "bench-account-")
 
 
 def license_key_sql(n: str) -> str:
@@ -46,8 +56,8 @@ def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subsc
             select n,
                    md5('bench-user-' || n)::uuid as user_id,
                    {account_id_sql('n')} as account_id,
-                   md5('bench-signup-' || n)::uuid as signup_tx,
-                   md5('bench-funding-' || n)::uuid as funding_tx,
+                   {uuid7_sql('2 * n', 'bench-tx-')} as signup_tx,
+                   {uuid7_sql('2 * n + 1', 'bench-tx-')} as funding_tx,
                    date_trunc('month', now(), 'UTC') - make_interval(months => %(back)s) as period_start,
                    date_trunc('month', now(), 'UTC') - make_interval(months => %(back)s)
                      + interval '1 month' as period_end

@@ -352,7 +352,7 @@ set search_path = ''
 as $$
 declare
   v_account public.credit_accounts;
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
   v_from_sub bigint;
   v_result jsonb;
   v_inserted boolean;
@@ -583,7 +583,7 @@ declare
   v_account public.credit_accounts;
   v_result jsonb;
   v_hold uuid := gen_random_uuid();
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
   v_expires timestamptz;
 begin
   perform private.authorize(p_account_id, true);
@@ -674,7 +674,7 @@ declare
   v_account public.credit_accounts;
   v_charge bigint;
   v_from_sub bigint;
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
   v_key text;
   v_metadata jsonb;
   v_result jsonb;
@@ -839,7 +839,7 @@ declare
   v_hash uuid;
   v_account public.credit_accounts;
   v_result jsonb;
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
 begin
   perform private.authorize(p_account_id, true);
   perform private.check_amount('p_amount', p_amount);
@@ -909,7 +909,7 @@ declare
   v_hash uuid;
   v_account public.credit_accounts;
   v_result jsonb;
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
   v_expired bigint := 0;
   v_granted bigint := 0;
 begin
@@ -986,7 +986,7 @@ declare
   v_hash uuid := private.request_hash('expire', '[]'::jsonb);
   v_account public.credit_accounts;
   v_result jsonb;
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
   v_expired bigint;
 begin
   perform private.authorize(p_account_id, true);
@@ -1033,7 +1033,7 @@ declare
   v_hash uuid;
   v_account public.credit_accounts;
   v_result jsonb;
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
   v_refundable bigint;
   v_amount bigint;
   v_metadata jsonb := jsonb_build_object('refund_of', p_transaction_id, 'reason', p_reason);
@@ -1102,7 +1102,7 @@ declare
   v_hash uuid;
   v_account public.credit_accounts;
   v_result jsonb;
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
   v_grant public.credit_transactions;
   v_granted bigint;
   v_taken_before bigint;
@@ -1181,7 +1181,7 @@ declare
   v_hash uuid;
   v_account public.credit_accounts;
   v_result jsonb;
-  v_tx uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
   v_taken bigint;
   v_metadata jsonb := jsonb_build_object('reason', p_reason);
 begin

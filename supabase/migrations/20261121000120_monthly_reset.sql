@@ -87,7 +87,7 @@ begin
       select d.id, d.renew, d.subscription_balance as old_sub, d.period_start as old_start,
              d.period_end as old_end, hh.held, hh.next_expiry, e.expire,
              case when d.renew then p.monthly_credits::bigint else 0 end as grant_amount,
-             gen_random_uuid() as tx
+             private.uuid_v7() as tx
         from due d
         join public.credit_plans p on p.id = d.plan_id
        cross join lateral (
