@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,8 @@ def _new_funded_user(bench: BenchDatabase) -> tuple[str, str]:
 def warm_requests(bench: BenchDatabase, cfg: Config) -> dict[str, list[float]]:
     from devstack import rest, serve
 
+    # The handler flushes an empty metric set per call; Powertools warns each time.
+    warnings.filterwarnings("ignore", message="No application metrics")
     user_id, account_id = _new_funded_user(bench)
     token = tokens.user_token(user_id)
     app = rest.create_app(bench.dsn, tokens.LOCAL_JWT_SECRET)
