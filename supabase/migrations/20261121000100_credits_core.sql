@@ -257,8 +257,8 @@ create trigger credit_ledger_no_truncate
 
 -- The transaction log and the ledger reference their account without a
 -- foreign key: a foreign key checks every inserted row with a query of its
--- own (FOR KEY SHARE on the account), which was a third of the monthly
--- reset's time (15,000 checks per batch). Only definer functions write these
+-- own (FOR KEY SHARE on the account), 15,000 per monthly reset batch, 10-15%
+-- of the reset's time (docs/benchmarks.md). Only definer functions write these
 -- tables, always while holding the account row's lock, so the account exists;
 -- and this trigger is the ON DELETE CASCADE (a deleted user or tenant still
 -- takes its account's books with it; the ledger guard allows deletes that
