@@ -60,6 +60,11 @@ def _read_logs(prefix: Path) -> list[tuple[float, float]]:
 
 def _parse(label: str, proc: subprocess.CompletedProcess[str], prefix: Path) -> Run:
     out = proc.stdout
+    # Exit status 1: pgbench did not run (bad script, no connection). 2 means
+    # clients aborted on SQL errors, which the run reports as errors.
+    if proc.returncode not in (0, 2):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"pgbench ({label}) failed: {last}")
     tps = float(m.group(1)) if (m := _TPS.search(out)) else 0.0
     samples = _read_logs(prefix)
     errors = Counter(m.group(1) for m in _ERROR.finditer(proc.stderr))

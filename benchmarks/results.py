@@ -12,6 +12,7 @@ class Row:
     value: str
     target: str = ""
     ok: bool | None = None  # None: reported, no target
+    timing: bool = False  # a speed target (a finding), not a correctness check
 
 
 @dataclass
@@ -25,6 +26,11 @@ class Result:
     def ok(self) -> bool | None:
         checks = [r.ok for r in self.rows if r.ok is not None]
         return all(checks) if checks else None
+
+    @property
+    def broken(self) -> list[str]:
+        """Failed correctness checks (errors, deadlocks, unrenewed accounts, ledger mismatches)."""
+        return [r.metric for r in self.rows if r.ok is False and not r.timing]
 
 
 def ms(value: float) -> str:
