@@ -70,11 +70,16 @@ def reset_one(server: Server, size: int, cfg: Config) -> dict[str, float]:
         window_end = time.time()
         deducts = background.stop(lambda: _terminate_pgbench(bench.dsn))
         during = [lat for finished, lat in deducts.samples if window_start <= finished <= window_end]
+        # The next month's reset on the same accounts, with nothing else running:
+        # what the reset costs by itself.
+        following = (period.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+        alone = run_reset(bench.dsn, following, cfg.reset_batch)
         with bench.connect() as conn:
             mismatches = conn.execute(
                 "select jsonb_array_length(public.reconcile_credit_balances() -> 'mismatches')").fetchone()
         errors = {k: v for k, v in deducts.errors.items() if "terminating connection" not in k}
         return {**stats, "size": size, "load_s": loaded, "deducts": len(during),
+                "alone_total_s": alone["total_s"], "alone_longest_batch_ms": alone["longest_batch_ms"],
                 "deduct_p50_ms": percentile(during, 50), "deduct_p99_ms": percentile(during, 99),
                 "deduct_errors": sum(errors.values()),
                 "mismatches": mismatches[0] if mismatches else -1}
@@ -99,6 +104,8 @@ def monthly_reset(server: Server, cfg: Config) -> Result:
             Row(f"{label}: accounts renewed", num(run["processed"]), num(run["size"]),
                 run["processed"] == run["size"]),
             Row(f"{label}: longest batch", ms(run["longest_batch_ms"])),
+            Row(f"{label}: next month's reset with no other load",
+                f"{run['alone_total_s']:.1f} s (longest batch {ms(run['alone_longest_batch_ms'])})"),
             Row(f"{label}: deduct p50 / p99 during reset "
                 f"({cfg.reset_clients} clients, {run['deducts']:,} calls)",
                 f"{ms(run['deduct_p50_ms'])} / {ms(run['deduct_p99_ms'])}",

@@ -77,6 +77,15 @@ def _compare(name: str, label: str, runs: dict[str, list[pgbench.Run]], deadlock
         Row("errors other than insufficient_credits", num(sum(other_errors.values()) + aborted), "0",
             not other_errors and not aborted),
     ]
+    if "same_writes" in runs:
+        same = _describe(runs["same_writes"])
+        rows[2:2] = [
+            Row("same writes as plain SQL tps (median)", num(same["tps"])),
+            Row("ratio deduct / same writes (the function layer)",
+                num(_pair_ratio(runs["deduct"], runs["same_writes"]), 2)),
+            Row("ratio same writes / bare (the data model)",
+                num(_pair_ratio(runs["same_writes"], runs["bare"]), 2)),
+        ]
     if hot:
         rows.append(Row("deadlocks", num(deadlocks), "0", deadlocks == 0))
     summary = (f"{name}: {label}: deduct_credits {num(deduct['tps'])} tps (p50 {ms(deduct['p50'])}, "
@@ -90,7 +99,8 @@ def _compare(name: str, label: str, runs: dict[str, list[pgbench.Run]], deadlock
 def deduct_spread(bench: BenchDatabase, cfg: Config) -> Result:
     """1. deduct_credits over N funded accounts vs the bare pair."""
     before = bench.deadlocks()
-    runs = interleaved(bench, {"deduct": scripts.DEDUCT, "bare": scripts.BARE_PAIR}, cfg, cfg.accounts)
+    variants = {"deduct": scripts.DEDUCT, "bare": scripts.BARE_PAIR, "same_writes": scripts.SAME_WRITES}
+    runs = interleaved(bench, variants, cfg, cfg.accounts)
     return _compare("1 deduct", f"{cfg.accounts:,} accounts, {cfg.clients} clients", runs,
                     bench.deadlocks() - before, cfg, hot=False)
 
