@@ -233,8 +233,8 @@ revoke all on sequence public.credit_ledger_id_seq from anon, authenticated, ser
 
 -- Privileges already keep everyone but the owner from writing; this keeps the
 -- owner (and so every definer function) out too. Deletes that arrive through
--- the foreign key's cascade (a deleted user or tenant) run nested inside the
--- referential trigger and are allowed.
+-- the cascade from a deleted account (a deleted user or tenant) run nested
+-- inside private.delete_account_books's trigger and are allowed.
 create function private.ledger_is_append_only() returns trigger
 language plpgsql
 set search_path = ''
