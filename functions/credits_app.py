@@ -19,8 +19,9 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from functions.auth import Caller, TokenVerifier, authenticate
-from functions.errors import ApiError, BadRequest, Forbidden, install_error_handlers
-from functions.observability import count, install_request_logging
+from functions.errors import ApiError, BadRequest, Forbidden
+from functions.http import install_error_handlers, install_request_logging
+from functions.observability import count
 from functions.rpc import Rpc, get_rpc
 from functions.settings import Settings
 

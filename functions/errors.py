@@ -12,11 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from functions.observability import logger as log
 
 RETRY_AFTER_SECONDS = 5
@@ -47,9 +42,6 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": self.error, "message": self.message, "detail": self.detail}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class BadRequest(ApiError):
@@ -149,53 +141,3 @@ def from_database_error(code: str | None, message: str | None, details: Any = No
         return ServiceUnavailable()
     log.warning("unmapped database error", extra={"db_code": code or "none"})
     return InternalError()
-
-
-# --- FastAPI wiring ------------------------------------------------------------
-
-_STATUS_NAMES = {
-    400: "invalid_argument", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
-    415: "unsupported_media_type", 429: "too_many_requests",
-}
-
-
-def _validation_detail(exc: RequestValidationError) -> dict[str, Any]:
-    # Only where and what; never the submitted values (they may hold secrets).
-    return {
-        "errors": [
-            {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", "")),
-             "type": str(err.get("type", ""))}
-            for err in exc.errors()
-        ]
-    }
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Render every error in the contract's shape; unknown failures as a bare 500."""
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            return BadRequest("the body is not valid JSON", error="invalid_json").response()
-        return ApiError("the request does not match the schema", status=422, error="invalid_request",
-                        detail=_validation_detail(exc)).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        status = exc.status_code
-        name = _STATUS_NAMES.get(status, "internal_error" if status >= 500 else "error")
-        message = exc.detail if isinstance(exc.detail, str) and status < 500 else name.replace("_", " ")
-        return ApiError(message.lower(), status=status, error=name,
-                        headers=dict(exc.headers or {})).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # The type only: a stack trace or the exception text could carry SQL or secrets.
-        log.error("unhandled error", extra={"error_type": type(exc).__name__})
-        return InternalError().response()

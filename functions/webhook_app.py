@@ -28,8 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from functions.errors import ApiError, BadRequest, ServiceUnavailable, install_error_handlers
-from functions.observability import count, install_request_logging, logger
+from functions.errors import ApiError, BadRequest, ServiceUnavailable
+from functions.http import install_error_handlers, install_request_logging
+from functions.observability import count, logger
 from functions.rpc import service_rpc
 from functions.settings import Settings
 from functions.stripe_events import normalize

@@ -189,3 +189,17 @@ def test_reset_with_the_database_unreachable_fails_for_a_retry(reset_db: Db) -> 
     with cold_start(reset_env(f"http://127.0.0.1:{port}")) as broken, pytest.raises(ServiceUnavailable):
         broken(scheduled_event(), LambdaContext())
     assert ledger_rows(reset_db) == rows
+
+
+def test_reset_cold_start_loads_no_http_framework() -> None:
+    # The reset has no HTTP app: importing FastAPI would only lengthen its cold start.
+    import subprocess
+
+    env = {**os.environ, "SUPABASE_URL": "http://127.0.0.1:9",
+           "SUPABASE_SERVICE_ROLE_KEY": tokens.service_role_key(), "AWS_DEFAULT_REGION": "us-east-1"}
+    probe = ("import sys, handlers.monthly_reset; "
+             "print(sorted(m for m in ('fastapi', 'starlette') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,  # noqa: S603
+                         check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
