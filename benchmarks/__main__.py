@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark {unknown[0]} (choose from {', '.join(ALL)})", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    server = Server()
+    server = Server(cfg.server_settings)
     results: list[Result] = []
     try:
         bench = spend.prepare(server, cfg) if {"1", "2", "3", "5"} & set(wanted) else None

@@ -82,10 +82,14 @@ def _parse(label: str, proc: subprocess.CompletedProcess[str], prefix: Path) -> 
 
 
 def command(dsn: str, script: Path, *, clients: int, seconds: float, log_prefix: Path,
-            variables: dict[str, str | int] | None = None) -> list[str]:
+            variables: dict[str, str | int] | None = None, rate: float | None = None) -> list[str]:
     threads = min(clients, 2)
     args = [pgbench_path(), "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads),
             "-T", str(max(1, round(seconds))), "-l", f"--log-prefix={log_prefix}", "-f", str(script)]
+    if rate is not None:
+        # Total transactions per second over all clients; logged latencies then
+        # include any lag behind that schedule.
+        args += ["-R", str(rate)]
     for name, value in (variables or {}).items():
         args += ["-D", f"{name}={value}"]
     args.append(dsn)
@@ -113,7 +117,7 @@ class Background:
     """
 
     def __init__(self, label: str, dsn: str, script_text: str, *, clients: int, max_seconds: float,
-                 variables: dict[str, str | int] | None = None) -> None:
+                 variables: dict[str, str | int] | None = None, rate: float | None = None) -> None:
         self.label = label
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-")
         tmp = Path(self._tmp.name)
@@ -122,7 +126,7 @@ class Background:
         self._prefix = tmp / "log"
         self._proc = subprocess.Popen(
             command(dsn, script, clients=clients, seconds=max_seconds, log_prefix=self._prefix,
-                    variables=variables),
+                    variables=variables, rate=rate),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def stop(self, terminate_sessions: Callable[[], None]) -> Run:

@@ -63,7 +63,7 @@ def reset_one(server: Server, size: int, cfg: Config) -> dict[str, float]:
         period = dt.datetime.now(dt.UTC).date().replace(day=1)
         background = pgbench.Background("deduct during reset", bench.dsn, scripts.DEDUCT,
                                         clients=cfg.reset_clients, max_seconds=900,
-                                        variables={"accounts": size})
+                                        variables={"accounts": size}, rate=cfg.reset_deduct_rate)
         time.sleep(1.0)  # let the clients connect and warm up
         window_start = time.time()
         stats = run_reset(bench.dsn, period, cfg.reset_batch)
@@ -107,7 +107,7 @@ def monthly_reset(server: Server, cfg: Config) -> Result:
             Row(f"{label}: next month's reset with no other load",
                 f"{run['alone_total_s']:.1f} s (longest batch {ms(run['alone_longest_batch_ms'])})"),
             Row(f"{label}: deduct p50 / p99 during reset "
-                f"({cfg.reset_clients} clients, {run['deducts']:,} calls)",
+                f"({cfg.reset_clients} clients at {cfg.reset_deduct_rate:,.0f}/s, {run['deducts']:,} calls)",
                 f"{ms(run['deduct_p50_ms'])} / {ms(run['deduct_p99_ms'])}",
                 f"p99 <= {DEDUCT_P99_TARGET_MS:.0f} ms",
                 None if cfg.smoke else run["deduct_p99_ms"] <= DEDUCT_P99_TARGET_MS, timing=True),

