@@ -9,12 +9,18 @@ stands in for the runtime, not for anything under test.
 from __future__ import annotations
 
 import base64
+import importlib
 import json
+import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
+
+import pytest
 
 API_ID = "a1b2c3d4e5"
 REGION = "us-east-1"
@@ -157,3 +163,25 @@ def response_header(response: dict[str, Any], name: str) -> str | None:
         if key.lower() == name.lower():
             return value
     return None
+
+
+# Every setting a handler reads at import; a cold start sees only the ones a test gives it.
+SETTING_NAMES = ("SUPABASE_URL", "SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
+                 "SUPABASE_JWKS_URL", "STRIPE_WEBHOOK_SECRET", "CORS_ALLOW_ORIGINS")
+
+
+@contextmanager
+def cold_start(module: str, env: Mapping[str, str]) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Import ``handlers.<name>`` afresh, as a Lambda cold start with exactly the
+    settings in ``env`` (settings are read at import), and yield its ``handler``."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in SETTING_NAMES:
+            mp.delenv(name, raising=False)
+            mp.delenv(f"{name}_PARAM", raising=False)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        sys.modules.pop(module, None)
+        try:
+            yield importlib.import_module(module).handler
+        finally:
+            sys.modules.pop(module, None)

@@ -6,10 +6,8 @@ Every rejected call is followed by a look at the database to show nothing change
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 import threading
 import time
 import uuid
@@ -29,7 +27,7 @@ from devstack import db, rest, serve, tokens
 from functions.auth import TokenVerifier, authenticate
 from functions.errors import ServiceUnavailable, Unauthorized
 from functions.settings import Settings
-from tests.lambda_events import LambdaContext, http_event, response_header, response_json
+from tests.lambda_events import LambdaContext, cold_start, http_event, response_header, response_json
 from tests.support import Db
 
 ORIGIN = "https://app.example.test"
@@ -56,23 +54,9 @@ def credits_env(rest_url: str) -> dict[str, str]:
     }
 
 
-@contextmanager
-def fresh_handler(env: dict[str, str]) -> Iterator[Callable[..., dict[str, Any]]]:
-    """Import handlers.deduct as a cold start with ``env`` (settings are read at import)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in env.items():
-            mp.setenv(name, value)
-        sys.modules.pop("handlers.deduct", None)
-        module = importlib.import_module("handlers.deduct")
-        try:
-            yield module.handler
-        finally:
-            sys.modules.pop("handlers.deduct", None)
-
-
 @pytest.fixture(scope="module")
 def lambda_handler(rest_url: str) -> Iterator[Callable[..., dict[str, Any]]]:
-    with fresh_handler(credits_env(rest_url)) as handler:
+    with cold_start("handlers.deduct", credits_env(rest_url)) as handler:
         yield handler
 
 
@@ -540,7 +524,7 @@ def test_rest_endpoint_unreachable_is_503_with_retry_after(new_user: Callable[[]
     serve_sock.bind(("127.0.0.1", 0))
     port = serve_sock.getsockname()[1]
     serve_sock.close()  # nothing listens there now
-    with fresh_handler(credits_env(f"http://127.0.0.1:{port}")) as handler:
+    with cold_start("handlers.deduct", credits_env(f"http://127.0.0.1:{port}")) as handler:
         call = make_invoke(handler)
         for method, path, body in (("GET", "/credits/balance", None),
                                    ("POST", "/credits/deduct", {"amount": 1}),
@@ -563,7 +547,7 @@ def test_database_down_is_503_then_works_again(pg_server: str) -> None:
         token = tokens.user_token(caller.user_id or "")
         before = snapshot(own, account_id)
         with serve.serve_in_thread(rest.create_app(dsn, tokens.LOCAL_JWT_SECRET, pool_timeout=1.0)) as url, \
-                fresh_handler(credits_env(url)) as handler:
+                cold_start("handlers.deduct", credits_env(url)) as handler:
             call = make_invoke(handler)
             assert call("GET", "/credits/balance", token=token).status == 200
             idem = key()

@@ -7,13 +7,11 @@ database of its own (same server) and knows exactly which accounts exist.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +20,7 @@ import pytest
 
 from devstack import db, rest, serve, tokens
 from functions.errors import ServiceUnavailable
-from tests.lambda_events import LambdaContext, scheduled_event
+from tests.lambda_events import LambdaContext, cold_start, scheduled_event
 from tests.support import Caller, Db
 
 BATCH = 3
@@ -57,23 +55,9 @@ def reset_env(url: str) -> dict[str, str]:
     }
 
 
-@contextmanager
-def cold_start(env: dict[str, str]) -> Iterator[Callable[..., dict[str, Any]]]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("SUPABASE_ANON_KEY", "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET"):
-            mp.delenv(name, raising=False)
-        for name, value in env.items():
-            mp.setenv(name, value)
-        sys.modules.pop("handlers.monthly_reset", None)
-        try:
-            yield importlib.import_module("handlers.monthly_reset").handler
-        finally:
-            sys.modules.pop("handlers.monthly_reset", None)
-
-
 @pytest.fixture(scope="module")
 def handler(reset_rest_url: str) -> Iterator[Callable[..., dict[str, Any]]]:
-    with cold_start(reset_env(reset_rest_url)) as h:
+    with cold_start("handlers.monthly_reset", reset_env(reset_rest_url)) as h:
         yield h
 
 
@@ -186,7 +170,8 @@ def test_reset_with_the_database_unreachable_fails_for_a_retry(reset_db: Db) -> 
     port = sock.getsockname()[1]
     sock.close()
     rows = ledger_rows(reset_db)
-    with cold_start(reset_env(f"http://127.0.0.1:{port}")) as broken, pytest.raises(ServiceUnavailable):
+    with cold_start("handlers.monthly_reset", reset_env(f"http://127.0.0.1:{port}")) as broken, \
+            pytest.raises(ServiceUnavailable):
         broken(scheduled_event(), LambdaContext())
     assert ledger_rows(reset_db) == rows
 

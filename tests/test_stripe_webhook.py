@@ -11,14 +11,11 @@ rejected delivery.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import random
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +24,7 @@ import pytest
 
 from devstack import rest, serve, tokens
 from functions.stripe_events import normalize
-from tests.lambda_events import LambdaContext, http_event, response_json
+from tests.lambda_events import LambdaContext, cold_start, http_event, response_json
 from tests.stripe_support import OMIT, TEST_WEBHOOK_SECRET, body_of, render, sign, stripe_id
 from tests.support import Db
 
@@ -51,20 +48,6 @@ def webhook_env(rest_url: str) -> dict[str, str]:
     }
 
 
-@contextmanager
-def fresh_handler(env: dict[str, str]) -> Iterator[Callable[..., dict[str, Any]]]:
-    """Import handlers.stripe_webhook as a cold start with ``env``."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in env.items():
-            mp.setenv(name, value)
-        sys.modules.pop("handlers.stripe_webhook", None)
-        module = importlib.import_module("handlers.stripe_webhook")
-        try:
-            yield module.handler
-        finally:
-            sys.modules.pop("handlers.stripe_webhook", None)
-
-
 Deliver = Callable[..., Reply]
 
 
@@ -86,7 +69,7 @@ def make_deliver(handler: Callable[..., dict[str, Any]]) -> Deliver:
 
 @pytest.fixture(scope="module")
 def deliver(rest_url: str) -> Iterator[Deliver]:
-    with fresh_handler(webhook_env(rest_url)) as handler:
+    with cold_start("handlers.stripe_webhook", webhook_env(rest_url)) as handler:
         yield make_deliver(handler)
 
 
@@ -584,7 +567,7 @@ def test_rest_unreachable_answers_500_and_a_redelivery_applies_once(
     sock.close()
     env = {**webhook_env(dead_url), "RPC_TIMEOUT_SECONDS": "2"}
     event = world.event("checkout.session.completed.payment", CREDITS="9")
-    with fresh_handler(env) as handler:
+    with cold_start("handlers.stripe_webhook", env) as handler:
         reply = make_deliver(handler)(event)
     assert reply.status == 500
     assert reply.body["error"] == "event_not_recorded"
@@ -600,7 +583,8 @@ def test_database_down_answers_500(db_dsn: str, world: World) -> None:
     gone = psycopg.conninfo.make_conninfo(db_dsn, dbname=f"missing_{uuid.uuid4().hex[:8]}")
     app = rest.create_app(gone, tokens.LOCAL_JWT_SECRET)
     event = world.event("checkout.session.completed.payment", CREDITS="9")
-    with serve.serve_in_thread(app) as url, fresh_handler(webhook_env(url)) as handler:
+    with serve.serve_in_thread(app) as url, \
+            cold_start("handlers.stripe_webhook", webhook_env(url)) as handler:
         reply = make_deliver(handler)(event)
     assert reply.status == 500
     assert "password" not in str(reply.body) and "select" not in str(reply.body).lower()
