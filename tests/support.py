@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg import sql as pgsql
 
 from devstack import db
@@ -177,3 +180,20 @@ def select_as(database: Db, caller: Caller, query: str, *params: Any) -> list[di
         cur = database.conn.execute(query, params or None)
         names = [c.name for c in cur.description or []]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+@contextmanager
+def own_database(pg_server: str, prefix: str) -> Iterator[Db]:
+    """A database of a module's own (for tests that count every account, or
+    stop the database), prepared like the session's; its ledger must still
+    explain every balance before it is dropped."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    handle = Db(db.create_database(pg_server, name))
+    db.prepare_database(handle.dsn)
+    try:
+        yield handle
+        assert handle.call("reconcile_credit_balances")["mismatches"] == []
+    finally:
+        handle.close()
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))

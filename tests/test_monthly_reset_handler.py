@@ -15,13 +15,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 import pytest
 
-from devstack import db, rest, serve, tokens
+from devstack import rest, serve, tokens
 from functions.errors import ServiceUnavailable
 from tests.lambda_events import LambdaContext, cold_start, scheduled_event
-from tests.support import Caller, Db
+from tests.support import Caller, Db, own_database
 
 BATCH = 3
 MARGIN_MS = 5_000
@@ -29,14 +28,8 @@ MARGIN_MS = 5_000
 
 @pytest.fixture(scope="module")
 def reset_db(pg_server: str) -> Iterator[Db]:
-    name = f"credits_reset_{os.getpid()}"
-    dsn = db.create_database(pg_server, name)
-    db.prepare_database(dsn)
-    handle = Db(dsn)
-    yield handle
-    handle.close()
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'drop database if exists "{name}" with (force)')
+    with own_database(pg_server, "credits_reset_handler") as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

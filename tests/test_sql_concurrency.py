@@ -12,7 +12,6 @@ ledger that explains every balance at the end.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -24,10 +23,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from devstack import db
-from tests.support import Caller, Db
+from tests.support import Caller, Db, own_database
 
 THREADS = 16
 # The only refusals a correct engine gives under contention in these tests.
@@ -91,17 +89,8 @@ def assert_no_unexpected_errors(outcomes: list[Outcome]) -> None:
 
 @pytest.fixture(scope="module")
 def conc(pg_server: str) -> Iterator[Db]:
-    name = f"credits_concurrency_{os.getpid()}"
-    dsn = db.create_database(pg_server, name)
-    db.prepare_database(dsn)
-    handle = Db(dsn)
-    yield handle
-    handle.close()
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        result = db.call_function(conn, "reconcile_credit_balances")
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
-    assert result["mismatches"] == [], result
+    with own_database(pg_server, "credits_concurrency") as handle:
+        yield handle
 
 
 def pools(database: Db, account: str) -> tuple[int, int, int]:

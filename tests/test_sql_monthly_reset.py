@@ -8,7 +8,6 @@ database of its own that each test empties first: counts can be exact.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,19 +17,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from devstack import db
-from tests.support import Caller, Db, expect_error, new_key, snapshot
+from tests.support import Caller, Db, expect_error, new_key, own_database, snapshot
 
 
 @pytest.fixture(scope="module")
 def reset_db(pg_server: str) -> Iterator[Db]:
-    dsn = db.create_database(pg_server, f"credits_reset_{os.getpid()}")
-    db.prepare_database(dsn)
-    handle = Db(dsn)
-    yield handle
-    handle.close()
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f'drop database if exists "credits_reset_{os.getpid()}" with (force)')
+    with own_database(pg_server, "credits_reset") as handle:
+        yield handle
 
 
 @pytest.fixture
