@@ -72,7 +72,7 @@ grant select on public.stripe_events to service_role;
 
 create function private.stripe_int(p jsonb, p_key text) returns bigint
 language sql immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
   select case when jsonb_typeof(p -> p_key) = 'number' and (p ->> p_key) ~ '^-?[0-9]{1,18}$'
               then (p ->> p_key)::bigint end
@@ -80,14 +80,14 @@ $$;
 
 create function private.stripe_time(p jsonb, p_key text) returns timestamptz
 language sql immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
   select to_timestamp(private.stripe_int(p, p_key))
 $$;
 
 create function private.stripe_text(p jsonb, p_key text) returns text
 language sql immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
   select case when jsonb_typeof(p -> p_key) = 'string' and length(p ->> p_key) between 1 and 255
               then p ->> p_key end
@@ -96,7 +96,7 @@ $$;
 -- A contract error's detail is JSON text; anything else is kept as text.
 create function private.stripe_detail(p_detail text) returns jsonb
 language plpgsql immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
   if p_detail is null or p_detail = '' then
@@ -113,7 +113,7 @@ create function private.stripe_result(p_outcome text, p_reason text default null
                                       p_parked_on text[] default '{}')
 returns jsonb
 language sql immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
   select jsonb_build_object('outcome', p_outcome, 'reason', p_reason, 'account_id', p_account_id,
                             'result', p_result, 'touched', to_jsonb(coalesce(p_touched, '{}')),
@@ -123,7 +123,7 @@ $$;
 -- Keys a parked event can wait for (only the ids the event carries).
 create function private.stripe_wait_keys(p_customer text, p_subscription text) returns text[]
 language sql immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
   select array_remove(array['customer:' || p_customer, 'subscription:' || p_subscription], null)
 $$;
@@ -137,7 +137,7 @@ $$;
 -- linked earlier. Null: not known yet (the caller parks the event).
 create function private.stripe_account(p_hint text, p_customer text, p_subscription text) returns uuid
 language plpgsql stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_id uuid;
@@ -173,7 +173,7 @@ $$;
 create function private.stripe_link(p_account_id uuid, p_customer text, p_subscription text,
                                     p_status text, p_replace boolean) returns text[]
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_account public.credit_accounts;
@@ -212,7 +212,7 @@ $$;
 -- update created after p_created, was already applied.
 create function private.stripe_newer_state(p_subscription text, p_created timestamptz) returns boolean
 language sql stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
   select exists (
     select 1 from public.stripe_events e
@@ -228,7 +228,7 @@ $$;
 -- checkout.session.completed / checkout.session.async_payment_succeeded.
 create function private.stripe_checkout(p_type text, p jsonb) returns jsonb
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_session text := private.stripe_text(p, 'session');
@@ -310,10 +310,10 @@ begin
   end if;
   v_ref := coalesce(private.stripe_text(p, 'payment_intent'), v_session);
   -- Arguments derive from the session only, so both events of one session are the same call.
-  v_result := public.add_purchased_credits(
-    v_account, v_credits::integer, 'stripe:checkout:' || v_session, v_ref, 'Credit pack (Stripe Checkout)',
+  v_result := private.add_purchased(
+    v_account, v_credits::integer, 'checkout:' || v_session, v_ref, 'Credit pack (Stripe Checkout)',
     jsonb_strip_nulls(jsonb_build_object('checkout_session', v_session, 'price_id', v_price,
-                                         'quantity', v_quantity)));
+                                         'quantity', v_quantity)), 'stripe');
   return private.stripe_result('applied', case when (v_result ->> 'replayed')::boolean then 'already_granted'
                                                else 'credits_purchased' end,
                                v_account, v_result, array['payment:' || v_ref]);
@@ -323,7 +323,7 @@ $$;
 -- invoice.paid: start the subscription period of the invoice's plan line.
 create function private.stripe_invoice_paid(p jsonb) returns jsonb
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_invoice text := private.stripe_text(p, 'invoice');
@@ -372,16 +372,17 @@ begin
   end if;
 
   v_ref := coalesce(private.stripe_text(p, 'payment_intent'), v_invoice);
-  v_result := public.add_subscription_credits(
-    v_account, v_monthly, v_start, v_end, 'stripe:invoice:' || v_invoice, v_ref,
+  v_result := private.add_subscription(
+    v_account, v_monthly, v_start, v_end, 'invoice:' || v_invoice, v_ref,
     jsonb_strip_nulls(jsonb_build_object('invoice', v_invoice, 'subscription', v_subscription,
                                          'price_id', v_price,
-                                         'billing_reason', private.stripe_text(p, 'billing_reason'))));
+                                         'billing_reason', private.stripe_text(p, 'billing_reason'))), 'stripe');
   -- The plan follows the invoice that started the account's current period.
   if not (v_result ->> 'replayed')::boolean
      and not private.stripe_newer_state(v_subscription, private.stripe_time(p, 'created')) then
     update public.credit_accounts a set plan_id = v_plan_id, updated_at = now()
-     where a.id = v_account and a.period_start = v_start
+     where a.id = v_account
+       and (select w.period_start from public.credit_wallets w where w.account_id = v_account) = v_start
        and (a.stripe_subscription_id is null or a.stripe_subscription_id = v_subscription);
   end if;
   return private.stripe_result('applied', case when (v_result ->> 'replayed')::boolean then 'already_granted'
@@ -395,7 +396,7 @@ $$;
 -- customer.subscription.updated / customer.subscription.deleted.
 create function private.stripe_subscription_changed(p_type text, p jsonb) returns jsonb
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_subscription text := private.stripe_text(p, 'subscription');
@@ -466,17 +467,16 @@ $$;
 -- Credits granted by a payment (its stripe_ref), or null when none yet.
 create function private.stripe_granted(p_ref text) returns bigint
 language sql stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
-  select sum(t.amount)::bigint from public.credit_transactions t
-   where t.stripe_ref = p_ref and t.kind in ('purchase', 'grant') and t.amount > 0
+  select g.granted from private.payment_grants(p_ref) g
 $$;
 
 -- charge.refunded: claw back round(granted * amount_refunded / amount) in total
 -- (Stripe reports refunds cumulatively; each cumulative step applies once).
 create function private.stripe_charge_refunded(p jsonb) returns jsonb
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_charge text := private.stripe_text(p, 'charge');
@@ -505,8 +505,8 @@ begin
   if v_target < 1 then
     return private.stripe_result('ignored', 'rounds_to_zero');
   end if;
-  v_result := public.clawback_credits(v_ref, 'stripe:refund:' || v_charge || ':' || v_refunded,
-                                      least(v_target, 1000000000)::integer, 'refund');
+  v_result := private.clawback(v_ref, 'refund:' || v_charge || ':' || v_refunded,
+                               least(v_target, 1000000000)::integer, 'refund', 'stripe');
   return private.stripe_result('applied', 'clawed_back', (v_result -> 'balance' ->> 'account_id')::uuid,
                                v_result);
 end
@@ -515,7 +515,7 @@ $$;
 -- charge.dispute.created: claw back everything the payment granted.
 create function private.stripe_dispute_created(p jsonb) returns jsonb
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_dispute text := private.stripe_text(p, 'dispute');
@@ -528,7 +528,7 @@ begin
   if private.stripe_granted(v_ref) is null then
     return private.stripe_result('parked', 'payment_unknown', null, null, '{}', array['payment:' || v_ref]);
   end if;
-  v_result := public.clawback_credits(v_ref, 'stripe:dispute:' || v_dispute, null, 'dispute');
+  v_result := private.clawback(v_ref, 'dispute:' || v_dispute, null, 'dispute', 'stripe');
   return private.stripe_result('applied', 'clawed_back', (v_result -> 'balance' ->> 'account_id')::uuid,
                                v_result);
 end
@@ -536,7 +536,7 @@ $$;
 
 create function private.stripe_apply(p_type text, p jsonb) returns jsonb
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
   case p_type
@@ -561,7 +561,7 @@ $$;
 -- (connection, serialization, a bug) aborts the whole call so Stripe retries.
 create function private.stripe_attempt(p_type text, p jsonb) returns jsonb
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_state text;
@@ -584,7 +584,7 @@ $$;
 create function private.stripe_store(p_event_id text, p_type text, p jsonb, p_res jsonb, p_delivery boolean)
 returns void
 language sql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
   insert into public.stripe_events as e (event_id, type, outcome, reason, error, account_id, customer_id,
                                          subscription_id, payment_ref, parked_on, stripe_created, livemode,
@@ -611,7 +611,7 @@ $$;
 -- refund of its payment). Each event is tried once per call.
 create function private.stripe_unpark(p_keys text[]) returns jsonb
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_keys text[] := p_keys;
@@ -641,16 +641,14 @@ $$;
 
 create function private.handle_stripe_event(p_event_id text, p_type text, p_payload jsonb) returns jsonb
 language plpgsql security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_existing public.stripe_events;
   v_res jsonb;
   v_unparked jsonb := '[]'::jsonb;
 begin
-  if not private.is_service() then
-    perform private.fail('PT403', 'forbidden');
-  end if;
+  perform private.require_service();
   if p_event_id is null or length(p_event_id) not between 1 and 255 then
     perform private.invalid('p_event_id', 'must be 1 to 255 characters');
   end if;
@@ -686,7 +684,7 @@ $$;
 
 create function public.handle_stripe_event(p_event_id text, p_type text, p_payload jsonb) returns jsonb
 language sql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
   select private.handle_stripe_event(p_event_id, p_type, p_payload)
 $$;

@@ -1,0 +1,113 @@
+-- Monthly reset: renew the allowance of every account Stripe does not renew.
+--
+-- run_monthly_reset(p_period_start, p_batch_size, p_after) walks accounts in
+-- id order (keyset pagination) and, for each batch: locks the wallets that
+-- need work in ascending account id, sweeps those with something lapsed
+-- (expired holds, promotional grants), and renews the rest of the due ones
+-- with private.renew, the same statement an invoice's renewal runs.
+--
+-- Rules:
+--   * Accounts with a Stripe subscription that is active, trialing or
+--     past_due are renewed by their invoices and left alone here.
+--   * An account whose period already starts on or after p_period_start is
+--     skipped, so running a period twice (or resuming after a timeout) grants
+--     nothing twice.
+--   * A period more than one month ahead of the current UTC month is refused
+--     (invalid_argument), and nothing changes.
+
+create function private.renewed_by_stripe(p_account public.credit_accounts) returns boolean
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+  select p_account.stripe_subscription_id is not null
+     and coalesce(p_account.subscription_status, '') in ('active', 'trialing', 'past_due')
+$$;
+
+create function public.run_monthly_reset(p_period_start date, p_batch_size integer default 5000,
+                                         p_after uuid default null) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_start timestamptz;
+  v_end timestamptz;
+  v_last uuid;
+  v_scanned integer;
+  v_due uuid[];
+  v_account uuid;
+  v_ids uuid[];
+  v_amounts bigint[];
+  v_caps bigint[];
+  v_result record;
+begin
+  perform private.require_service();
+  if p_period_start is null or extract(day from p_period_start) <> 1 then
+    perform private.invalid('p_period_start', 'must be the first day of a month');
+  end if;
+  if p_period_start > (date_trunc('month', now() at time zone 'UTC') + interval '1 month')::date then
+    perform private.invalid('p_period_start', 'must not be more than one month ahead of the current UTC month');
+  end if;
+  if p_batch_size is null or p_batch_size not between 1 and 100000 then
+    perform private.invalid('p_batch_size', 'must be 1 to 100000');
+  end if;
+  v_start := p_period_start::timestamp at time zone 'UTC';
+  v_end := (p_period_start + interval '1 month')::timestamp at time zone 'UTC';
+
+  select count(*), (array_agg(b.id order by b.id desc))[1] into v_scanned, v_last
+    from (select a.id from public.credit_accounts a
+           where a.id > coalesce(p_after, '00000000-0000-0000-0000-000000000000'::uuid)
+           order by a.id limit p_batch_size) b;
+  if v_scanned = 0 then
+    return jsonb_build_object('processed', 0, 'expired', 0, 'granted', 0, 'next_after', null, 'done', true);
+  end if;
+
+  -- Lock, in ascending id, the wallets that need a renewal or a sweep.
+  select array_agg(x.account_id order by x.account_id) into v_due
+    from (select w.account_id
+            from public.credit_wallets w
+            join public.credit_accounts a on a.id = w.account_id
+           where w.account_id > coalesce(p_after, '00000000-0000-0000-0000-000000000000'::uuid)
+             and w.account_id <= v_last
+             and (((w.period_start is null or w.period_start < v_start) and not private.renewed_by_stripe(a))
+                  or private.sweep_due(w))
+           order by w.account_id
+             for update of w) x;
+  -- Sweep what lapsed, and attribute promotional spends where a rollover
+  -- grant is about to join open grants (both rare: a few accounts a batch).
+  for v_account in
+    select w.account_id from public.credit_wallets w
+      join public.credit_accounts a on a.id = w.account_id
+      join public.credit_plans p on p.id = a.plan_id
+     where w.account_id = any (v_due)
+       and (private.sweep_due(w)
+            or (p.rollover_cap > 0 and exists (select 1 from public.credit_promotions g
+                                                where g.account_id = w.account_id and g.remaining > 0)))
+     order by w.account_id
+  loop
+    perform private.materialize_promotions(private.lock_wallet(v_account));
+  end loop;
+
+  select array_agg(a.id order by a.id), array_agg(p.monthly_credits::bigint order by a.id),
+         array_agg(p.rollover_cap::bigint order by a.id)
+    into v_ids, v_amounts, v_caps
+    from public.credit_accounts a
+    join public.credit_wallets w on w.account_id = a.id
+    join public.credit_plans p on p.id = a.plan_id
+   where a.id = any (v_due) and (w.period_start is null or w.period_start < v_start)
+     and not private.renewed_by_stripe(a);
+  select count(*)::integer as processed, coalesce(sum(r.expired), 0)::bigint as expired,
+         coalesce(sum(r.granted), 0)::bigint as granted
+    into v_result
+    from private.renew(coalesce(v_ids, '{}'), coalesce(v_amounts, '{}'), coalesce(v_caps, '{}'), v_start, v_end,
+                       'system', null, null, null, '{"reason": "monthly_reset"}'::jsonb) r;
+
+  return jsonb_build_object('processed', v_result.processed, 'expired', v_result.expired,
+                            'granted', v_result.granted, 'next_after', v_last, 'done', v_scanned < p_batch_size);
+end
+$$;
+comment on function public.run_monthly_reset(date, integer, uuid) is
+  'Service: renew up to p_batch_size accounts not renewed by Stripe. {processed, expired, granted, next_after, done}.';
+
+revoke all on function private.renewed_by_stripe(public.credit_accounts),
+  public.run_monthly_reset(date, integer, uuid) from public, anon, authenticated, service_role;
+grant execute on function public.run_monthly_reset(date, integer, uuid) to service_role;
