@@ -12,8 +12,8 @@ import pytest
 
 from tests.support import Caller, Db, expect_error, new_key, select_as
 
-BALANCE_KEYS = {"account_id", "subscription", "purchased", "held", "available", "total",
-                "period_start", "period_end"}
+BALANCE_KEYS = {"account_id", "promotional", "subscription", "purchased", "held", "available", "total",
+                "period_start", "period_end", "next_expiry"}
 
 
 def month_bounds() -> tuple[dt.datetime, dt.datetime]:
@@ -55,7 +55,7 @@ def test_signup_opens_a_free_account_with_its_first_month_granted(database: Db) 
     assert (grant["pool"], grant["amount"], grant["balance_after"], grant["type"]) == (
         "subscription", 3, 3, "grant")
     assert (ts(grant["period_start"]), ts(grant["period_end"])) == (start, end)
-    assert database.one("select kind, amount from public.credit_transactions where account_id = %s",
+    assert database.one("select kind::text, subscription from public.credit_transactions where account_id = %s",
                         account_id) == ("grant", 3)
 
 
@@ -259,10 +259,12 @@ def test_deleting_a_user_removes_the_personal_account_and_its_rows(database: Db)
 def test_the_ledger_is_append_only_even_for_the_owner(database: Db) -> None:
     _, account_id = database.new_user()
     before = database.ledger(account_id)
-    for statement in ("update public.credit_ledger set amount = 100 where account_id = %s",
-                      "delete from public.credit_ledger where account_id = %s"):
-        expect_error(database.sql, "42501", "credit_ledger is append-only", statement, account_id)
-    expect_error(database.sql, "42501", "credit_ledger is append-only", "truncate public.credit_ledger")
+    # The ledger view reads credit_transactions, where every row lives.
+    for statement in ("update public.credit_transactions set purchased = 100 where account_id = %s",
+                      "delete from public.credit_transactions where account_id = %s"):
+        expect_error(database.sql, "42501", "credit_transactions is append-only", statement, account_id)
+    expect_error(database.sql, "42501", "credit_transactions is append-only",
+                 "truncate public.credit_transactions")
     assert database.ledger(account_id) == before
 
 
@@ -272,17 +274,17 @@ def test_reconcile_finds_a_balance_the_ledger_does_not_explain(database: Db) -> 
     database.call("reserve_credits", caller, p_account_id=account_id, p_idempotency_key=new_key(), p_amount=1)
     clean = database.call("reconcile_credit_balances")
     assert clean["mismatches"] == []
-    assert clean["checked"] == 3 * database.one("select count(*) from public.credit_accounts")
+    assert clean["checked"] == 6 * database.one("select count(*) from public.credit_accounts")
     # Tamper behind the functions' back (as only the database owner could), then put it right.
-    database.sql("update public.credit_accounts set purchased_balance = 5, held = 0 where id = %s",
-                 account_id)
+    database.sql("update public.credit_wallets set purchased = 5, subscription = 3, held_subscription = 0 "
+                 "where account_id = %s", account_id)
     try:
         found = database.call("reconcile_credit_balances")["mismatches"]
     finally:
-        database.sql("update public.credit_accounts set purchased_balance = 0, held = 1 where id = %s",
-                     account_id)
+        database.sql("update public.credit_wallets set purchased = 0, held_subscription = 1 "
+                     "where account_id = %s", account_id)
     assert sorted(found, key=lambda m: m["pool"]) == [
-        {"account_id": account_id, "pool": "held", "balance": 0, "ledger": 1},
+        {"account_id": account_id, "pool": "held_subscription", "balance": 0, "ledger": 1},
         {"account_id": account_id, "pool": "purchased", "balance": 5, "ledger": 0},
     ]
     assert database.call("reconcile_credit_balances")["mismatches"] == []

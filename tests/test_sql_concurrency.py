@@ -12,6 +12,8 @@ ledger that explains every balance at the end.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import random
 import threading
 import time
@@ -94,9 +96,9 @@ def conc(pg_server: str) -> Iterator[Db]:
 
 
 def pools(database: Db, account: str) -> tuple[int, int, int]:
-    """(subscription, purchased, held) from the account row."""
-    return database.one("select subscription_balance, purchased_balance, held from public.credit_accounts "
-                        "where id = %s", account)
+    """(subscription, purchased, held) from the wallet."""
+    return database.one("select subscription, purchased, held_promotional + held_subscription + held_purchased "
+                        "from public.credit_wallets where account_id = %s", account)
 
 
 def ledger_sums(database: Db, account: str) -> tuple[int, int]:
@@ -211,7 +213,14 @@ def test_capture_racing_release_settles_the_hold_one_way(conc: Db) -> None:
 
 # --- everything at once ------------------------------------------------------
 
-PERIODS = ["2026-12-01", "2027-01-01"]
+def _month(ahead: int) -> str:
+    today = dt.datetime.now(dt.UTC).date()
+    month = today.month - 1 + ahead
+    return dt.date(today.year + month // 12, month % 12 + 1, 1).isoformat()
+
+
+# This month and the next (the reset refuses anything further ahead).
+PERIODS = [_month(0), _month(1)]
 
 
 @dataclass
@@ -254,7 +263,7 @@ def mixed_op(rng: random.Random, mix: Mix, conn: psycopg.Connection, tag: str) -
                        p_amount=rng.randint(1, 10), p_idempotency_key=key, p_stripe_ref=f"pi_{key}")
     if op == "subscription":
         start = rng.choice(PERIODS)
-        end = "2027-01-01" if start == "2026-12-01" else "2027-02-01"
+        end = _month(PERIODS.index(start) + 1)
         return attempt(conn, op, "add_subscription_credits", service, p_account_id=account,
                        p_amount=rng.randint(0, 8), p_period_start=start, p_period_end=end,
                        p_idempotency_key=key)
@@ -353,7 +362,7 @@ def test_parallel_refunds_of_one_spend_never_exceed_it(conc: Db) -> None:
     assert sum(o.ok for o in outcomes) == 10
     assert {(o.sqlstate, o.message) for o in refused} == {("22023", "invalid_argument")}
     assert pools(conc, account) == (before[0], before[1] + 10, 0)
-    refunded = "select refunded from public.credit_transactions where id = %s"
+    refunded = "select refunded from public.credit_usage where transaction_id = %s"
     assert conc.one(refunded, spend["transaction_id"]) == 10
     assert_books_balance(conc)
 
@@ -381,11 +390,13 @@ def test_parallel_clawbacks_take_a_payment_back_once(conc: Db) -> None:
 def test_parallel_resets_of_one_period_renew_each_account_once(conc: Db) -> None:
     # Every account of this database is on an earlier period, so each needs
     # exactly one renewal for this month, whoever of the workers gets to it.
-    period = "2027-03-01"
-    before_period = "period_start < %s::timestamp at time zone 'UTC'"
-    due = conc.one(f"select count(*) from public.credit_accounts where {before_period} "
-                   "and not (stripe_subscription_id is not null "
-                   "and coalesce(subscription_status, '') in ('active', 'trialing', 'past_due'))", period)
+    period = _month(1)
+    before_period = "w.period_start < %s::timestamp at time zone 'UTC'"
+    accounts = "public.credit_accounts a join public.credit_wallets w on w.account_id = a.id"
+    due_ids = {r[0] for r in conc.sql(
+        f"select a.id from {accounts} where {before_period} and not (stripe_subscription_id is not null "
+        "and coalesce(subscription_status, '') in ('active', 'trialing', 'past_due'))", period)}
+    due = len(due_ids)
     assert due > 0
 
     def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
@@ -406,8 +417,10 @@ def test_parallel_resets_of_one_period_renew_each_account_once(conc: Db) -> None
     assert sum(o.result["processed"] for o in outcomes) == due
     grants = conc.sql("select account_id, count(*) from public.credit_ledger "
                       "where type = 'grant' and period_start = %s::timestamp at time zone 'UTC' "
+                      "and metadata ->> 'reason' = 'monthly_reset' "
                       "group by account_id", period)
+    grants = [(a, n) for a, n in grants if a in due_ids]
     assert len(grants) == due and all(n == 1 for _, n in grants)
-    assert conc.one(f"select count(*) from public.credit_accounts where {before_period} "
+    assert conc.one(f"select count(*) from {accounts} where {before_period} "
                     "and stripe_subscription_id is null", period) == 0
     assert_books_balance(conc)

@@ -14,21 +14,21 @@ from tests.support import Caller, Db, expect_error, new_key, snapshot
 
 # Operations priced for this module (names unique to it, so other modules' prices never collide).
 PRICES = {
-    "ded-flat": (5, 0, 0),
-    "ded-tokens": (2, "0.5", "1.5"),
-    "ded-exact": (0, 1, 0),
-    "ded-free": (0, 0, 0),
-    "ded-huge": (1000000000, 1, 0),
+    "ded-flat": (5, 0, 0, False),
+    "ded-tokens": (2, "0.5", "1.5", False),
+    "ded-exact": (0, 1, 0, False),
+    "ded-free": (0, 0, 0, True),
+    "ded-huge": (1000000000, 1, 0, False),
 }
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _prices(database: Db) -> None:
-    for operation, (credits, rate_in, rate_out) in PRICES.items():
+    for operation, (credits, rate_in, rate_out, free) in PRICES.items():
         database.sql(
             "insert into public.credit_prices (operation, credits, credits_per_1k_input_tokens, "
-            "credits_per_1k_output_tokens) values (%s, %s, %s, %s) on conflict (operation) do nothing",
-            operation, credits, rate_in, rate_out)
+            "credits_per_1k_output_tokens, free) values (%s, %s, %s, %s, %s) on conflict (operation) do nothing",
+            operation, credits, rate_in, rate_out, free)
 
 
 def spent(rows: list[dict[str, Any]]) -> list[tuple]:
@@ -45,7 +45,7 @@ def deduct(database: Db, caller: Caller, account_id: str, key: str | None = None
 def test_deduct_takes_the_subscription_pool_first(database: Db) -> None:
     caller, account_id = database.new_user()
     result = deduct(database, caller, account_id, p_amount=2)
-    assert set(result) == {"transaction_id", "account_id", "charged", "from_subscription",
+    assert set(result) == {"transaction_id", "account_id", "charged", "from_promotional", "from_subscription",
                            "from_purchased", "replayed", "balance"}
     assert (result["account_id"], result["charged"], result["from_subscription"], result["from_purchased"],
             result["replayed"]) == (account_id, 2, 2, 0, False)
@@ -78,8 +78,9 @@ def test_deduct_records_the_usage(database: Db) -> None:
     result = deduct(database, caller, account_id, p_operation="ded-tokens", p_model="gpt-x",
                     p_input_tokens=1001, p_output_tokens=1, p_metadata={"request": "r-1"})
     row = database.one(
-        "select kind, amount, operation, model, input_tokens, output_tokens, metadata, actor_id "
-        "from public.credit_transactions where id = %s", result["transaction_id"])
+        "select kind::text, -(promotional + subscription + purchased), operation, model, input_tokens, "
+        "output_tokens, metadata, actor_id from public.credit_transactions where id = %s",
+        result["transaction_id"])
     assert row == ("spend", 3, "ded-tokens", "gpt-x", 1001, 1, {"request": "r-1"}, uuid.UUID(caller.user_id))
     assert all(r["metadata"] == {"request": "r-1"} for r in database.ledger(account_id)[2:])
 
@@ -108,7 +109,6 @@ def test_deduct_may_spend_the_last_credit(database: Db) -> None:
     ("ded-tokens", {"p_input_tokens": 2000, "p_output_tokens": 2000}, 6),  # exactly 2 + 1 + 3
     ("ded-tokens", {"p_output_tokens": 1}, 3),            # any fraction rounds up
     ("ded-exact", {"p_input_tokens": 3000}, 3),
-    ("ded-exact", {"p_input_tokens": 0, "p_output_tokens": 0}, 0),
 ])
 def test_operation_cost_is_flat_plus_token_rates_rounded_up(database: Db, operation: str,
                                                              tokens: dict[str, int], cost: int) -> None:
@@ -118,6 +118,23 @@ def test_operation_cost_is_flat_plus_token_rates_rounded_up(database: Db, operat
     assert result["charged"] == cost
     assert result["balance"]["total"] == 23 - cost
     assert -sum(r["amount"] for r in database.ledger(account_id) if r["type"] == "spend") == cost
+
+
+@pytest.mark.parametrize(("operation", "tokens"), [
+    ("ded-exact", {"p_input_tokens": 0, "p_output_tokens": 0}),
+    ("ded-exact", {}),
+])
+def test_a_spend_that_costs_nothing_is_refused_unless_the_price_is_free(
+        database: Db, operation: str, tokens: dict[str, int]) -> None:
+    # Priced per token only: with no tokens it would log usage for free, forever.
+    caller, account_id = database.new_user()
+    database.call("admin_adjust_credits", p_account_id=account_id, p_pool="subscription", p_amount=-3,
+                  p_reason="empty", p_idempotency_key=new_key())
+    before = snapshot(database, account_id)
+    detail = expect_error(deduct, "22023", "invalid_argument", database, caller, account_id,
+                          p_operation=operation, **tokens)
+    assert detail["argument"] == "p_operation"
+    assert snapshot(database, account_id) == before
 
 
 def test_a_free_operation_is_logged_without_ledger_rows(database: Db) -> None:
@@ -220,18 +237,21 @@ def test_keys_are_per_account(database: Db) -> None:
     assert database.balance(account_id)["subscription"] == 2
 
 
-def test_users_cannot_take_keys_reserved_for_stripe_grants(database: Db) -> None:
-    # The webhook keys a payment's grant "stripe:<object>" on the account; a user
-    # holding that key first would make the grant fail.
+def test_keys_that_look_like_stripes_are_ordinary_keys_of_the_caller(database: Db) -> None:
+    # Stripe's records live in a key space of their own: a caller's key, whatever
+    # it looks like, neither is refused nor occupies a Stripe grant's key.
     caller, account_id = database.new_user()
-    before = snapshot(database, account_id)
-    for fn, args in (("deduct_credits", {"p_amount": 1}), ("reserve_credits", {"p_amount": 1})):
-        detail = expect_error(database.call, "22023", "invalid_argument", fn, caller,
-                              p_account_id=account_id, p_idempotency_key="stripe:checkout:cs_1", **args)
-        assert detail["argument"] == "p_idempotency_key"
-    assert snapshot(database, account_id) == before
-    served = deduct(database, Caller.service(), account_id, "stripe:checkout:cs_2", p_amount=1)
+    database.fund(account_id, purchased=5)
+    mine = deduct(database, caller, account_id, "checkout:cs_taken", p_amount=1)
+    assert mine["charged"] == 1
+    served = deduct(database, Caller.service(), account_id, "stripe:checkout:cs_taken", p_amount=1)
     assert served["charged"] == 1
+    pack = database.call("handle_stripe_event", p_event_id=f"evt_{uuid.uuid4().hex}",
+                         p_type="checkout.session.completed",
+                         p_payload={"session": "cs_taken", "mode": "payment", "payment_status": "paid",
+                                    "credits": 7, "account_id": account_id, "payment_intent": "pi_taken"})
+    assert (pack["outcome"], pack["reason"]) == ("applied", "credits_purchased")
+    assert database.balance(account_id)["total"] == 3 + 5 - 2 + 7
 
 
 # --- rejected calls ----------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 from tests.support import Caller, Db, expect_error, new_key, select_as, snapshot
 
 HOLD_KEYS = {"hold_id", "account_id", "amount", "expires_at", "replayed", "balance"}
-CAPTURE_KEYS = {"transaction_id", "hold_id", "charged", "released", "from_subscription", "from_purchased",
-                "replayed", "balance"}
+CAPTURE_KEYS = {"transaction_id", "hold_id", "charged", "released", "from_promotional", "from_subscription",
+                "from_purchased", "replayed", "balance"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,8 +32,8 @@ def lapse(database: Db, hold_id: str) -> None:
     account's cached next expiry moves with it, as it would have been)."""
     database.sql("update public.credit_holds set expires_at = now() - interval '1 second' where id = %s",
                  hold_id)
-    database.sql("update public.credit_accounts a set next_hold_expiry = now() - interval '1 second' "
-                 "from public.credit_holds h where h.id = %s and a.id = h.account_id", hold_id)
+    database.sql("update public.credit_wallets w set next_hold_expiry = now() - interval '1 second' "
+                 "from public.credit_holds h where h.id = %s and w.account_id = h.account_id", hold_id)
 
 
 def hold_status(database: Db, hold_id: str) -> str:
@@ -214,12 +214,14 @@ def test_a_hold_survives_every_decrease_so_its_capture_never_fails(database: Db)
     expect_error(database.call, "PT402", "insufficient_credits", "admin_adjust_credits",
                  p_account_id=account_id, p_pool="purchased", p_amount=-2, p_reason="test",
                  p_idempotency_key=new_key())
-    # Only the one free credit could go, to the first decrease that asked.
-    assert (expired["expired"], clawed["clawed_back"], clawed["shortfall"]) == (1, 0, 4)
+    # The hold reserved the whole allowance (3) and 5 purchased credits: the
+    # expiry finds no free allowance, the clawback takes the one free purchased
+    # credit and claims 3 on the hold (taken if it ends uncaptured).
+    assert (expired["expired"], clawed["clawed_back"], clawed["pending"], clawed["shortfall"]) == (0, 1, 3, 0)
     assert charge["added"] == 4
 
     captured = database.call("capture_hold", caller, p_hold_id=hold["hold_id"])
-    assert (captured["charged"], captured["from_subscription"], captured["from_purchased"]) == (8, 2, 6)
+    assert (captured["charged"], captured["from_subscription"], captured["from_purchased"]) == (8, 3, 5)
     assert captured["balance"]["total"] == 0
 
 

@@ -62,16 +62,16 @@ def run_to_end(database: Db, period: dt.date, batch: int) -> list[dict[str, Any]
 
 
 def account_row(database: Db, account_id: str) -> tuple:
-    return database.one("select subscription_balance, purchased_balance, held, period_start, period_end "
-                        "from public.credit_accounts where id = %s", account_id)
+    return database.one("select subscription, purchased, held_promotional + held_subscription + held_purchased, "
+                        "period_start, period_end from public.credit_wallets where account_id = %s", account_id)
 
 
 def lapse(database: Db, hold_id: str) -> None:
     """Move a hold's expiry into the past, as if its ttl had run out."""
     database.sql("update public.credit_holds set expires_at = now() - interval '1 second' where id = %s",
                  hold_id)
-    database.sql("update public.credit_accounts a set next_hold_expiry = now() - interval '1 second' "
-                 "from public.credit_holds h where h.id = %s and a.id = h.account_id", hold_id)
+    database.sql("update public.credit_wallets w set next_hold_expiry = now() - interval '1 second' "
+                 "from public.credit_holds h where h.id = %s and w.account_id = h.account_id", hold_id)
 
 
 # --- renewing -------------------------------------------------------------------------
@@ -112,8 +112,10 @@ def test_running_a_period_twice_grants_nothing_twice(database: Db) -> None:
     # An older period is no renewal either.
     assert reset(database, month_start(0))["processed"] == 0
     assert [snapshot(database, a) for a in users] == before
-    # The next month renews again.
-    assert reset(database, month_start(2))["processed"] == 3
+    # A period more than a month ahead is refused and changes nothing.
+    expect_error(database.call, "22023", "invalid_argument", "run_monthly_reset", Caller.service(),
+                 p_period_start=month_start(2).isoformat())
+    assert [snapshot(database, a) for a in users] == before
 
 
 def test_batches_walk_the_accounts_in_id_order(database: Db) -> None:
@@ -243,11 +245,14 @@ def test_lapsed_holds_are_released_on_accounts_not_due(database: Db) -> None:
 # --- arguments and keys ---------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "argument"), [
-    ({"p_period_start": "2099-01-02"}, "p_period_start"),
+    ({"p_period_start": "2026-01-02"}, "p_period_start"),
     ({"p_period_start": None}, "p_period_start"),
-    ({"p_period_start": "2099-01-01", "p_batch_size": 0}, "p_batch_size"),
-    ({"p_period_start": "2099-01-01", "p_batch_size": 100001}, "p_batch_size"),
-    ({"p_period_start": "2099-01-01", "p_batch_size": None}, "p_batch_size"),
+    # A month too far: every free account's allowance would expire and renewals freeze until then.
+    ({"p_period_start": "2999-01-01"}, "p_period_start"),
+    ({"p_period_start": month_start(2).isoformat()}, "p_period_start"),
+    ({"p_period_start": month_start(1).isoformat(), "p_batch_size": 0}, "p_batch_size"),
+    ({"p_period_start": month_start(1).isoformat(), "p_batch_size": 100001}, "p_batch_size"),
+    ({"p_period_start": month_start(1).isoformat(), "p_batch_size": None}, "p_batch_size"),
 ])
 def test_reset_rejects_invalid_arguments(database: Db, args: dict[str, Any], argument: str) -> None:
     _, account_id = database.new_user()

@@ -54,6 +54,8 @@ def world(database: Db) -> World:
         database.call("reserve_credits", p_account_id=account, p_idempotency_key=f"seed-{uuid.uuid4()}",
                       p_amount=1, p_ttl_seconds=86400)
         database.call("create_license_key", p_account_id=account, p_name="seed")
+        database.call("grant_promotional_credits", p_account_id=account, p_amount=1,
+                      p_expires_at="2999-01-01T00:00:00Z", p_idempotency_key=f"seed-{uuid.uuid4()}")
     return World(personal, tenant_id, tenant_account, {
         "anon": (Caller.anon(), personal),
         "no_sub": (no_sub_caller(), personal),
@@ -101,7 +103,8 @@ def _stripe_ref(db: Db, account: str) -> str:
 
 def _subscription_args(db: Db, account: str) -> dict[str, Any]:
     # The account's own current period: a valid grant that moves no period.
-    start, end = db.one("select period_start, period_end from public.credit_accounts where id = %s", account)
+    start, end = db.one("select period_start, period_end from public.credit_wallets where account_id = %s",
+                        account)
     return {"p_account_id": account, "p_amount": 4, "p_period_start": start.isoformat(),
             "p_period_end": end.isoformat(), "p_idempotency_key": key()}
 
@@ -139,6 +142,10 @@ FUNCTIONS: dict[str, tuple[str, Prepare, set[str]]] = {
     "clawback_credits": (
         SERVICE, lambda db, a: {"p_stripe_ref": _stripe_ref(db, a), "p_idempotency_key": key()},
         {"clawed_back", "shortfall", "balance"}),
+    "grant_promotional_credits": (
+        SERVICE, lambda db, a: {"p_account_id": a, "p_amount": 2, "p_expires_at": "2999-01-01T00:00:00Z",
+                                "p_idempotency_key": key()},
+        {"transaction_id", "granted", "expires_at", "balance"}),
     "admin_adjust_credits": (
         SERVICE, lambda db, a: {"p_account_id": a, "p_pool": "purchased", "p_amount": 3, "p_reason": "matrix",
                                 "p_idempotency_key": key()},
@@ -158,14 +165,16 @@ def snapshot(db: Db, account: str) -> tuple:
     """Everything a refused call must leave untouched on an account."""
     return db.one(
         """
-        select a.subscription_balance, a.purchased_balance, a.held, a.period_start,
-               (select count(*) from public.credit_ledger l where l.account_id = a.id),
-               (select count(*) from public.credit_transactions t where t.account_id = a.id),
-               (select jsonb_object_agg(h.id, h.status) from public.credit_holds h where h.account_id = a.id),
-               (select count(*) from public.credit_license_keys k where k.account_id = a.id),
+        select to_jsonb(w),
+               (select count(*) from public.credit_ledger l where l.account_id = w.account_id),
+               (select count(*) from public.credit_transactions t where t.account_id = w.account_id),
+               (select jsonb_object_agg(h.id, h.status) from public.credit_holds h
+                 where h.account_id = w.account_id),
+               (select count(*) from public.credit_promotions p where p.account_id = w.account_id),
+               (select count(*) from public.credit_license_keys k where k.account_id = w.account_id),
                (select count(*) from public.credit_license_keys k
-                 where k.account_id = a.id and k.revoked_at is null)
-          from public.credit_accounts a where a.id = %s
+                 where k.account_id = w.account_id and k.revoked_at is null)
+          from public.credit_wallets w where w.account_id = %s
         """,
         account,
     )
@@ -235,6 +244,8 @@ PER_ACCOUNT = {
     "credit_usage": "select account_id from public.credit_usage",
     "credit_transactions": "select account_id from public.credit_transactions",
     "credit_ledger": "select account_id from public.credit_ledger",
+    "credit_wallets": "select account_id from public.credit_wallets",
+    "credit_promotions": "select account_id from public.credit_promotions",
     "credit_holds": "select account_id from public.credit_holds",
     "credit_license_keys": "select account_id from public.credit_license_keys",
     "tenants": "select id from public.tenants",
@@ -302,7 +313,7 @@ def test_catalog_is_readable_by_everyone_signed_in_not_anon(database: Db, world:
 
 # --- tables and views: writes -----------------------------------------------
 
-VIEWS = ("credit_balances", "credit_pool_usage", "credit_usage")
+VIEWS = ("credit_balances", "credit_pool_usage", "credit_usage", "credit_ledger")
 RELATIONS = [*PER_ACCOUNT, "credit_plans", "credit_packs", "credit_prices", "stripe_events"]
 
 
@@ -343,7 +354,8 @@ def test_api_users_write_no_table_or_view(database: Db, world: World, relation: 
     assert database.one(f"select count(*) from public.{relation}") == count
 
 
-@pytest.mark.parametrize("relation", ["credit_ledger", "credit_transactions", "credit_holds"])
+@pytest.mark.parametrize("relation", ["credit_transactions", "credit_wallets", "credit_promotions",
+                                      "credit_holds"])
 def test_service_role_cannot_rewrite_the_books(database: Db, world: World, relation: str) -> None:
     service = Caller.service()
     fingerprint = f"select count(*), md5(string_agg(t::text, ',' order by t::text)) from public.{relation} t"
@@ -353,7 +365,7 @@ def test_service_role_cannot_rewrite_the_books(database: Db, world: World, relat
     assert database.one(fingerprint) == before
 
 
-@pytest.mark.parametrize("view", ["credit_balances", "credit_pool_usage", "credit_usage"])
+@pytest.mark.parametrize("view", ["credit_balances", "credit_pool_usage", "credit_usage", "credit_ledger"])
 def test_service_role_cannot_write_through_the_views(database: Db, world: World, view: str) -> None:
     before = snapshot(database, world.personal)
     col = _first_column(database, view)
@@ -366,8 +378,11 @@ def test_service_role_cannot_write_through_the_views(database: Db, world: World,
 def test_service_role_changes_plans_never_balances(database: Db, world: World) -> None:
     service = Caller.service()
     before = snapshot(database, world.personal)
-    for column in ("subscription_balance", "purchased_balance", "held", "period_start"):
+    for column in ("stripe_customer_id", "stripe_subscription_id", "subscription_status", "user_id"):
         statement = f"update public.credit_accounts set {column} = {column} where id = %s"
+        expect_error(lambda s=statement: as_caller(database.conn, service, s, world.personal), "42501")
+    for column in ("subscription", "purchased", "held_purchased", "period_start"):
+        statement = f"update public.credit_wallets set {column} = {column} where account_id = %s"
         expect_error(lambda s=statement: as_caller(database.conn, service, s, world.personal), "42501")
     expect_error(lambda: as_caller(database.conn, service, "delete from public.credit_accounts where id = %s",
                                    world.personal), "42501")

@@ -60,6 +60,8 @@ create table public.credit_transactions (
   output_tokens integer,
   description text,
   metadata jsonb not null default '{}'::jsonb,
+  -- Figures a replay needs that no pool change carries (a clawback's shortfall and pending).
+  outcome jsonb,
   actor_id uuid,
   created_at timestamptz not null default now(),
   -- One index serves the per-account listing (newest first) and paging.
@@ -78,6 +80,8 @@ comment on table public.credit_transactions is
 alter table public.credit_transactions enable row level security;
 revoke all on public.credit_transactions from anon, authenticated, service_role;
 grant select on public.credit_transactions to authenticated, service_role;
+-- Supabase's default grants open new sequences to the API roles; only definer code inserts.
+revoke all on sequence public.credit_transactions_seq_seq from anon, authenticated, service_role;
 
 create policy credit_transactions_read on public.credit_transactions for select to authenticated
   using (account_id in (select private.readable_account_ids()) or (select private.is_super_admin()));
@@ -215,7 +219,7 @@ create function private.post(
   p_period_start timestamptz default null, p_period_end timestamptz default null,
   p_operation text default null, p_model text default null,
   p_input_tokens integer default null, p_output_tokens integer default null,
-  p_id uuid default null)
+  p_id uuid default null, p_outcome jsonb default null)
 returns public.credit_transactions
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -242,7 +246,7 @@ begin
     promotional, subscription, purchased,
     promotional_after, subscription_after, purchased_after, held_after,
     period_start, period_end, next_expiry_amount, next_expiry_at,
-    ref_id, stripe_ref, operation, model, input_tokens, output_tokens, description, metadata, actor_id)
+    ref_id, stripe_ref, operation, model, input_tokens, output_tokens, description, metadata, outcome, actor_id)
   values (
     coalesce(p_id, private.uuid_v7()), p_account_id, p_kind, p_origin, p_key, p_hash,
     p_promotional, p_subscription, p_purchased,
@@ -251,7 +255,7 @@ begin
     coalesce(p_period_start, v_wallet.period_start), coalesce(p_period_end, v_wallet.period_end),
     (private.next_expiry(v_wallet) ->> 'amount')::bigint, (private.next_expiry(v_wallet) ->> 'at')::timestamptz,
     p_ref_id, p_stripe_ref, p_operation, p_model, p_input_tokens, p_output_tokens, p_description,
-    coalesce(p_metadata, '{}'::jsonb), p_actor)
+    coalesce(p_metadata, '{}'::jsonb), p_outcome, p_actor)
   returning * into v_entry;
   return v_entry;
 end
@@ -318,8 +322,8 @@ begin
       v_result := jsonb_build_object(
         'transaction_id', p_entry.id,
         'clawed_back', -(p_entry.promotional + p_entry.subscription + p_entry.purchased),
-        'shortfall', coalesce((p_entry.metadata ->> 'shortfall')::bigint, 0),
-        'pending', coalesce((p_entry.metadata ->> 'pending')::bigint, 0));
+        'shortfall', coalesce((p_entry.outcome ->> 'shortfall')::bigint, 0),
+        'pending', coalesce((p_entry.outcome ->> 'pending')::bigint, 0));
     when 'reinstate' then
       v_result := jsonb_build_object('transaction_id', p_entry.id,
                                      'reinstated', p_entry.promotional + p_entry.subscription + p_entry.purchased);
@@ -335,7 +339,7 @@ revoke all on function private.result(public.credit_transactions, boolean) from 
 revoke all on function
   private.post(uuid, private.entry_kind, bigint, bigint, bigint, bigint, bigint, bigint, private.entry_origin,
                text, uuid, uuid, text, text, jsonb, uuid, timestamptz, timestamptz, text, text, integer, integer,
-               uuid),
+               uuid, jsonb),
   private.find_key(uuid, text, uuid, private.entry_origin)
   from public;
 

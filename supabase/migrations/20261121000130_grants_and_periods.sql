@@ -322,7 +322,7 @@ begin
 end
 $$;
 
-create function public.add_purchased_credits(p_account_id uuid, p_amount integer, p_idempotency_key text,
+create function private.add_purchased_credits(p_account_id uuid, p_amount integer, p_idempotency_key text,
                                              p_stripe_ref text default null, p_description text default null,
                                              p_metadata jsonb default '{}'::jsonb)
 returns jsonb
@@ -331,6 +331,16 @@ set search_path = pg_catalog, pg_temp
 as $$
   select private.add_purchased(p_account_id, p_amount, p_idempotency_key, p_stripe_ref, p_description,
                                p_metadata, 'api')
+$$;
+
+create function public.add_purchased_credits(p_account_id uuid, p_amount integer, p_idempotency_key text,
+                                             p_stripe_ref text default null, p_description text default null,
+                                             p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.add_purchased_credits(p_account_id, p_amount, p_idempotency_key, p_stripe_ref, p_description, p_metadata)
 $$;
 comment on function public.add_purchased_credits(uuid, integer, text, text, text, jsonb) is
   'Service: add purchased credits (never expire). Result {transaction_id, added, replayed, balance}.';
@@ -381,7 +391,7 @@ begin
 end
 $$;
 
-create function public.add_subscription_credits(p_account_id uuid, p_amount integer, p_period_start timestamptz,
+create function private.add_subscription_credits(p_account_id uuid, p_amount integer, p_period_start timestamptz,
                                                 p_period_end timestamptz, p_idempotency_key text,
                                                 p_stripe_ref text default null,
                                                 p_metadata jsonb default '{}'::jsonb)
@@ -392,10 +402,21 @@ as $$
   select private.add_subscription(p_account_id, p_amount, p_period_start, p_period_end, p_idempotency_key,
                                   p_stripe_ref, p_metadata, 'api')
 $$;
+
+create function public.add_subscription_credits(p_account_id uuid, p_amount integer, p_period_start timestamptz,
+                                                p_period_end timestamptz, p_idempotency_key text,
+                                                p_stripe_ref text default null,
+                                                p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.add_subscription_credits(p_account_id, p_amount, p_period_start, p_period_end, p_idempotency_key, p_stripe_ref, p_metadata)
+$$;
 comment on function public.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb)
   is 'Service: start a period (roll over, expire the old allowance, grant). {expired, granted, replayed, balance}.';
 
-create function public.expire_subscription_credits(p_account_id uuid, p_idempotency_key text) returns jsonb
+create function private.expire_subscription_credits(p_account_id uuid, p_idempotency_key text) returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -419,6 +440,14 @@ begin
                           p_key => p_idempotency_key, p_hash => v_hash);
   return private.result(v_entry, false);
 end
+$$;
+
+create function public.expire_subscription_credits(p_account_id uuid, p_idempotency_key text)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.expire_subscription_credits(p_account_id, p_idempotency_key)
 $$;
 comment on function public.expire_subscription_credits(uuid, text) is
   'Service: expire the subscription pool now (purchased untouched). {expired, replayed, balance}.';
@@ -456,7 +485,7 @@ begin
 end
 $$;
 
-create function public.grant_promotional_credits(p_account_id uuid, p_amount integer, p_expires_at timestamptz,
+create function private.grant_promotional_credits(p_account_id uuid, p_amount integer, p_expires_at timestamptz,
                                                  p_idempotency_key text, p_reason text default null,
                                                  p_metadata jsonb default '{}'::jsonb)
 returns jsonb
@@ -465,6 +494,16 @@ set search_path = pg_catalog, pg_temp
 as $$
   select private.grant_promotional(p_account_id, p_amount, p_expires_at, p_idempotency_key, p_reason,
                                    p_metadata, null, 'api')
+$$;
+
+create function public.grant_promotional_credits(p_account_id uuid, p_amount integer, p_expires_at timestamptz,
+                                                 p_idempotency_key text, p_reason text default null,
+                                                 p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.grant_promotional_credits(p_account_id, p_amount, p_expires_at, p_idempotency_key, p_reason, p_metadata)
 $$;
 comment on function public.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb) is
   'Service: promotional credits expiring at p_expires_at. {transaction_id, granted, expires_at, replayed, balance}.';
@@ -484,3 +523,13 @@ grant execute on function
   public.expire_subscription_credits(uuid, text),
   public.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb)
   to service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.add_purchased_credits(uuid, integer, text, text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.add_purchased_credits(uuid, integer, text, text, text, jsonb) to service_role;
+revoke all on function private.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb) to service_role;
+revoke all on function private.expire_subscription_credits(uuid, text) from public, anon, authenticated, service_role;
+grant execute on function private.expire_subscription_credits(uuid, text) to service_role;
+revoke all on function private.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb) to service_role;

@@ -180,14 +180,14 @@ begin
   select coalesce(jsonb_agg(to_jsonb(f)), '[]'::jsonb) into v_fates
     from private.hold_fates(p_hold, p_charge, v_wallet.sub_epoch, now()) f;
 
-  select coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'spend'), 0) as sp,
-         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'spend'), 0) as ss,
-         coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased' and f.f_fate = 'spend'), 0) as su,
-         coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'expire'), 0) as ep,
-         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'expire'), 0) as es,
-         coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'free'), 0) as fp,
-         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'free'), 0) as fs,
-         coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased' and f.f_fate = 'free'), 0) as fu
+  select coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'spend'), 0)::bigint as sp,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'spend'), 0)::bigint as ss,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased' and f.f_fate = 'spend'), 0)::bigint as su,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'expire'), 0)::bigint as ep,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'expire'), 0)::bigint as es,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'free'), 0)::bigint as fp,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'free'), 0)::bigint as fs,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased' and f.f_fate = 'free'), 0)::bigint as fu
     into v_sum from private.fates(v_fates) f;
 
   if v_sum.sp + v_sum.ss + v_sum.su > 0 then
@@ -371,7 +371,7 @@ revoke all on function private.spend_split(bigint, bigint, bigint, bigint), priv
 -- Reserve, capture, release.
 -- ---------------------------------------------------------------------------
 
-create function public.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
+create function private.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
                                        p_operation text default null, p_ttl_seconds integer default 900,
                                        p_metadata jsonb default '{}'::jsonb)
 returns jsonb
@@ -446,6 +446,16 @@ begin
                           p_operation => p_operation, p_id => v_tx);
   return private.result(v_entry, false);
 end
+$$;
+
+create function public.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
+                                       p_operation text default null, p_ttl_seconds integer default 900,
+                                       p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.reserve_credits(p_account_id, p_idempotency_key, p_amount, p_operation, p_ttl_seconds, p_metadata)
 $$;
 comment on function public.reserve_credits(uuid, text, integer, text, integer, jsonb) is
   'Reserve credits for work in progress. {hold_id, account_id, amount, expires_at, replayed, balance}.';
@@ -525,7 +535,7 @@ begin
 end
 $$;
 
-create function public.capture_hold(p_hold_id uuid, p_amount integer default null,
+create function private.capture_hold(p_hold_id uuid, p_amount integer default null,
                                     p_metadata jsonb default '{}'::jsonb)
 returns jsonb
 language sql security definer
@@ -533,14 +543,31 @@ set search_path = pg_catalog, pg_temp
 as $$
   select private.settle_hold(p_hold_id, p_amount, p_metadata, true)
 $$;
+
+create function public.capture_hold(p_hold_id uuid, p_amount integer default null,
+                                    p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.capture_hold(p_hold_id, p_amount, p_metadata)
+$$;
 comment on function public.capture_hold(uuid, integer, jsonb) is
   'Charge up to the held amount (default all) from the pools the hold reserved; release the rest.';
 
-create function public.release_hold(p_hold_id uuid) returns jsonb
+create function private.release_hold(p_hold_id uuid) returns jsonb
 language sql security definer
 set search_path = pg_catalog, pg_temp
 as $$
   select private.settle_hold(p_hold_id, null, null, false)
+$$;
+
+create function public.release_hold(p_hold_id uuid)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.release_hold(p_hold_id)
 $$;
 comment on function public.release_hold(uuid) is 'Release a hold: {hold_id, released, replayed, balance}.';
 
@@ -550,3 +577,11 @@ revoke all on function private.hold_account(uuid), private.settle_hold(uuid, int
   from public, anon, authenticated, service_role;
 grant execute on function public.reserve_credits(uuid, text, integer, text, integer, jsonb),
   public.capture_hold(uuid, integer, jsonb), public.release_hold(uuid) to authenticated, service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.reserve_credits(uuid, text, integer, text, integer, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.reserve_credits(uuid, text, integer, text, integer, jsonb) to authenticated, service_role;
+revoke all on function private.capture_hold(uuid, integer, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.capture_hold(uuid, integer, jsonb) to authenticated, service_role;
+revoke all on function private.release_hold(uuid) from public, anon, authenticated, service_role;
+grant execute on function private.release_hold(uuid) to authenticated, service_role;

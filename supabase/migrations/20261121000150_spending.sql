@@ -164,7 +164,7 @@ begin
 end
 $$;
 
-create function public.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
+create function private.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
                                       p_operation text default null, p_model text default null,
                                       p_input_tokens integer default null, p_output_tokens integer default null,
                                       p_metadata jsonb default '{}'::jsonb)
@@ -183,11 +183,22 @@ begin
     p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata, private.actor());
 end
 $$;
+
+create function public.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
+                                      p_operation text default null, p_model text default null,
+                                      p_input_tokens integer default null, p_output_tokens integer default null,
+                                      p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.deduct_credits(p_account_id, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata)
+$$;
 comment on function public.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) is
   'Spend now (promotional, then subscription, then purchased). '
   '{transaction_id, account_id, charged, from_promotional, from_subscription, from_purchased, replayed, balance}.';
 
-create function public.get_credit_balance(p_account_id uuid default null) returns jsonb
+create function private.get_credit_balance(p_account_id uuid default null) returns jsonb
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -211,6 +222,14 @@ begin
   select * into v_wallet from public.credit_wallets w where w.account_id = v_account_id;
   return private.balance_json(private.current_wallet(v_wallet));
 end
+$$;
+
+create function public.get_credit_balance(p_account_id uuid default null)
+returns jsonb
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.get_credit_balance(p_account_id)
 $$;
 comment on function public.get_credit_balance(uuid) is
   'The balance object of an account (null: the caller''s personal account).';
@@ -249,3 +268,9 @@ grant execute on function private.balance_json(public.credit_wallets), private.n
   private.hold_fates(public.credit_holds, bigint, integer, timestamptz), private.fates(jsonb),
   private.spend_split(bigint, bigint, bigint, bigint), private.promo_attribution(uuid, bigint)
   to authenticated, service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) to authenticated, service_role;
+revoke all on function private.get_credit_balance(uuid) from public, anon, authenticated, service_role;
+grant execute on function private.get_credit_balance(uuid) to authenticated, service_role;

@@ -34,7 +34,7 @@ grant select (id, account_id, name, prefix, expires_at, revoked_at, created_by, 
 create policy credit_license_keys_read on public.credit_license_keys for select to authenticated
   using (account_id in (select private.readable_account_ids()) or (select private.is_super_admin()));
 
-create function public.create_license_key(p_account_id uuid, p_name text, p_expires_at timestamptz default null)
+create function private.create_license_key(p_account_id uuid, p_name text, p_expires_at timestamptz default null)
 returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -58,10 +58,18 @@ begin
   return jsonb_build_object('key_id', v_id, 'key', v_key, 'prefix', left(v_key, 11), 'expires_at', p_expires_at);
 end
 $$;
+
+create function public.create_license_key(p_account_id uuid, p_name text, p_expires_at timestamptz default null)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.create_license_key(p_account_id, p_name, p_expires_at)
+$$;
 comment on function public.create_license_key(uuid, text, timestamptz) is
   'A new license key for the account: {key_id, key, prefix, expires_at}; the key is shown only here.';
 
-create function public.revoke_license_key(p_key_id uuid) returns jsonb
+create function private.revoke_license_key(p_key_id uuid) returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -79,6 +87,14 @@ begin
   returning k.revoked_at into v_revoked_at;
   return jsonb_build_object('key_id', p_key_id, 'revoked_at', v_revoked_at);
 end
+$$;
+
+create function public.revoke_license_key(p_key_id uuid)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.revoke_license_key(p_key_id)
 $$;
 comment on function public.revoke_license_key(uuid) is 'Revoke a license key: {key_id, revoked_at}.';
 
@@ -108,7 +124,7 @@ begin
 end
 $$;
 
-create function public.deduct_credits_by_license(p_license_key text, p_idempotency_key text,
+create function private.deduct_credits_by_license(p_license_key text, p_idempotency_key text,
                                                  p_amount integer default null, p_operation text default null,
                                                  p_model text default null, p_input_tokens integer default null,
                                                  p_output_tokens integer default null,
@@ -131,6 +147,18 @@ begin
     p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata, null);
 end
 $$;
+
+create function public.deduct_credits_by_license(p_license_key text, p_idempotency_key text,
+                                                 p_amount integer default null, p_operation text default null,
+                                                 p_model text default null, p_input_tokens integer default null,
+                                                 p_output_tokens integer default null,
+                                                 p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.deduct_credits_by_license(p_license_key, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata)
+$$;
 comment on function public.deduct_credits_by_license(text, text, integer, text, text, integer, integer, jsonb) is
   'Service: deduct_credits for the account of an active, unexpired license key.';
 
@@ -142,3 +170,11 @@ grant execute on function public.create_license_key(uuid, text, timestamptz), pu
   to authenticated, service_role;
 grant execute on function
   public.deduct_credits_by_license(text, text, integer, text, text, integer, integer, jsonb) to service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.create_license_key(uuid, text, timestamptz) from public, anon, authenticated, service_role;
+grant execute on function private.create_license_key(uuid, text, timestamptz) to authenticated, service_role;
+revoke all on function private.revoke_license_key(uuid) from public, anon, authenticated, service_role;
+grant execute on function private.revoke_license_key(uuid) to authenticated, service_role;
+revoke all on function private.deduct_credits_by_license(text, text, integer, text, text, integer, integer, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.deduct_credits_by_license(text, text, integer, text, text, integer, integer, jsonb) to service_role;

@@ -21,7 +21,7 @@
 --     are only decreased here (they are granted with an expiry, by
 --     grant_promotional_credits).
 
-create function public.refund_credits(p_transaction_id uuid, p_idempotency_key text, p_amount integer default null,
+create function private.refund_credits(p_transaction_id uuid, p_idempotency_key text, p_amount integer default null,
                                       p_reason text default null) returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -67,6 +67,15 @@ begin
                           p_metadata => jsonb_build_object('refund_of', p_transaction_id, 'reason', p_reason));
   return private.result(v_entry, false);
 end
+$$;
+
+create function public.refund_credits(p_transaction_id uuid, p_idempotency_key text, p_amount integer default null,
+                                      p_reason text default null)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.refund_credits(p_transaction_id, p_idempotency_key, p_amount, p_reason)
 $$;
 comment on function public.refund_credits(uuid, text, integer, text) is
   'Service: give back (part of) a spend into the purchased pool. {transaction_id, refunded, replayed, balance}.';
@@ -162,23 +171,32 @@ begin
     p_purchased => case when v_grants.pool = 'purchased' then -v_take else 0 end,
     p_origin => p_origin, p_key => p_key, p_hash => v_hash, p_stripe_ref => p_stripe_ref,
     p_description => p_reason,
-    p_metadata => jsonb_build_object('reason', p_reason, 'pending', v_claimed,
-                                     'shortfall', v_outstanding - v_take - v_claimed));
+    p_metadata => jsonb_build_object('reason', p_reason),
+    p_outcome => jsonb_build_object('pending', v_claimed, 'shortfall', v_outstanding - v_take - v_claimed));
   return private.result(v_entry, false);
 end
 $$;
 
-create function public.clawback_credits(p_stripe_ref text, p_idempotency_key text, p_amount integer default null,
+create function private.clawback_credits(p_stripe_ref text, p_idempotency_key text, p_amount integer default null,
                                         p_reason text default null) returns jsonb
 language sql security definer
 set search_path = pg_catalog, pg_temp
 as $$
   select private.clawback(p_stripe_ref, p_idempotency_key, p_amount, p_reason, 'api')
 $$;
+
+create function public.clawback_credits(p_stripe_ref text, p_idempotency_key text, p_amount integer default null,
+                                        p_reason text default null)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.clawback_credits(p_stripe_ref, p_idempotency_key, p_amount, p_reason)
+$$;
 comment on function public.clawback_credits(text, text, integer, text) is
   'Service: take back what a Stripe payment granted (cumulative amount). {clawed_back, shortfall, pending, ...}.';
 
-create function public.admin_adjust_credits(p_account_id uuid, p_pool text, p_amount integer, p_reason text,
+create function private.admin_adjust_credits(p_account_id uuid, p_pool text, p_amount integer, p_reason text,
                                             p_idempotency_key text) returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -226,6 +244,15 @@ begin
   return private.result(v_entry, false);
 end
 $$;
+
+create function public.admin_adjust_credits(p_account_id uuid, p_pool text, p_amount integer, p_reason text,
+                                            p_idempotency_key text)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.admin_adjust_credits(p_account_id, p_pool, p_amount, p_reason, p_idempotency_key)
+$$;
 comment on function public.admin_adjust_credits(uuid, text, integer, text, text) is
   'Service: signed adjustment of one pool (a decrease takes free credits only). {transaction_id, replayed, balance}.';
 
@@ -233,7 +260,7 @@ comment on function public.admin_adjust_credits(uuid, text, integer, text, text)
 -- Checking the books.
 -- ---------------------------------------------------------------------------
 
-create function public.reconcile_credit_balances() returns jsonb
+create function private.reconcile_credit_balances() returns jsonb
 language sql stable security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -264,6 +291,14 @@ as $$
                            filter (where c.balance <> c.expected), '[]'::jsonb))
   from checks c
 $$;
+
+create function public.reconcile_credit_balances()
+returns jsonb
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.reconcile_credit_balances()
+$$;
 comment on function public.reconcile_credit_balances() is
   'Service: every account/pool whose balance differs from its ledger, and held counters from active holds.';
 
@@ -276,3 +311,13 @@ grant execute on function public.refund_credits(uuid, text, integer, text),
   public.clawback_credits(text, text, integer, text),
   public.admin_adjust_credits(uuid, text, integer, text, text), public.reconcile_credit_balances()
   to service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.refund_credits(uuid, text, integer, text) from public, anon, authenticated, service_role;
+grant execute on function private.refund_credits(uuid, text, integer, text) to service_role;
+revoke all on function private.clawback_credits(text, text, integer, text) from public, anon, authenticated, service_role;
+grant execute on function private.clawback_credits(text, text, integer, text) to service_role;
+revoke all on function private.admin_adjust_credits(uuid, text, integer, text, text) from public, anon, authenticated, service_role;
+grant execute on function private.admin_adjust_credits(uuid, text, integer, text, text) to service_role;
+revoke all on function private.reconcile_credit_balances() from public, anon, authenticated, service_role;
+grant execute on function private.reconcile_credit_balances() to service_role;

@@ -23,7 +23,7 @@ as $$
      and coalesce(p_account.subscription_status, '') in ('active', 'trialing', 'past_due')
 $$;
 
-create function public.run_monthly_reset(p_period_start date, p_batch_size integer default 5000,
+create function private.run_monthly_reset(p_period_start date, p_batch_size integer default 5000,
                                          p_after uuid default null) returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -105,9 +105,22 @@ begin
                             'granted', v_result.granted, 'next_after', v_last, 'done', v_scanned < p_batch_size);
 end
 $$;
+
+create function public.run_monthly_reset(p_period_start date, p_batch_size integer default 5000,
+                                         p_after uuid default null)
+returns jsonb
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  select private.run_monthly_reset(p_period_start, p_batch_size, p_after)
+$$;
 comment on function public.run_monthly_reset(date, integer, uuid) is
   'Service: renew up to p_batch_size accounts not renewed by Stripe. {processed, expired, granted, next_after, done}.';
 
 revoke all on function private.renewed_by_stripe(public.credit_accounts),
   public.run_monthly_reset(date, integer, uuid) from public, anon, authenticated, service_role;
 grant execute on function public.run_monthly_reset(date, integer, uuid) to service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.run_monthly_reset(date, integer, uuid) from public, anon, authenticated, service_role;
+grant execute on function private.run_monthly_reset(date, integer, uuid) to service_role;
