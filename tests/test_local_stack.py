@@ -182,7 +182,8 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
         demo.Demo(stack, out=out).run()
         with psycopg.connect(stack.dsn) as conn:
             dana = conn.execute(
-                "select a.subscription_balance, a.purchased_balance from public.credit_accounts a "
+                "select w.subscription, w.purchased from public.credit_wallets w "
+                "join public.credit_accounts a on a.id = w.account_id "
                 "join auth.users u on u.id = a.user_id where u.email = 'dana@example.com'").fetchone()
     text = out.getvalue()
     assert "0 mismatches" in text and "(duplicate)" in text and "(replayed)" in text

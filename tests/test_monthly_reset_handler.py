@@ -61,16 +61,16 @@ def month_start() -> str:
 def age_accounts(reset_db: Db, accounts: list[str]) -> None:
     """Move these accounts' current period one month back (their state on the 1st before the reset)."""
     reset_db.sql("""
-        update public.credit_accounts
+        update public.credit_wallets
            set period_start = date_trunc('month', now(), 'UTC') - interval '1 month',
                period_end = date_trunc('month', now(), 'UTC')
-         where id = any(%s::uuid[])""", accounts)
+         where account_id = any(%s::uuid[])""", accounts)
 
 
 def grants_this_month(reset_db: Db, account_id: str) -> int:
     return reset_db.one(
         "select count(*) from public.credit_ledger where account_id = %s and type = 'grant'"
-        " and period_start = date_trunc('month', now(), 'UTC') and idempotency_key like 'monthly_reset:%%'",
+        " and period_start = date_trunc('month', now(), 'UTC') and metadata ->> 'reason' = 'monthly_reset'",
         account_id)
 
 

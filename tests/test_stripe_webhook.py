@@ -229,7 +229,7 @@ def test_pack_purchase_grants_once_with_the_payment_intent_as_reference(
     purchases = [r for r in world.db.ledger(world.account) if r["type"] == "purchase"]
     assert len(purchases) == 1
     assert purchases[0]["stripe_ref"] == world.payment_intent
-    assert purchases[0]["idempotency_key"] == f"stripe:checkout:{world.session}"
+    assert (purchases[0]["idempotency_key"], purchases[0]["origin"]) == (f"checkout:{world.session}", "stripe")
     recorded = world.recorded(event["id"])
     assert recorded is not None
     assert (recorded["outcome"], recorded["deliveries"]) == ("applied", 2)
@@ -305,7 +305,7 @@ def test_subscription_checkout_links_and_invoice_starts_the_period(
     assert balance["period_start"].startswith(time.strftime("%Y-%m-%d", time.gmtime(world.period_start)))
     grants = [r for r in world.db.ledger(world.account) if r["type"] == "grant"]
     assert grants[-1]["amount"] == 100
-    assert grants[-1]["idempotency_key"] == f"stripe:invoice:{world.invoice}"
+    assert (grants[-1]["idempotency_key"], grants[-1]["origin"]) == (f"invoice:{world.invoice}", "stripe")
     assert deliver(invoice).body["outcome"] == "duplicate"
     assert world.pools() == (100, 0)
 
@@ -623,7 +623,7 @@ def test_database_failure_mid_event_rolls_everything_back(
             assert pid is not None, "the webhook's transaction never reached the event log"
             # It has already written the purchase: the account row is locked by it.
             with pytest.raises(psycopg.errors.LockNotAvailable):
-                admin.execute("select 1 from public.credit_accounts where id = %s for update nowait",
+                admin.execute("select 1 from public.credit_wallets where account_id = %s for update nowait",
                               (world.account,))
             admin.execute("select pg_terminate_backend(%s)", (pid,))
         thread.join(timeout=30)
