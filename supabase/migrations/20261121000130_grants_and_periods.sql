@@ -170,11 +170,14 @@ as $$
     update public.credit_wallets w
        set subscription = c.held_subscription + c.new_amount,
            promotional = c.promotional + c.rolled,
-           promo_front_at = case when c.rolled = 0 or c.promo_front_at < p_end then c.promo_front_at
-                                 else p_end end,
-           promo_front_left = case when c.rolled = 0 or c.promo_front_at < p_end then c.promo_front_left
+           -- The rollover grant becomes the soonest expiry unless a grant with free
+           -- credits expires earlier (front_left = 0: no free promotional credits).
+           promo_front_at = case when c.rolled > 0 and (c.promo_front_left = 0 or c.promo_front_at >= p_end)
+                                 then p_end else c.promo_front_at end,
+           promo_front_left = case when c.rolled = 0 then c.promo_front_left
+                                   when c.promo_front_left = 0 or c.promo_front_at > p_end then c.rolled
                                    when c.promo_front_at = p_end then c.promo_front_left + c.rolled
-                                   else c.rolled end,
+                                   else c.promo_front_left end,
            sub_epoch = c.sub_epoch + 1,
            period_start = p_start,
            period_end = p_end
@@ -198,7 +201,7 @@ as $$
       join renewed n on n.account_id = c.account_id
      cross join lateral (values
        (1, c.roll_id, 'rollover'::private.entry_kind, 'system'::private.entry_origin, null::text, null::uuid,
-        c.rolled, -c.rolled, c.subscription - c.rolled, c.period_start, c.period_end, c.roll_id),
+        c.rolled, -c.rolled, c.subscription - c.rolled, c.period_start, c.period_end, c.grant_id),
        (2, c.expire_id, 'expire', 'system', null, null,
         0, -c.lapsed, c.held_subscription, c.period_start, c.period_end, c.grant_id),
        (3, c.grant_id, 'grant', p_origin, p_key, p_hash,

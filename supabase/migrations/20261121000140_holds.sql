@@ -118,7 +118,9 @@ begin
     end if;
     if v_amount > v_take then
       f_amount := v_amount - v_take;
-      f_fate := case when (v_part ->> 'e')::timestamptz <= p_now then 'expire' else 'free' end;
+      -- The grant's own date decides (the part keeps a copy only for ordering).
+      f_fate := case when (select p.expires_at from public.credit_promotions p where p.id = f_grant) <= p_now
+                     then 'expire' else 'free' end;
       return next;
     end if;
   end loop;
