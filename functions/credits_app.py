@@ -9,7 +9,6 @@ by ``deduct_credits_by_license`` itself, which only the service role may run.
 """
 
 
-import json
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -18,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from functions import limits
 from functions.auth import Caller, TokenVerifier, authenticate
 from functions.errors import ApiError, BadRequest, Forbidden
 from functions.http import install_error_handlers, install_request_logging
@@ -25,14 +25,14 @@ from functions.observability import count
 from functions.rpc import Rpc, get_rpc
 from functions.settings import Settings
 
-MAX_AMOUNT = 1_000_000_000
-MAX_METADATA_BYTES = 8192
-MAX_IDEMPOTENCY_KEY = 255
+MAX_AMOUNT = limits.AMOUNT
+MAX_METADATA_BYTES = limits.METADATA_BYTES
+MAX_IDEMPOTENCY_KEY = limits.IDEMPOTENCY_KEY
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
 
 Amount = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT)]
-TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)]
+TokenCount = Annotated[StrictInt, Field(ge=0, le=limits.TOKENS)]
 
 
 class _Body(BaseModel):
@@ -43,14 +43,14 @@ class _Body(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_small(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+        if limits.metadata_bytes(value) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
         return value
 
 
 class _Spend(_Body):
     amount: Amount | None = Field(default=None, description="Credits; or give `operation`.")
-    operation: str | None = Field(default=None, min_length=1, max_length=128,
+    operation: str | None = Field(default=None, min_length=1, max_length=limits.OPERATION,
                                   description="Priced by the credit_prices table; or give `amount`.")
     account_id: UUID | None = Field(default=None, description="Default: the caller's personal account.")
 
@@ -62,14 +62,13 @@ class _Spend(_Body):
 
 
 class DeductRequest(_Spend):
-    model: str | None = Field(default=None, max_length=200)
+    model: str | None = Field(default=None, min_length=1, max_length=limits.MODEL)
     input_tokens: TokenCount | None = None
     output_tokens: TokenCount | None = None
 
 
 class ReserveRequest(_Spend):
-    # The upper bound is the database's to decide (it answers 400 invalid_argument).
-    ttl_seconds: Annotated[StrictInt, Field(ge=1)] | None = Field(
+    ttl_seconds: Annotated[StrictInt, Field(ge=1, le=limits.TTL_SECONDS)] | None = Field(
         default=None, description="How long the hold lives before it is released (default 900).")
 
 

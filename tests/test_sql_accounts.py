@@ -55,8 +55,8 @@ def test_signup_opens_a_free_account_with_its_first_month_granted(database: Db) 
     assert (grant["pool"], grant["amount"], grant["balance_after"], grant["type"]) == (
         "subscription", 3, 3, "grant")
     assert (ts(grant["period_start"]), ts(grant["period_end"])) == (start, end)
-    assert database.one("select kind::text, subscription from public.credit_transactions where account_id = %s",
-                        account_id) == ("grant", 3)
+    assert database.one("select kind::text, subscription from public.credit_transactions "
+                        "where account_id = %s", account_id) == ("grant", 3)
 
 
 def test_signup_grant_follows_the_free_plan_setting(database: Db, free_plan_credits: None) -> None:

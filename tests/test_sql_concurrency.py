@@ -13,7 +13,6 @@ ledger that explains every balance at the end.
 from __future__ import annotations
 
 import datetime as dt
-
 import random
 import threading
 import time
@@ -97,7 +96,8 @@ def conc(pg_server: str) -> Iterator[Db]:
 
 def pools(database: Db, account: str) -> tuple[int, int, int]:
     """(subscription, purchased, held) from the wallet."""
-    return database.one("select subscription, purchased, held_promotional + held_subscription + held_purchased "
+    return database.one("select subscription, purchased, "
+                        "held_promotional + held_subscription + held_purchased "
                         "from public.credit_wallets where account_id = %s", account)
 
 
@@ -377,7 +377,7 @@ def test_everything_at_once_keeps_the_books(conc: Db) -> None:
         assert held == active
     assert_books_balance(conc)
     # Every hold still active can be captured in full: nothing took its credits.
-    for account, hold in mix.holds:
+    for _, hold in mix.holds:
         if conc.one("select status from public.credit_holds where id = %s", hold) == "active":
             captured = conc.call("capture_hold", p_hold_id=hold)
             assert captured["charged"] > 0

@@ -27,7 +27,8 @@ def _prices(database: Db) -> None:
     for operation, (credits, rate_in, rate_out, free) in PRICES.items():
         database.sql(
             "insert into public.credit_prices (operation, credits, credits_per_1k_input_tokens, "
-            "credits_per_1k_output_tokens, free) values (%s, %s, %s, %s, %s) on conflict (operation) do nothing",
+            "credits_per_1k_output_tokens, free) values (%s, %s, %s, %s, %s) "
+            "on conflict (operation) do nothing",
             operation, credits, rate_in, rate_out, free)
 
 

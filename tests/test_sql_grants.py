@@ -59,8 +59,9 @@ def test_purchase_adds_to_the_purchased_pool(database: Db) -> None:
         "purchased", 50, 50, "purchase", "pi_grant_1")
     assert row["metadata"] == {"price": "price_50"}
     assert (row["period_start"], row["actor_id"]) == (None, None)
-    assert database.one("select kind::text, purchased, stripe_ref, description from public.credit_transactions "
-                        "where id = %s", result["transaction_id"]) == ("purchase", 50, "pi_grant_1", "50 pack")
+    assert database.one("select kind::text, purchased, stripe_ref, description "
+                        "from public.credit_transactions where id = %s",
+                        result["transaction_id"]) == ("purchase", 50, "pi_grant_1", "50 pack")
     assert purchase(database, account_id, 7)["balance"]["purchased"] == 57
     assert rows(database, account_id, 2) == [("purchased", 7, 57, "purchase")]
 

@@ -166,6 +166,7 @@ def test_a_reserve_committing_while_the_reset_waits_keeps_held_exact(database: D
     held = database.one("select held_promotional + held_subscription + held_purchased "
                         "from public.credit_wallets where account_id = %s", account_id)
     assert held == 12 == database.balance(account_id)["held"]
-    assert database.one("select status from public.credit_holds where id = %s", lapsing["hold_id"]) == "expired"
+    status = database.one("select status from public.credit_holds where id = %s", lapsing["hold_id"])
+    assert status == "expired"
     captured = database.call("capture_hold", p_hold_id=new_hold["hold_id"])
     assert captured["charged"] == 12

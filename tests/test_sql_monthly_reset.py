@@ -62,8 +62,9 @@ def run_to_end(database: Db, period: dt.date, batch: int) -> list[dict[str, Any]
 
 
 def account_row(database: Db, account_id: str) -> tuple:
-    return database.one("select subscription, purchased, held_promotional + held_subscription + held_purchased, "
-                        "period_start, period_end from public.credit_wallets where account_id = %s", account_id)
+    return database.one("select subscription, purchased, "
+                        "held_promotional + held_subscription + held_purchased, period_start, period_end "
+                        "from public.credit_wallets where account_id = %s", account_id)
 
 
 def lapse(database: Db, hold_id: str) -> None:

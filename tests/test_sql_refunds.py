@@ -129,8 +129,8 @@ def test_refund_rejects_invalid_arguments(database: Db, args: dict[str, Any], ar
 
 def test_a_free_spend_has_nothing_to_refund(database: Db) -> None:
     caller, account_id = database.new_user()
-    database.sql("insert into public.credit_prices (operation, credits, free) values ('refund-free', 0, true) "
-                 "on conflict (operation) do nothing")
+    database.sql("insert into public.credit_prices (operation, credits, free) "
+                 "values ('refund-free', 0, true) on conflict (operation) do nothing")
     tx = database.call("deduct_credits", caller, p_account_id=account_id, p_idempotency_key=new_key(),
                        p_operation="refund-free")["transaction_id"]
     before = snapshot(database, account_id)

@@ -80,7 +80,8 @@ def test_the_trap_works_on_a_function_pinned_to_an_empty_search_path(database: D
     conn.autocommit = False
     try:
         conn.execute("create function public.zz_shadowable() returns text language plpgsql security definer "
-                     "set search_path = '' as $$ begin return '00000000-0000-0000-0000-000000000000'::uuid; end $$")
+                     "set search_path = '' "
+                     "as $$ begin return '00000000-0000-0000-0000-000000000000'::uuid; end $$")
         conn.execute("grant execute on function public.zz_shadowable() to authenticated")
         conn.execute("set local role authenticated")
         for statement in TRAPS[:2]:

@@ -229,7 +229,8 @@ def test_pack_purchase_grants_once_with_the_payment_intent_as_reference(
     purchases = [r for r in world.db.ledger(world.account) if r["type"] == "purchase"]
     assert len(purchases) == 1
     assert purchases[0]["stripe_ref"] == world.payment_intent
-    assert (purchases[0]["idempotency_key"], purchases[0]["origin"]) == (f"checkout:{world.session}", "stripe")
+    assert (purchases[0]["idempotency_key"], purchases[0]["origin"]) == (
+        f"checkout:{world.session}", "stripe")
     recorded = world.recorded(event["id"])
     assert recorded is not None
     assert (recorded["outcome"], recorded["deliveries"]) == ("applied", 2)
