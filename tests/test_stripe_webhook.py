@@ -700,3 +700,26 @@ def test_a_subscription_linked_to_another_account_is_refused(
     assert world.recorded(event["id"])["error"]["message"] == "subscription_linked_elsewhere"
     assert database.balance(other_account)["subscription"] == 3
     assert world.pools() == (3, 0)
+
+
+def test_no_key_a_license_holder_chooses_can_block_a_stripe_grant_or_refund(
+        deliver: Deliver, world: World) -> None:
+    # The license-key deduct runs as service_role; any key its caller chooses
+    # lives in the callers' key space, apart from the records Stripe events make.
+    key = world.db.call("create_license_key", p_account_id=world.account, p_name="attacker")["key"]
+    world.db.fund(world.account, purchased=10)
+    for taken in (f"refund:{world.charge}:1000", f"stripe:refund:{world.charge}:1000",
+                  f"checkout:{world.session}", f"stripe:checkout:{world.session}",
+                  f"invoice:{world.invoice}", f"stripe:invoice:{world.invoice}"):
+        spent = world.db.call("deduct_credits_by_license", p_license_key=key, p_idempotency_key=taken,
+                              p_amount=1)
+        assert spent["charged"] == 1
+    assert world.pools() == (0, 7)
+    checkout = world.event("checkout.session.completed.payment", CREDITS="100", AMOUNT=1000)
+    assert deliver(checkout).body["outcome"] == "applied"
+    assert world.pools() == (0, 107)
+    refund = world.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=1000, REFUNDED=True)
+    assert deliver(refund).body["outcome"] == "applied"
+    assert world.pools() == (0, 7)
+    reasons = [(world.recorded(e["id"]) or {}).get("reason") for e in (checkout, refund)]
+    assert reasons == ["credits_purchased", "clawed_back"]
