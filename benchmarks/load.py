@@ -38,8 +38,8 @@ def license_key_sql(n: str) -> str:
 
 
 def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subscription: int = 3,
-                  previous_period: bool = False, license_keys: bool = False) -> None:
-    """Accounts 1..count on `free`, each with ``subscription`` + ``purchased`` credits.
+                  previous_period: bool = False, license_keys: bool = False, plan: str = "free") -> None:
+    """Accounts 1..count on ``plan``, each with ``subscription`` + ``purchased`` credits.
 
     ``previous_period`` dates their period a month back, so the monthly reset
     of this month has every one of them to renew.
@@ -69,40 +69,34 @@ def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subsc
                      "select user_id, 'bench-' || n || '@example.test' from bench_load")
         conn.execute(
             """
-            insert into public.credit_accounts (id, user_id, plan_id, subscription_balance, purchased_balance,
-                                                period_start, period_end, created_at)
-            select account_id, user_id, 'free', %(sub)s, %(purchased)s, period_start, period_end, period_start
-              from bench_load
+            insert into public.credit_accounts (id, user_id, plan_id, created_at)
+            select account_id, user_id, %(plan)s, period_start from bench_load
             """,
-            {"sub": subscription, "purchased": purchased},
+            {"plan": plan},
         )
         conn.execute(
             """
-            insert into public.credit_transactions (id, account_id, kind, idempotency_key, request_hash,
-                                                    result, amount, pool, description, created_at)
-            select signup_tx, account_id, 'grant', 'signup', md5('signup')::uuid,
-                   jsonb_build_object('expired', 0, 'granted', %(sub)s, 'replayed', false),
-                   %(sub)s, 'subscription', 'first month''s allowance', period_start
-              from bench_load
-            union all
-            select funding_tx, account_id, 'purchase', 'bench-funding', md5('bench-funding')::uuid,
-                   jsonb_build_object('added', %(purchased)s, 'replayed', false),
-                   %(purchased)s, 'purchased', 'benchmark funding', period_start
-              from bench_load
+            insert into public.credit_wallets (account_id, subscription, purchased, period_start, period_end)
+            select account_id, %(sub)s, %(purchased)s, period_start, period_end from bench_load
             """,
             {"sub": subscription, "purchased": purchased},
         )
+        # The signup grant and the funding purchase, as the functions write them.
         conn.execute(
             """
-            insert into public.credit_ledger (account_id, transaction_id, pool, amount, balance_after, type,
-                                              idempotency_key, period_start, period_end, metadata, created_at)
-            select account_id, signup_tx, 'subscription', %(sub)s, %(sub)s, 'grant', 'signup',
-                   period_start, period_end, '{"reason": "signup"}'::jsonb, period_start
-              from bench_load where %(sub)s > 0
+            insert into public.credit_transactions (
+              id, account_id, kind, origin, idempotency_key, request_hash, subscription, purchased,
+              promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
+              metadata, created_at)
+            select signup_tx, account_id, 'grant'::private.entry_kind, 'system'::private.entry_origin, null,
+                   null::uuid, %(sub)s, 0,
+                   0, %(sub)s, 0, 0, period_start, period_end, '{"reason": "signup"}'::jsonb, period_start
+              from bench_load
             union all
-            select account_id, funding_tx, 'purchased', %(purchased)s, %(purchased)s, 'purchase',
-                   'bench-funding', null, null, '{}'::jsonb, period_start
-              from bench_load where %(purchased)s > 0
+            select funding_tx, account_id, 'purchase', 'api', 'bench-funding', md5('bench-funding')::uuid,
+                   0, %(purchased)s, 0, %(sub)s, %(purchased)s, 0, period_start, period_end, '{}'::jsonb,
+                   period_start
+              from bench_load
             """,
             {"sub": subscription, "purchased": purchased},
         )
@@ -115,8 +109,8 @@ def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subsc
                   from bench_load
                 """
             )
-    conn.execute("vacuum analyze auth.users, public.credit_accounts, public.credit_transactions, "
-                 "public.credit_ledger, public.credit_license_keys")
+    conn.execute("vacuum analyze auth.users, public.credit_accounts, public.credit_wallets, "
+                 "public.credit_transactions, public.credit_license_keys")
 
 
 def load_baseline(conn: psycopg.Connection, count: int, *, balance: int) -> None:
@@ -131,3 +125,59 @@ def load_baseline(conn: psycopg.Connection, count: int, *, balance: int) -> None
     conn.execute(f"insert into bench.accounts select {account_id_sql('n')}, %s "
                  "from generate_series(1, %s) n", (balance, count))
     conn.execute("vacuum analyze bench.accounts, bench.ledger")
+
+
+# What a team writes itself, after the usual tutorial: two balance columns read
+# with SELECT ... FOR UPDATE, the split in plpgsql, an UPDATE, a transaction row
+# with indexes on (user, time), (type) and (time), and a usage row indexed on
+# (user, time). No idempotency, no holds, no ledger balance. Called through the
+# REST layer's role switch like ours.
+NAIVE_SCHEMA = """
+create table bench.naive_accounts (
+  id uuid primary key, subscription_balance bigint not null default 0, purchased_balance bigint not null default 0);
+create table bench.naive_transactions (
+  id bigint generated always as identity primary key, user_id uuid not null, type text not null,
+  amount bigint not null, subscription_amount bigint not null, purchased_amount bigint not null,
+  description text, created_at timestamptz not null default now());
+create index naive_transactions_user_time on bench.naive_transactions (user_id, created_at);
+create index naive_transactions_type on bench.naive_transactions (type);
+create index naive_transactions_time on bench.naive_transactions (created_at);
+create table bench.naive_usage (
+  id bigint generated always as identity primary key, user_id uuid not null, operation text, model text,
+  credits bigint not null, metadata jsonb not null default '{}', created_at timestamptz not null default now());
+create index naive_usage_user_time on bench.naive_usage (user_id, created_at);
+create function bench.naive_deduct(p_user_id uuid, p_amount integer) returns jsonb
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+  v_sub bigint;
+  v_purchased bigint;
+  v_from_sub bigint;
+begin
+  select a.subscription_balance, a.purchased_balance into v_sub, v_purchased
+    from bench.naive_accounts a where a.id = p_user_id for update;
+  if v_sub + v_purchased < p_amount then
+    raise exception using errcode = 'PT402', message = 'insufficient_credits';
+  end if;
+  v_from_sub := least(v_sub, p_amount);
+  update bench.naive_accounts
+     set subscription_balance = subscription_balance - v_from_sub,
+         purchased_balance = purchased_balance - (p_amount - v_from_sub)
+   where id = p_user_id;
+  insert into bench.naive_transactions (user_id, type, amount, subscription_amount, purchased_amount, description)
+  values (p_user_id, 'usage', -p_amount, -v_from_sub, -(p_amount - v_from_sub), 'deduct');
+  insert into bench.naive_usage (user_id, credits) values (p_user_id, p_amount);
+  return jsonb_build_object('success', true, 'subscription_balance', v_sub - v_from_sub,
+                            'purchased_balance', v_purchased - (p_amount - v_from_sub));
+end
+$$;
+grant usage on schema bench to service_role;
+grant execute on function bench.naive_deduct(uuid, integer) to service_role;
+"""
+
+
+def load_naive(conn: psycopg.Connection, count: int, *, balance: int) -> None:
+    """The naive design's tables (in the bench schema made by load_baseline), same ids and funding."""
+    conn.execute(NAIVE_SCHEMA)
+    conn.execute(f"insert into bench.naive_accounts select {account_id_sql('n')}, 3, %s "
+                 "from generate_series(1, %s) n", (balance, count))
+    conn.execute("vacuum analyze bench.naive_accounts")

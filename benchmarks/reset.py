@@ -59,6 +59,12 @@ def reset_one(server: Server, size: int, cfg: Config) -> dict[str, float]:
         with bench.connect() as conn:
             t0 = time.perf_counter()
             load.load_accounts(conn, size, purchased=1_000, previous_period=True)
+            # Some accounts on a plan with a rollover cap: their renewal also
+            # moves unused allowance into a promotional grant.
+            conn.execute("insert into public.credit_plans (id, monthly_credits, rollover_cap) "
+                         "values ('bench_rollover', 100, 2)")
+            conn.execute("update public.credit_accounts set plan_id = 'bench_rollover' "
+                         "where right(id::text, 1) = '0'")
             loaded = time.perf_counter() - t0
         period = dt.datetime.now(dt.UTC).date().replace(day=1)
         background = pgbench.Background("deduct during reset", bench.dsn, scripts.DEDUCT,

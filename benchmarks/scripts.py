@@ -27,31 +27,22 @@ BARE_PAIR = (_PICK + "BEGIN;\n"
              f"INSERT INTO bench.ledger (account_id, amount) VALUES ({_ACCOUNT}, -1);\n"
              "END;\n")
 
-# The rows a deduct writes (the account update with the same guard, the
-# transaction-log row with a result of the usual size, one ledger row) as plain
-# statements: no function, no role switch, no checks. What the data model
-# costs apart from the function layer; reported next to the other two.
-_RESULT = ('{"transaction_id": "0190f3a0-0000-7000-8000-000000000000", "account_id": '
-           '"0190f3a0-0000-7000-8000-000000000000", "charged": 1, "from_subscription": 0, '
-           '"from_purchased": 1, "replayed": false, "balance": {"account_id": '
-           '"0190f3a0-0000-7000-8000-000000000000", "subscription": 0, "purchased": 999, "held": 0, '
-           '"available": 999, "total": 999, "period_start": "2026-11-01T00:00:00+00:00", '
-           '"period_end": "2026-12-01T00:00:00+00:00"}}')
+# The rows a deduct writes (the wallet update with the same guard, one
+# transaction row of the same width) as plain statements: no function, no role
+# switch, no checks. What the data model costs apart from the function layer.
 SAME_WRITES = (_PICK + "BEGIN;\n"
-               "UPDATE public.credit_accounts SET subscription_balance = subscription_balance - "
-               "least(subscription_balance, 1), purchased_balance = purchased_balance - "
-               "(1 - least(subscription_balance, 1)), "
-               "last_debit_subscription = least(subscription_balance, 1), "
-               f"updated_at = now() WHERE id = {_ACCOUNT} "
-               "AND subscription_balance + purchased_balance - held >= 1;\n"
+               "UPDATE public.credit_wallets SET purchased = purchased - 1, take_promotional = 0, "
+               f"take_subscription = 0 WHERE account_id = {_ACCOUNT} "
+               "AND promotional - held_promotional + subscription - held_subscription + purchased "
+               "- held_purchased >= 1;\n"
                "INSERT INTO public.credit_transactions (account_id, kind, idempotency_key, request_hash, "
-               f"result, amount, metadata) VALUES ({_ACCOUNT}, 'spend', {_KEY.format(prefix='w')}, "
-               f"md5('x')::uuid, '{_RESULT}', 1, '{{}}') "
-               "ON CONFLICT (account_id, idempotency_key) DO NOTHING;\n"
-               "INSERT INTO public.credit_ledger (account_id, transaction_id, pool, amount, balance_after, "
-               f"type, idempotency_key, metadata) VALUES ({_ACCOUNT}, gen_random_uuid(), 'purchased', "
-               "-1, 999, 'spend', 'w', '{}');\n"
+               "purchased, promotional_after, subscription_after, purchased_after, held_after, metadata) "
+               f"VALUES ({_ACCOUNT}, 'spend', {_KEY.format(prefix='w')}, md5('x')::uuid, -1, 0, 0, 999, 0, "
+               "'{}') ON CONFLICT (account_id, idempotency_key, origin) DO NOTHING;\n"
                "END;\n")
+
+# The naive design (benchmarks/load.py NAIVE_SCHEMA), called as our functions are.
+NAIVE = (_PICK + _AS_SERVICE + f"SELECT bench.naive_deduct({_ACCOUNT}, 1);\nEND;\n")
 
 # Reserve then capture: two requests (two transactions), as a caller makes them
 # around the work; one pgbench transaction is the pair.

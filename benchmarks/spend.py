@@ -14,7 +14,13 @@ from benchmarks.results import Result, Row, ms, num
 from benchmarks.server import BenchDatabase, Server
 from benchmarks.stats import median, percentile, ratio
 
-DEDUCT_TARGET = 0.8
+# Targets (issue "Core v2"), ratios of medians in one interleaved run.
+TARGETS = {  # hot: (vs naive, vs bare)
+    False: (1.3, 0.55),
+    True: (1.15, 0.75),
+}
+RESERVE_CAPTURE_TARGET = 0.5
+LICENSE_TARGET = 0.9
 
 
 def prepare(server: Server, cfg: Config) -> BenchDatabase:
@@ -23,6 +29,7 @@ def prepare(server: Server, cfg: Config) -> BenchDatabase:
     with bench.connect() as conn:
         load.load_accounts(conn, cfg.accounts, purchased=cfg.hot_purchased, license_keys=True)
         load.load_baseline(conn, cfg.accounts, balance=cfg.hot_purchased)
+        load.load_naive(conn, cfg.accounts, balance=cfg.hot_purchased)
     return bench
 
 
@@ -62,24 +69,30 @@ def _pair_ratio(a: list[pgbench.Run], b: list[pgbench.Run]) -> float:
 
 def _compare(name: str, label: str, runs: dict[str, list[pgbench.Run]], deadlocks: int, cfg: Config,
              *, hot: bool) -> Result:
-    deduct, bare = _describe(runs["deduct"]), _describe(runs["bare"])
-    r = _pair_ratio(runs["deduct"], runs["bare"])
+    deduct, bare, naive = _describe(runs["deduct"]), _describe(runs["bare"]), _describe(runs["naive"])
+    r_bare = _pair_ratio(runs["deduct"], runs["bare"])
+    r_naive = _pair_ratio(runs["deduct"], runs["naive"])
+    naive_target, bare_target = TARGETS[hot]
     errors = _errors(runs["deduct"])
     other_errors = {k: v for k, v in errors.items() if k != "insufficient_credits"}
     aborted = sum(run.aborted_clients for run in runs["deduct"])
     rows = [
         Row("deduct_credits tps (median)", num(deduct["tps"])),
+        Row("naive design tps (median)", num(naive["tps"])),
         Row("bare pair tps (median)", num(bare["tps"])),
-        Row("ratio deduct / bare (median of rounds)", num(r, 2), f">= {DEDUCT_TARGET}",
-            None if cfg.smoke else r >= DEDUCT_TARGET, timing=True),
+        Row("ratio deduct / naive (median of rounds)", num(r_naive, 2), f">= {naive_target}",
+            None if cfg.smoke else r_naive >= naive_target, timing=True),
+        Row("ratio deduct / bare (median of rounds)", num(r_bare, 2), f">= {bare_target}",
+            None if cfg.smoke else r_bare >= bare_target, timing=True),
         Row("deduct p50 / p99", f"{ms(deduct['p50'])} / {ms(deduct['p99'])}"),
+        Row("naive p50 / p99", f"{ms(naive['p50'])} / {ms(naive['p99'])}"),
         Row("bare pair p50 / p99", f"{ms(bare['p50'])} / {ms(bare['p99'])}"),
         Row("errors other than insufficient_credits", num(sum(other_errors.values()) + aborted), "0",
             not other_errors and not aborted),
     ]
     if "same_writes" in runs:
         same = _describe(runs["same_writes"])
-        rows[2:2] = [
+        rows[3:3] = [
             Row("same writes as plain SQL tps (median)", num(same["tps"])),
             Row("ratio deduct / same writes (the function layer)",
                 num(_pair_ratio(runs["deduct"], runs["same_writes"]), 2)),
@@ -89,17 +102,19 @@ def _compare(name: str, label: str, runs: dict[str, list[pgbench.Run]], deadlock
     if hot:
         rows.append(Row("deadlocks", num(deadlocks), "0", deadlocks == 0))
     summary = (f"{name}: {label}: deduct_credits {num(deduct['tps'])} tps (p50 {ms(deduct['p50'])}, "
-               f"p99 {ms(deduct['p99'])}) vs bare pair {num(bare['tps'])} tps (p50 {ms(bare['p50'])}, "
-               f"p99 {ms(bare['p99'])}); ratio {num(r, 2)} (target >= {DEDUCT_TARGET}); "
-               f"errors {dict(errors) or 0}; deadlocks {deadlocks}")
-    return Result(name, summary, rows, {"deduct": deduct, "bare": bare, "ratio": r, "errors": errors,
+               f"p99 {ms(deduct['p99'])}); naive {num(naive['tps'])} tps; bare pair {num(bare['tps'])} tps; "
+               f"deduct/naive {num(r_naive, 2)} (target >= {naive_target}), deduct/bare {num(r_bare, 2)} "
+               f"(target >= {bare_target}); errors {dict(errors) or 0}; deadlocks {deadlocks}")
+    return Result(name, summary, rows, {"deduct": deduct, "bare": bare, "naive": naive, "ratio": r_bare,
+                                        "ratio_naive": r_naive, "errors": errors,
                                         "aborted_clients": aborted, "deadlocks": deadlocks})
 
 
 def deduct_spread(bench: BenchDatabase, cfg: Config) -> Result:
     """1. deduct_credits over N funded accounts vs the bare pair."""
     before = bench.deadlocks()
-    variants = {"deduct": scripts.DEDUCT, "bare": scripts.BARE_PAIR, "same_writes": scripts.SAME_WRITES}
+    variants = {"deduct": scripts.DEDUCT, "naive": scripts.NAIVE, "bare": scripts.BARE_PAIR,
+                "same_writes": scripts.SAME_WRITES}
     runs = interleaved(bench, variants, cfg, cfg.accounts)
     return _compare("1 deduct", f"{cfg.accounts:,} accounts, {cfg.clients} clients", runs,
                     bench.deadlocks() - before, cfg, hot=False)
@@ -108,7 +123,8 @@ def deduct_spread(bench: BenchDatabase, cfg: Config) -> Result:
 def deduct_hot(bench: BenchDatabase, cfg: Config) -> Result:
     """2. Every call on one hot account vs the bare pair on one hot row."""
     before = bench.deadlocks()
-    runs = interleaved(bench, {"deduct": scripts.DEDUCT, "bare": scripts.BARE_PAIR}, cfg, 1)
+    runs = interleaved(bench, {"deduct": scripts.DEDUCT, "naive": scripts.NAIVE, "bare": scripts.BARE_PAIR},
+                       cfg, 1)
     return _compare("2 hot account", f"1 account, {cfg.clients} clients", runs,
                     bench.deadlocks() - before, cfg, hot=True)
 
@@ -122,13 +138,15 @@ def other_spends(bench: BenchDatabase, cfg: Config) -> Result:
     rows = [Row("deduct_credits tps (median)", num(base["tps"]))]
     data: dict[str, object] = {"deduct": base}
     parts = []
-    titles = (("reserve_capture", "reserve+capture pairs"), ("by_license", "deduct_credits_by_license"))
-    for label, title in titles:
+    titles = (("reserve_capture", "reserve+capture pairs", RESERVE_CAPTURE_TARGET),
+              ("by_license", "deduct_credits_by_license", LICENSE_TARGET))
+    for label, title, target in titles:
         d = _describe(runs[label])
         r = _pair_ratio(runs[label], runs["deduct"])
         errors = _errors(runs[label])
         rows += [Row(f"{title} per s (median)", num(d["tps"])),
-                 Row(f"{title} / deduct", num(r, 2)),
+                 Row(f"{title} / deduct", num(r, 2), f">= {target}", None if cfg.smoke else r >= target,
+                     timing=True),
                  Row(f"{title} p50 / p99", f"{ms(d['p50'])} / {ms(d['p99'])}"),
                  Row(f"{title} errors", num(sum(errors.values())), "0", not errors)]
         data[label] = {**d, "ratio_to_deduct": r, "errors": errors}
