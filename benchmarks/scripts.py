@@ -31,14 +31,12 @@ BARE_PAIR = (_PICK + "BEGIN;\n"
 # transaction row of the same width) as plain statements: no function, no role
 # switch, no checks. What the data model costs apart from the function layer.
 SAME_WRITES = (_PICK + "BEGIN;\n"
-               "UPDATE public.credit_wallets SET purchased = purchased - 1, take_promotional = 0, "
-               f"take_subscription = 0 WHERE account_id = {_ACCOUNT} "
-               "AND promotional - held_promotional + subscription - held_subscription + purchased "
-               "- held_purchased >= 1;\n"
+               f"SELECT * FROM public.credit_wallets WHERE account_id = {_ACCOUNT} FOR UPDATE;\n"
                "INSERT INTO public.credit_transactions (account_id, kind, idempotency_key, request_hash, "
                "purchased, promotional_after, subscription_after, purchased_after, held_after, metadata) "
                f"VALUES ({_ACCOUNT}, 'spend', {_KEY.format(prefix='w')}, md5('x')::uuid, -1, 0, 0, 999, 0, "
                "'{}') ON CONFLICT (account_id, idempotency_key, origin) DO NOTHING;\n"
+               f"UPDATE public.credit_wallets SET purchased = purchased - 1 WHERE account_id = {_ACCOUNT};\n"
                "END;\n")
 
 # The naive design (benchmarks/load.py NAIVE_SCHEMA), called as our functions are.

@@ -138,8 +138,6 @@ grant update (plan_id) on public.credit_accounts to service_role;
 --   * next_hold_expiry  the earliest expiry of an active hold;
 --   * promo_front_at /  the soonest expiry among promotional grants with free
 --     promo_front_left  credits left, and how many free credits expire then;
---   * take_*            scratch: what the last statement took from each pool
---                       (PostgreSQL 15's RETURNING has no OLD values).
 -- sub_epoch counts subscription expiries (renewals, explicit expiries): a hold
 -- whose subscription credits were reserved in an earlier epoch expires them
 -- when it ends uncaptured.
@@ -159,8 +157,6 @@ create table public.credit_wallets (
   next_hold_expiry timestamptz,
   promo_front_at timestamptz,
   promo_front_left bigint not null default 0,
-  take_promotional bigint not null default 0,
-  take_subscription bigint not null default 0,
   -- One check, one expression: never below zero, never more held than there is.
   constraint credit_wallets_sane check (
     least(promotional - held_promotional, subscription - held_subscription, purchased - held_purchased,
@@ -181,26 +177,35 @@ grant select on public.credit_wallets to authenticated, service_role;
 
 -- True for service_role and for a direct owner/superuser session (no SET ROLE,
 -- which only roles that already hold EXECUTE on the function can be).
-create function private.is_service() returns boolean
-language sql stable
+create function private.is_service()
+returns boolean
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select coalesce(nullif(current_setting('role', true), ''), 'none') in ('service_role', 'none')
+begin
+  return coalesce(nullif(current_setting('role', true), ''), 'none') in ('service_role', 'none');
+end
 $$;
 
-create function private.is_super_admin() returns boolean
-language sql stable
+create function private.is_super_admin()
+returns boolean
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select coalesce(auth.jwt() -> 'app_metadata' ->> 'role', '') = 'super_admin'
+begin
+  return coalesce(auth.jwt() -> 'app_metadata' ->> 'role', '') = 'super_admin';
+end
 $$;
 
 -- The calling user, or null for service calls (recorded as the actor).
-create function private.actor() returns uuid
-language sql stable
+create function private.actor()
+returns uuid
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select case when private.is_service() then null else auth.uid() end
+begin
+  return case when private.is_service() then null else auth.uid() end;
+end
 $$;
 
 -- Tenants the caller belongs to (definer: reads members without recursing into RLS).
@@ -223,10 +228,11 @@ as $$
    where m.user_id = (select auth.uid())
 $$;
 
--- The caller's right to act on an account. Service: the account must exist.
+-- The caller's right to act on an account; returns the acting user (null for
+-- the service), recorded as the actor. Service: the account must exist.
 -- Users: spend (p_write) needs the personal account or tenant owner/admin;
 -- read also allows any tenant member and super admins.
-create function private.authorize(p_account_id uuid, p_write boolean) returns void
+create function private.authorize(p_account_id uuid, p_write boolean) returns uuid
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
@@ -243,7 +249,7 @@ begin
     if not exists (select 1 from public.credit_accounts a where a.id = p_account_id) then
       perform private.fail('PT404', 'account_not_found');
     end if;
-    return;
+    return null;
   end if;
   v_uid := auth.uid();
   if v_uid is null or current_setting('role', true) <> 'authenticated' then
@@ -255,19 +261,20 @@ begin
     perform private.fail('PT404', 'account_not_found');
   end if;
   if v_user_id = v_uid then
-    return;
+    return v_uid;
   end if;
   if v_tenant_id is not null then
     select m.role into v_role from public.tenant_members m
      where m.tenant_id = v_tenant_id and m.user_id = v_uid;
     if v_role in ('owner', 'admin') or (v_role is not null and not p_write) then
-      return;
+      return v_uid;
     end if;
   end if;
   if not p_write and private.is_super_admin() then
-    return;
+    return v_uid;
   end if;
   perform private.fail('PT403', 'forbidden');
+  return null;
 end
 $$;
 

@@ -68,6 +68,14 @@ create table public.credit_transactions (
   primary key (account_id, seq)
 );
 create unique index credit_transactions_id_idx on public.credit_transactions (id);
+-- On PostgreSQL 18 the id comes from the built-in generator, with no function call per row.
+do $$
+begin
+  if current_setting('server_version_num')::integer >= 180000 then
+    alter table public.credit_transactions alter column id set default pg_catalog.uuidv7();
+  end if;
+end
+$$;
 create unique index credit_transactions_key_idx
   on public.credit_transactions (account_id, idempotency_key, origin);
 -- Spends carry neither: these partial indexes cost them only the predicate.
@@ -137,71 +145,54 @@ revoke all on function private.transactions_are_append_only(), private.delete_ac
 -- summed when they expire at the same instant). Held credits are not counted:
 -- they expire, if at all, when their hold ends.
 create function private.next_expiry(p_wallet public.credit_wallets) returns jsonb
-language sql immutable parallel safe
+language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
-  select case when x.at is null then null
-              else jsonb_build_object('amount', x.amount, 'at', x.at) end
-    from (select least(p.at, s.at) as at,
-                 case when p.at = least(p.at, s.at) then p.amount else 0 end
-                 + case when s.at = least(p.at, s.at) then s.amount else 0 end as amount
-            from (select case when p_wallet.promo_front_left > 0 then p_wallet.promo_front_at end as at,
-                         p_wallet.promo_front_left as amount) p,
-                 (select case when p_wallet.subscription > p_wallet.held_subscription
-                              then p_wallet.period_end end as at,
-                         p_wallet.subscription - p_wallet.held_subscription as amount) s) x
+declare
+  v_promo_at timestamptz := case when p_wallet.promo_front_left > 0 then p_wallet.promo_front_at end;
+  v_sub_at timestamptz := case when p_wallet.subscription > p_wallet.held_subscription
+                               then p_wallet.period_end end;
+  v_at timestamptz := least(v_promo_at, v_sub_at);
+begin
+  if v_at is null then
+    return null;
+  end if;
+  return jsonb_build_object(
+    'amount', case when v_promo_at = v_at then p_wallet.promo_front_left else 0 end
+              + case when v_sub_at = v_at then p_wallet.subscription - p_wallet.held_subscription else 0 end,
+    'at', v_at);
+end
 $$;
 
 create function private.available(p_wallet public.credit_wallets) returns bigint
-language sql immutable parallel safe
+language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
-  select p_wallet.promotional - p_wallet.held_promotional + p_wallet.subscription - p_wallet.held_subscription
-         + p_wallet.purchased - p_wallet.held_purchased
+begin
+  return p_wallet.promotional - p_wallet.held_promotional + p_wallet.subscription - p_wallet.held_subscription
+         + p_wallet.purchased - p_wallet.held_purchased;
+end
 $$;
 
 create function private.balance_json(p_wallet public.credit_wallets) returns jsonb
-language sql immutable parallel safe
+language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
-  select jsonb_build_object(
-    'account_id', p_wallet.account_id,
-    'promotional', p_wallet.promotional,
-    'subscription', p_wallet.subscription,
-    'purchased', p_wallet.purchased,
-    'held', h.held,
-    'available', p_wallet.promotional + p_wallet.subscription + p_wallet.purchased - h.held,
-    'total', p_wallet.promotional + p_wallet.subscription + p_wallet.purchased,
-    'period_start', p_wallet.period_start,
-    'period_end', p_wallet.period_end,
-    'next_expiry', private.next_expiry(p_wallet))
-  from (select p_wallet.held_promotional + p_wallet.held_subscription + p_wallet.held_purchased as held) h
+declare
+  v_held bigint := p_wallet.held_promotional + p_wallet.held_subscription + p_wallet.held_purchased;
+  v_total bigint := p_wallet.promotional + p_wallet.subscription + p_wallet.purchased;
+begin
+  return jsonb_build_object(
+    'account_id', p_wallet.account_id, 'promotional', p_wallet.promotional,
+    'subscription', p_wallet.subscription, 'purchased', p_wallet.purchased, 'held', v_held,
+    'available', v_total - v_held, 'total', v_total, 'period_start', p_wallet.period_start,
+    'period_end', p_wallet.period_end, 'next_expiry', private.next_expiry(p_wallet));
+end
 $$;
 
--- The balance object as it was right after a transaction row.
-create function private.entry_balance(p_entry public.credit_transactions) returns jsonb
-language sql immutable parallel safe
-set search_path = pg_catalog, pg_temp
-as $$
-  select jsonb_build_object(
-    'account_id', p_entry.account_id,
-    'promotional', p_entry.promotional_after,
-    'subscription', p_entry.subscription_after,
-    'purchased', p_entry.purchased_after,
-    'held', p_entry.held_after,
-    'available', p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after
-                 - p_entry.held_after,
-    'total', p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after,
-    'period_start', p_entry.period_start,
-    'period_end', p_entry.period_end,
-    'next_expiry', case when p_entry.next_expiry_at is null then null
-                        else jsonb_build_object('amount', p_entry.next_expiry_amount,
-                                                'at', p_entry.next_expiry_at) end)
-$$;
 
 revoke all on function private.next_expiry(public.credit_wallets), private.balance_json(public.credit_wallets),
-  private.available(public.credit_wallets),
-  private.entry_balance(public.credit_transactions) from public;
+  private.available(public.credit_wallets) from public;
 
 -- ---------------------------------------------------------------------------
 -- Writing: change a wallet and record the row, in that order, under the
@@ -330,7 +321,21 @@ begin
     else
       v_result := jsonb_build_object('transaction_id', p_entry.id);
   end case;
-  return v_result || jsonb_build_object('replayed', p_replayed, 'balance', private.entry_balance(p_entry));
+  -- The balance object as it was right after the row.
+  return v_result || jsonb_build_object('replayed', p_replayed, 'balance', jsonb_build_object(
+    'account_id', p_entry.account_id,
+    'promotional', p_entry.promotional_after,
+    'subscription', p_entry.subscription_after,
+    'purchased', p_entry.purchased_after,
+    'held', p_entry.held_after,
+    'available', p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after
+                 - p_entry.held_after,
+    'total', p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after,
+    'period_start', p_entry.period_start,
+    'period_end', p_entry.period_end,
+    'next_expiry', case when p_entry.next_expiry_at is null then null
+                        else jsonb_build_object('amount', p_entry.next_expiry_amount,
+                                                'at', p_entry.next_expiry_at) end));
 end
 $$;
 

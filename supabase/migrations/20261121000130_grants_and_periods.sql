@@ -329,21 +329,25 @@ create function private.add_purchased_credits(p_account_id uuid, p_amount intege
                                              p_stripe_ref text default null, p_description text default null,
                                              p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql security definer
+language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.add_purchased(p_account_id, p_amount, p_idempotency_key, p_stripe_ref, p_description,
-                               p_metadata, 'api')
+begin
+  return private.add_purchased(p_account_id, p_amount, p_idempotency_key, p_stripe_ref, p_description,
+                                 p_metadata, 'api');
+end
 $$;
 
 create function public.add_purchased_credits(p_account_id uuid, p_amount integer, p_idempotency_key text,
                                              p_stripe_ref text default null, p_description text default null,
                                              p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.add_purchased_credits(p_account_id, p_amount, p_idempotency_key, p_stripe_ref, p_description, p_metadata)
+begin
+  return private.add_purchased_credits(p_account_id, p_amount, p_idempotency_key, p_stripe_ref, p_description, p_metadata);
+end
 $$;
 comment on function public.add_purchased_credits(uuid, integer, text, text, text, jsonb) is
   'Service: add purchased credits (never expire). Result {transaction_id, added, replayed, balance}.';
@@ -399,11 +403,13 @@ create function private.add_subscription_credits(p_account_id uuid, p_amount int
                                                 p_stripe_ref text default null,
                                                 p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql security definer
+language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.add_subscription(p_account_id, p_amount, p_period_start, p_period_end, p_idempotency_key,
-                                  p_stripe_ref, p_metadata, 'api')
+begin
+  return private.add_subscription(p_account_id, p_amount, p_period_start, p_period_end, p_idempotency_key,
+                                    p_stripe_ref, p_metadata, 'api');
+end
 $$;
 
 create function public.add_subscription_credits(p_account_id uuid, p_amount integer, p_period_start timestamptz,
@@ -411,10 +417,12 @@ create function public.add_subscription_credits(p_account_id uuid, p_amount inte
                                                 p_stripe_ref text default null,
                                                 p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.add_subscription_credits(p_account_id, p_amount, p_period_start, p_period_end, p_idempotency_key, p_stripe_ref, p_metadata)
+begin
+  return private.add_subscription_credits(p_account_id, p_amount, p_period_start, p_period_end, p_idempotency_key, p_stripe_ref, p_metadata);
+end
 $$;
 comment on function public.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb)
   is 'Service: start a period (roll over, expire the old allowance, grant). {expired, granted, replayed, balance}.';
@@ -447,10 +455,12 @@ $$;
 
 create function public.expire_subscription_credits(p_account_id uuid, p_idempotency_key text)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.expire_subscription_credits(p_account_id, p_idempotency_key)
+begin
+  return private.expire_subscription_credits(p_account_id, p_idempotency_key);
+end
 $$;
 comment on function public.expire_subscription_credits(uuid, text) is
   'Service: expire the subscription pool now (purchased untouched). {expired, replayed, balance}.';
@@ -492,21 +502,25 @@ create function private.grant_promotional_credits(p_account_id uuid, p_amount in
                                                  p_idempotency_key text, p_reason text default null,
                                                  p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql security definer
+language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.grant_promotional(p_account_id, p_amount, p_expires_at, p_idempotency_key, p_reason,
-                                   p_metadata, null, 'api')
+begin
+  return private.grant_promotional(p_account_id, p_amount, p_expires_at, p_idempotency_key, p_reason,
+                                     p_metadata, null, 'api');
+end
 $$;
 
 create function public.grant_promotional_credits(p_account_id uuid, p_amount integer, p_expires_at timestamptz,
                                                  p_idempotency_key text, p_reason text default null,
                                                  p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.grant_promotional_credits(p_account_id, p_amount, p_expires_at, p_idempotency_key, p_reason, p_metadata)
+begin
+  return private.grant_promotional_credits(p_account_id, p_amount, p_expires_at, p_idempotency_key, p_reason, p_metadata);
+end
 $$;
 comment on function public.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb) is
   'Service: promotional credits expiring at p_expires_at. {transaction_id, granted, expires_at, replayed, balance}.';

@@ -77,11 +77,14 @@ create policy credit_holds_read on public.credit_holds for select to authenticat
 create function private.spend_split(p_promotional bigint, p_subscription bigint, p_purchased bigint,
                                     p_cost bigint,
                                     out promotional bigint, out subscription bigint, out purchased bigint)
-language sql immutable parallel safe
+language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
-  select x.p, least(p_subscription, p_cost - x.p), p_cost - x.p - least(p_subscription, p_cost - x.p)
-    from (select least(p_promotional, p_cost) as p) x
+begin
+  promotional := least(p_promotional, p_cost);
+  subscription := least(p_subscription, p_cost - promotional);
+  purchased := p_cost - promotional - subscription;
+end
 $$;
 
 -- What becomes of a hold's credits when it ends having charged p_charge:
@@ -254,11 +257,14 @@ $$;
 -- ---------------------------------------------------------------------------
 
 -- True when something of this wallet lapsed and the sweep has work to do.
-create function private.sweep_due(p_wallet public.credit_wallets) returns boolean
-language sql stable
+create function private.sweep_due(p_wallet public.credit_wallets)
+returns boolean
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select coalesce(least(p_wallet.next_hold_expiry, p_wallet.promo_front_at) <= now(), false)
+begin
+  return coalesce(least(p_wallet.next_hold_expiry, p_wallet.promo_front_at) <= now(), false);
+end
 $$;
 
 -- Lock an account's wallet and apply what lapsed: end expired holds, expire
@@ -390,8 +396,9 @@ declare
   v_hold uuid := gen_random_uuid();
   v_tx uuid := private.uuid_v7();
   v_expires timestamptz;
+  v_actor uuid;
 begin
-  perform private.authorize(p_account_id, true);
+  v_actor := private.authorize(p_account_id, true);
   v_cost := private.spend_cost(p_idempotency_key, p_amount, p_operation, null, null, null, p_metadata);
   if v_cost < 1 then
     perform private.invalid('p_operation', 'a hold must reserve at least 1 credit');
@@ -444,7 +451,7 @@ begin
   v_entry := private.post(p_account_id, 'reserve',
                           p_held_promotional => v_split.promotional, p_held_subscription => v_split.subscription,
                           p_held_purchased => v_split.purchased, p_key => p_idempotency_key, p_hash => v_hash,
-                          p_ref_id => v_hold, p_metadata => p_metadata, p_actor => private.actor(),
+                          p_ref_id => v_hold, p_metadata => p_metadata, p_actor => v_actor,
                           p_operation => p_operation, p_id => v_tx);
   return private.result(v_entry, false);
 end
@@ -454,10 +461,12 @@ create function public.reserve_credits(p_account_id uuid, p_idempotency_key text
                                        p_operation text default null, p_ttl_seconds integer default 900,
                                        p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.reserve_credits(p_account_id, p_idempotency_key, p_amount, p_operation, p_ttl_seconds, p_metadata)
+begin
+  return private.reserve_credits(p_account_id, p_idempotency_key, p_amount, p_operation, p_ttl_seconds, p_metadata);
+end
 $$;
 comment on function public.reserve_credits(uuid, text, integer, text, integer, jsonb) is
   'Reserve credits for work in progress. {hold_id, account_id, amount, expires_at, replayed, balance}.';
@@ -540,36 +549,45 @@ $$;
 create function private.capture_hold(p_hold_id uuid, p_amount integer default null,
                                     p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql security definer
+language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.settle_hold(p_hold_id, p_amount, p_metadata, true)
+begin
+  return private.settle_hold(p_hold_id, p_amount, p_metadata, true);
+end
 $$;
 
 create function public.capture_hold(p_hold_id uuid, p_amount integer default null,
                                     p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.capture_hold(p_hold_id, p_amount, p_metadata)
+begin
+  return private.capture_hold(p_hold_id, p_amount, p_metadata);
+end
 $$;
 comment on function public.capture_hold(uuid, integer, jsonb) is
   'Charge up to the held amount (default all) from the pools the hold reserved; release the rest.';
 
-create function private.release_hold(p_hold_id uuid) returns jsonb
-language sql security definer
+create function private.release_hold(p_hold_id uuid)
+returns jsonb
+language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.settle_hold(p_hold_id, null, null, false)
+begin
+  return private.settle_hold(p_hold_id, null, null, false);
+end
 $$;
 
 create function public.release_hold(p_hold_id uuid)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.release_hold(p_hold_id)
+begin
+  return private.release_hold(p_hold_id);
+end
 $$;
 comment on function public.release_hold(uuid) is 'Release a hold: {hold_id, released, replayed, balance}.';
 

@@ -14,11 +14,11 @@
 --   * A spend takes free credits in the spending order (private.spend_split)
 --     and never goes below zero; the same key with the same arguments
 --     answers the first result again, other arguments conflict.
---   * The fast path is one UPDATE whose WHERE is the whole decision (enough
---     free credits, nothing lapsed to sweep, the soonest promotional grant
---     covers the promotional part) and which locks the row; anything else
---     (a sweep, a replay, a spend across promotional grants, too few credits)
---     takes the slow path: lock and sweep first, then the same UPDATE.
+--   * A spend locks its wallet row, decides in memory, writes one transaction
+--     row and updates the wallet (HOT: no index covers a balance). Only
+--     what is unusual does more: a sweep when something lapsed, the replay
+--     lookup when the key was used or the credits do not suffice, the grant
+--     attribution when a spend crosses promotional grants.
 
 -- The price of an operation: flat credits plus per-1,000-token rates, rounded up.
 create function private.operation_cost(p_operation text, p_input_tokens integer, p_output_tokens integer)
@@ -87,100 +87,88 @@ begin
 end
 $$;
 
--- Spend p_cost now from an account the caller was authorized for.
-create function private.spend(p_account_id uuid, p_key text, p_hash uuid, p_cost bigint, p_operation text,
-                              p_model text, p_input_tokens integer, p_output_tokens integer, p_metadata jsonb,
-                              p_actor uuid)
+-- Spend now: check the caller and the arguments, lock the wallet, decide in
+-- memory, write the transaction row (whose unique key is the idempotency
+-- check), then the wallet. The license-key deduct calls this too.
+create function private.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
+                                       p_operation text, p_model text, p_input_tokens integer,
+                                       p_output_tokens integer, p_metadata jsonb)
 returns jsonb
-language plpgsql
+language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
+  v_actor uuid := private.authorize(p_account_id, true);
+  v_cost bigint := private.spend_cost(p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens,
+                                      p_output_tokens, p_metadata);
+  v_hash uuid := private.request_hash('deduct', jsonb_build_array(p_amount, p_operation, p_model,
+                                                                  p_input_tokens, p_output_tokens, p_metadata));
   v_wallet public.credit_wallets;
   v_entry public.credit_transactions;
-  v_slow boolean := false;
+  v_split record;
+  v_expiry jsonb;
 begin
-  loop
-    update public.credit_wallets w
-       set (promotional, subscription, purchased, take_promotional, take_subscription, promo_front_left) =
-           (select w.promotional - s.promotional, w.subscription - s.subscription, w.purchased - s.purchased,
-                   s.promotional, s.subscription, greatest(w.promo_front_left - s.promotional, 0)
-              from private.spend_split(w.promotional - w.held_promotional, w.subscription - w.held_subscription,
-                                       w.purchased - w.held_purchased, p_cost) s)
-     where w.account_id = p_account_id
-       and private.available(w) >= p_cost
-       and (v_slow
-            or (not private.sweep_due(w)
-                -- The soonest grant covers the promotional part, or it is all there is.
-                and (least(w.promotional - w.held_promotional, p_cost) < w.promo_front_left
-                     or w.promo_front_left = w.promotional - w.held_promotional)))
-    returning w.* into v_wallet;
-    exit when found;
-    if v_slow then
-      perform private.insufficient(p_cost, private.available(v_wallet));
-    end if;
-    -- Slow path: lock and sweep, answer a replay, refuse an overdraft.
+  select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id for update;
+  if not found then
+    perform private.fail('PT404', 'account_not_found');
+  end if;
+  if private.sweep_due(v_wallet) then
     v_wallet := private.lock_wallet(p_account_id);
-    v_entry := private.find_key(p_account_id, p_key, p_hash);
+  end if;
+  if private.available(v_wallet) < v_cost then
+    -- A replay still answers when the balance could not pay again.
+    v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
     if v_entry.id is not null then
       return private.result(v_entry, true);
     end if;
-    if private.available(v_wallet) < p_cost then
-      perform private.insufficient(p_cost, private.available(v_wallet));
-    end if;
-    v_slow := true;
-  end loop;
-  if v_slow and v_wallet.take_promotional > 0 then
-    -- The spend may have crossed grants: attribute it and find the new soonest grant.
-    v_wallet := private.materialize_promotions(v_wallet);
+    perform private.insufficient(v_cost, private.available(v_wallet));
   end if;
+  select * into v_split from private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
+                                                 v_wallet.subscription - v_wallet.held_subscription,
+                                                 v_wallet.purchased - v_wallet.held_purchased, v_cost);
+  v_wallet.promotional := v_wallet.promotional - v_split.promotional;
+  v_wallet.subscription := v_wallet.subscription - v_split.subscription;
+  v_wallet.purchased := v_wallet.purchased - v_split.purchased;
+  if v_split.promotional > 0 then
+    if v_split.promotional < v_wallet.promo_front_left
+       or v_wallet.promotional = v_wallet.held_promotional then
+      -- The soonest grant covers it (or nothing free is left): no grant row to touch.
+      v_wallet.promo_front_left := greatest(v_wallet.promo_front_left - v_split.promotional, 0);
+    else
+      -- Across grants: write the wallet now and attribute the spend to grants
+      -- (after the replay check, so that nothing is written for a replay).
+      v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+      if v_entry.id is not null then
+        return private.result(v_entry, true);
+      end if;
+      update public.credit_wallets w set promotional = v_wallet.promotional where w.account_id = p_account_id;
+      v_wallet := private.materialize_promotions(v_wallet);
+    end if;
+  end if;
+  v_expiry := private.next_expiry(v_wallet);
 
   insert into public.credit_transactions (
     account_id, kind, idempotency_key, request_hash, promotional, subscription, purchased,
     promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
     next_expiry_amount, next_expiry_at, operation, model, input_tokens, output_tokens, metadata, actor_id)
   values (
-    p_account_id, 'spend', p_key, p_hash, -v_wallet.take_promotional, -v_wallet.take_subscription,
-    -(p_cost - v_wallet.take_promotional - v_wallet.take_subscription),
+    p_account_id, 'spend', p_idempotency_key, v_hash, -v_split.promotional, -v_split.subscription, -v_split.purchased,
     v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
     v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
-    v_wallet.period_start, v_wallet.period_end,
-    (private.next_expiry(v_wallet) ->> 'amount')::bigint, (private.next_expiry(v_wallet) ->> 'at')::timestamptz,
-    p_operation, p_model, p_input_tokens, p_output_tokens, coalesce(p_metadata, '{}'::jsonb), p_actor)
+    v_wallet.period_start, v_wallet.period_end, (v_expiry ->> 'amount')::bigint, (v_expiry ->> 'at')::timestamptz,
+    p_operation, p_model, p_input_tokens, p_output_tokens, coalesce(p_metadata, '{}'::jsonb), v_actor)
   on conflict (account_id, idempotency_key, origin) do nothing
   returning * into v_entry;
   if not found then
-    -- The key was used by a call that committed before this one took the
-    -- lock (the fast path checks no key first): give the credits back, replay.
-    update public.credit_wallets w
-       set promotional = w.promotional + w.take_promotional,
-           subscription = w.subscription + w.take_subscription,
-           purchased = w.purchased + (p_cost - w.take_promotional - w.take_subscription),
-           promo_front_left = w.promo_front_left + w.take_promotional
-     where w.account_id = p_account_id;
-    return private.result(private.find_key(p_account_id, p_key, p_hash), true);
+    -- The key was used before (by a call that committed before this one took
+    -- the lock): nothing is written, the first answer is replayed.
+    return private.result(private.find_key(p_account_id, p_idempotency_key, v_hash), true);
   end if;
+  update public.credit_wallets w
+     set promotional = v_wallet.promotional, subscription = v_wallet.subscription,
+         purchased = v_wallet.purchased, promo_front_left = v_wallet.promo_front_left
+   where w.account_id = p_account_id;
   return private.result(v_entry, false);
-end
-$$;
-
-create function private.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
-                                      p_operation text default null, p_model text default null,
-                                      p_input_tokens integer default null, p_output_tokens integer default null,
-                                      p_metadata jsonb default '{}'::jsonb)
-returns jsonb
-language plpgsql security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-  perform private.authorize(p_account_id, true);
-  return private.spend(
-    p_account_id, p_idempotency_key,
-    private.request_hash('deduct', jsonb_build_array(p_amount, p_operation, p_model, p_input_tokens,
-                                                     p_output_tokens, p_metadata)),
-    private.spend_cost(p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens, p_output_tokens,
-                       p_metadata),
-    p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata, private.actor());
 end
 $$;
 
@@ -189,10 +177,12 @@ create function public.deduct_credits(p_account_id uuid, p_idempotency_key text,
                                       p_input_tokens integer default null, p_output_tokens integer default null,
                                       p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.deduct_credits(p_account_id, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata)
+begin
+  return private.deduct_credits(p_account_id, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata);
+end
 $$;
 comment on function public.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) is
   'Spend now (promotional, then subscription, then purchased). '
@@ -226,17 +216,18 @@ $$;
 
 create function public.get_credit_balance(p_account_id uuid default null)
 returns jsonb
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.get_credit_balance(p_account_id)
+begin
+  return private.get_credit_balance(p_account_id);
+end
 $$;
 comment on function public.get_credit_balance(uuid) is
   'The balance object of an account (null: the caller''s personal account).';
 
 revoke all on function private.operation_cost(text, integer, integer),
   private.spend_cost(text, integer, text, text, integer, integer, jsonb),
-  private.spend(uuid, text, uuid, bigint, text, text, integer, integer, jsonb, uuid),
   public.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb),
   public.get_credit_balance(uuid)
   from public, anon, authenticated, service_role;

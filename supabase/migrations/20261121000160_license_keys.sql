@@ -61,10 +61,12 @@ $$;
 
 create function public.create_license_key(p_account_id uuid, p_name text, p_expires_at timestamptz default null)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.create_license_key(p_account_id, p_name, p_expires_at)
+begin
+  return private.create_license_key(p_account_id, p_name, p_expires_at);
+end
 $$;
 comment on function public.create_license_key(uuid, text, timestamptz) is
   'A new license key for the account: {key_id, key, prefix, expires_at}; the key is shown only here.';
@@ -91,10 +93,12 @@ $$;
 
 create function public.revoke_license_key(p_key_id uuid)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.revoke_license_key(p_key_id)
+begin
+  return private.revoke_license_key(p_key_id);
+end
 $$;
 comment on function public.revoke_license_key(uuid) is 'Revoke a license key: {key_id, revoked_at}.';
 
@@ -138,13 +142,8 @@ declare
 begin
   perform private.require_service();
   v_account_id := private.license_account(p_license_key);
-  return private.spend(
-    v_account_id, p_idempotency_key,
-    private.request_hash('deduct', jsonb_build_array(p_amount, p_operation, p_model, p_input_tokens,
-                                                     p_output_tokens, p_metadata)),
-    private.spend_cost(p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens, p_output_tokens,
-                       p_metadata),
-    p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata, null);
+  return private.deduct_credits(v_account_id, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens,
+                                p_output_tokens, p_metadata);
 end
 $$;
 
@@ -154,10 +153,12 @@ create function public.deduct_credits_by_license(p_license_key text, p_idempoten
                                                  p_output_tokens integer default null,
                                                  p_metadata jsonb default '{}'::jsonb)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.deduct_credits_by_license(p_license_key, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata)
+begin
+  return private.deduct_credits_by_license(p_license_key, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata);
+end
 $$;
 comment on function public.deduct_credits_by_license(text, text, integer, text, text, integer, integer, jsonb) is
   'Service: deduct_credits for the account of an active, unexpired license key.';

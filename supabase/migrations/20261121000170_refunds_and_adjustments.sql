@@ -72,10 +72,12 @@ $$;
 create function public.refund_credits(p_transaction_id uuid, p_idempotency_key text, p_amount integer default null,
                                       p_reason text default null)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.refund_credits(p_transaction_id, p_idempotency_key, p_amount, p_reason)
+begin
+  return private.refund_credits(p_transaction_id, p_idempotency_key, p_amount, p_reason);
+end
 $$;
 comment on function public.refund_credits(uuid, text, integer, text) is
   'Service: give back (part of) a spend into the purchased pool. {transaction_id, refunded, replayed, balance}.';
@@ -178,20 +180,25 @@ end
 $$;
 
 create function private.clawback_credits(p_stripe_ref text, p_idempotency_key text, p_amount integer default null,
-                                        p_reason text default null) returns jsonb
-language sql security definer
+                                        p_reason text default null)
+returns jsonb
+language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.clawback(p_stripe_ref, p_idempotency_key, p_amount, p_reason, 'api')
+begin
+  return private.clawback(p_stripe_ref, p_idempotency_key, p_amount, p_reason, 'api');
+end
 $$;
 
 create function public.clawback_credits(p_stripe_ref text, p_idempotency_key text, p_amount integer default null,
                                         p_reason text default null)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.clawback_credits(p_stripe_ref, p_idempotency_key, p_amount, p_reason)
+begin
+  return private.clawback_credits(p_stripe_ref, p_idempotency_key, p_amount, p_reason);
+end
 $$;
 comment on function public.clawback_credits(text, text, integer, text) is
   'Service: take back what a Stripe payment granted (cumulative amount). {clawed_back, shortfall, pending, ...}.';
@@ -248,10 +255,12 @@ $$;
 create function public.admin_adjust_credits(p_account_id uuid, p_pool text, p_amount integer, p_reason text,
                                             p_idempotency_key text)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.admin_adjust_credits(p_account_id, p_pool, p_amount, p_reason, p_idempotency_key)
+begin
+  return private.admin_adjust_credits(p_account_id, p_pool, p_amount, p_reason, p_idempotency_key);
+end
 $$;
 comment on function public.admin_adjust_credits(uuid, text, integer, text, text) is
   'Service: signed adjustment of one pool (a decrease takes free credits only). {transaction_id, replayed, balance}.';
@@ -294,10 +303,12 @@ $$;
 
 create function public.reconcile_credit_balances()
 returns jsonb
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.reconcile_credit_balances()
+begin
+  return private.reconcile_credit_balances();
+end
 $$;
 comment on function public.reconcile_credit_balances() is
   'Service: every account/pool whose balance differs from its ledger, and held counters from active holds.';

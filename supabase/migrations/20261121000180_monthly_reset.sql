@@ -15,12 +15,15 @@
 --   * A period more than one month ahead of the current UTC month is refused
 --     (invalid_argument), and nothing changes.
 
-create function private.renewed_by_stripe(p_account public.credit_accounts) returns boolean
-language sql immutable
+create function private.renewed_by_stripe(p_account public.credit_accounts)
+returns boolean
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select p_account.stripe_subscription_id is not null
-     and coalesce(p_account.subscription_status, '') in ('active', 'trialing', 'past_due')
+begin
+  return p_account.stripe_subscription_id is not null
+       and coalesce(p_account.subscription_status, '') in ('active', 'trialing', 'past_due');
+end
 $$;
 
 create function private.run_monthly_reset(p_period_start date, p_batch_size integer default 5000,
@@ -109,10 +112,12 @@ $$;
 create function public.run_monthly_reset(p_period_start date, p_batch_size integer default 5000,
                                          p_after uuid default null)
 returns jsonb
-language sql
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.run_monthly_reset(p_period_start, p_batch_size, p_after)
+begin
+  return private.run_monthly_reset(p_period_start, p_batch_size, p_after);
+end
 $$;
 comment on function public.run_monthly_reset(date, integer, uuid) is
   'Service: renew up to p_batch_size accounts not renewed by Stripe. {processed, expired, granted, next_after, done}.';

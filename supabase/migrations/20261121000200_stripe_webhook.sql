@@ -70,27 +70,36 @@ grant select on public.stripe_events to service_role;
 -- Small readers of the normalised payload (numbers arrive as JSON numbers).
 -- ---------------------------------------------------------------------------
 
-create function private.stripe_int(p jsonb, p_key text) returns bigint
-language sql immutable
+create function private.stripe_int(p jsonb, p_key text)
+returns bigint
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select case when jsonb_typeof(p -> p_key) = 'number' and (p ->> p_key) ~ '^-?[0-9]{1,18}$'
-              then (p ->> p_key)::bigint end
+begin
+  return case when jsonb_typeof(p -> p_key) = 'number' and (p ->> p_key) ~ '^-?[0-9]{1,18}$'
+                then (p ->> p_key)::bigint end;
+end
 $$;
 
-create function private.stripe_time(p jsonb, p_key text) returns timestamptz
-language sql immutable
+create function private.stripe_time(p jsonb, p_key text)
+returns timestamptz
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select to_timestamp(private.stripe_int(p, p_key))
+begin
+  return to_timestamp(private.stripe_int(p, p_key));
+end
 $$;
 
-create function private.stripe_text(p jsonb, p_key text) returns text
-language sql immutable
+create function private.stripe_text(p jsonb, p_key text)
+returns text
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select case when jsonb_typeof(p -> p_key) = 'string' and length(p ->> p_key) between 1 and 255
-              then p ->> p_key end
+begin
+  return case when jsonb_typeof(p -> p_key) = 'string' and length(p ->> p_key) between 1 and 255
+                then p ->> p_key end;
+end
 $$;
 
 -- A contract error's detail is JSON text; anything else is kept as text.
@@ -112,20 +121,25 @@ create function private.stripe_result(p_outcome text, p_reason text default null
                                       p_result jsonb default null, p_touched text[] default '{}',
                                       p_parked_on text[] default '{}')
 returns jsonb
-language sql immutable
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select jsonb_build_object('outcome', p_outcome, 'reason', p_reason, 'account_id', p_account_id,
-                            'result', p_result, 'touched', to_jsonb(coalesce(p_touched, '{}')),
-                            'parked_on', to_jsonb(coalesce(p_parked_on, '{}')))
+begin
+  return jsonb_build_object('outcome', p_outcome, 'reason', p_reason, 'account_id', p_account_id,
+                              'result', p_result, 'touched', to_jsonb(coalesce(p_touched, '{}')),
+                              'parked_on', to_jsonb(coalesce(p_parked_on, '{}')));
+end
 $$;
 
 -- Keys a parked event can wait for (only the ids the event carries).
-create function private.stripe_wait_keys(p_customer text, p_subscription text) returns text[]
-language sql immutable
+create function private.stripe_wait_keys(p_customer text, p_subscription text)
+returns text[]
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select array_remove(array['customer:' || p_customer, 'subscription:' || p_subscription], null)
+begin
+  return array_remove(array['customer:' || p_customer, 'subscription:' || p_subscription], null);
+end
 $$;
 
 -- ---------------------------------------------------------------------------
@@ -682,11 +696,14 @@ begin
 end
 $$;
 
-create function public.handle_stripe_event(p_event_id text, p_type text, p_payload jsonb) returns jsonb
-language sql
+create function public.handle_stripe_event(p_event_id text, p_type text, p_payload jsonb)
+returns jsonb
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
-  select private.handle_stripe_event(p_event_id, p_type, p_payload)
+begin
+  return private.handle_stripe_event(p_event_id, p_type, p_payload);
+end
 $$;
 comment on function public.handle_stripe_event(text, text, jsonb) is
   'Record and apply one verified, normalised Stripe event (service only; called by the webhook).';
