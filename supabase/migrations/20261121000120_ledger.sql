@@ -272,6 +272,15 @@ begin
 end
 $$;
 
+-- The balance object and a spend's answer as typed rows: to_jsonb of a row
+-- is cheaper than jsonb_build_object with its variadic arguments.
+create type private.balance as (
+  account_id uuid, promotional bigint, subscription bigint, purchased bigint, held bigint, available bigint,
+  total bigint, period_start timestamptz, period_end timestamptz, next_expiry jsonb);
+create type private.spend_answer as (
+  transaction_id uuid, account_id uuid, charged bigint, from_promotional bigint, from_subscription bigint,
+  from_purchased bigint, replayed boolean, balance private.balance);
+
 -- A call's answer, rebuilt from its transaction row: the same code answers
 -- the first call and every replay, so they cannot differ.
 create function private.result(p_entry public.credit_transactions, p_replayed boolean) returns jsonb
@@ -280,14 +289,23 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_result jsonb;
+  -- The balance object as it was right after the row.
+  v_balance private.balance := row(
+    p_entry.account_id, p_entry.promotional_after, p_entry.subscription_after, p_entry.purchased_after,
+    p_entry.held_after,
+    p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after - p_entry.held_after,
+    p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after,
+    p_entry.period_start, p_entry.period_end,
+    case when p_entry.next_expiry_at is not null
+         then jsonb_build_object('amount', p_entry.next_expiry_amount, 'at', p_entry.next_expiry_at) end
+  )::private.balance;
 begin
   case p_entry.kind
     when 'spend' then
-      v_result := jsonb_build_object(
-        'transaction_id', p_entry.id, 'account_id', p_entry.account_id,
-        'charged', -(p_entry.promotional + p_entry.subscription + p_entry.purchased),
-        'from_promotional', -p_entry.promotional, 'from_subscription', -p_entry.subscription,
-        'from_purchased', -p_entry.purchased);
+      return to_jsonb(row(p_entry.id, p_entry.account_id,
+                          -(p_entry.promotional + p_entry.subscription + p_entry.purchased),
+                          -p_entry.promotional, -p_entry.subscription, -p_entry.purchased, p_replayed,
+                          v_balance)::private.spend_answer);
     when 'reserve' then
       select jsonb_build_object('hold_id', h.id, 'account_id', h.account_id, 'amount', h.amount,
                                 'expires_at', h.expires_at)
@@ -321,21 +339,7 @@ begin
     else
       v_result := jsonb_build_object('transaction_id', p_entry.id);
   end case;
-  -- The balance object as it was right after the row.
-  return v_result || jsonb_build_object('replayed', p_replayed, 'balance', jsonb_build_object(
-    'account_id', p_entry.account_id,
-    'promotional', p_entry.promotional_after,
-    'subscription', p_entry.subscription_after,
-    'purchased', p_entry.purchased_after,
-    'held', p_entry.held_after,
-    'available', p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after
-                 - p_entry.held_after,
-    'total', p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after,
-    'period_start', p_entry.period_start,
-    'period_end', p_entry.period_end,
-    'next_expiry', case when p_entry.next_expiry_at is null then null
-                        else jsonb_build_object('amount', p_entry.next_expiry_amount,
-                                                'at', p_entry.next_expiry_at) end));
+  return v_result || jsonb_build_object('replayed', p_replayed, 'balance', to_jsonb(v_balance));
 end
 $$;
 

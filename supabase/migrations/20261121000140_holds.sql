@@ -74,16 +74,20 @@ create policy credit_holds_read on public.credit_holds for select to authenticat
 -- checked that they cover it).
 -- ---------------------------------------------------------------------------
 
+-- How many credits each pool gives.
+create type private.split as (promotional bigint, subscription bigint, purchased bigint);
+
 create function private.spend_split(p_promotional bigint, p_subscription bigint, p_purchased bigint,
-                                    p_cost bigint,
-                                    out promotional bigint, out subscription bigint, out purchased bigint)
+                                    p_cost bigint)
+returns private.split
 language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+  v_promotional bigint := least(p_promotional, p_cost);
+  v_subscription bigint := least(p_subscription, p_cost - v_promotional);
 begin
-  promotional := least(p_promotional, p_cost);
-  subscription := least(p_subscription, p_cost - promotional);
-  purchased := p_cost - promotional - subscription;
+  return row(v_promotional, v_subscription, p_cost - v_promotional - v_subscription)::private.split;
 end
 $$;
 
@@ -96,7 +100,7 @@ language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  v_charge record;
+  v_charge private.split;
   v_left bigint;
   v_part jsonb;
   v_amount bigint;
@@ -105,8 +109,7 @@ declare
   v_released bigint;
   v_pool text;
 begin
-  select * into v_charge from private.spend_split(p_hold.promotional, p_hold.subscription, p_hold.purchased,
-                                                  p_charge);
+  v_charge := private.spend_split(p_hold.promotional, p_hold.subscription, p_hold.purchased, p_charge);
   v_left := v_charge.promotional;
   for v_part in select e from jsonb_array_elements(p_hold.promo_parts) e loop
     v_amount := (v_part ->> 'a')::bigint;
@@ -391,7 +394,7 @@ declare
   v_hash uuid;
   v_wallet public.credit_wallets;
   v_entry public.credit_transactions;
-  v_split record;
+  v_split private.split;
   v_parts jsonb := '[]'::jsonb;
   v_hold uuid := gen_random_uuid();
   v_tx uuid := private.uuid_v7();
@@ -417,9 +420,9 @@ begin
   if private.available(v_wallet) < v_cost then
     perform private.insufficient(v_cost, private.available(v_wallet));
   end if;
-  select * into v_split from private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
-                                                 v_wallet.subscription - v_wallet.held_subscription,
-                                                 v_wallet.purchased - v_wallet.held_purchased, v_cost);
+  v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
+                                 v_wallet.subscription - v_wallet.held_subscription,
+                                 v_wallet.purchased - v_wallet.held_purchased, v_cost);
   if v_split.promotional > 0 then
     -- Which grants: attribute spends first, then take soonest expiry first.
     perform private.materialize_promotions(v_wallet);
@@ -503,7 +506,7 @@ declare
   v_spend public.credit_transactions;
   v_charge bigint;
   v_metadata jsonb;
-  v_split record;
+  v_split private.split;
   v_result jsonb;
 begin
   perform private.lock_wallet(v_account_id);
@@ -530,8 +533,7 @@ begin
   v_spend := private.end_hold(v_hold, v_charge, case when p_capture then 'captured' else 'released' end,
                               v_metadata, private.actor());
   if p_capture then
-    select * into v_split from private.spend_split(v_hold.promotional, v_hold.subscription, v_hold.purchased,
-                                                   v_charge);
+    v_split := private.spend_split(v_hold.promotional, v_hold.subscription, v_hold.purchased, v_charge);
     v_result := jsonb_build_object(
       'transaction_id', v_spend.id, 'hold_id', p_hold_id, 'charged', v_charge,
       'released', v_hold.amount - v_charge, 'from_promotional', v_split.promotional,

@@ -57,6 +57,16 @@ as $$
 declare
   v_limits jsonb := private.limits();
 begin
+  -- The common case in one expression: a plain amount and in-bound inputs.
+  if p_amount between 1 and (v_limits ->> 'amount')::integer and p_operation is null
+     and length(p_key) between 1 and (v_limits ->> 'idempotency_key')::integer
+     and (p_model is null or length(p_model) between 1 and (v_limits ->> 'model')::integer)
+     and coalesce(p_input_tokens, 0) between 0 and (v_limits ->> 'tokens')::integer
+     and coalesce(p_output_tokens, 0) between 0 and (v_limits ->> 'tokens')::integer
+     and (p_metadata is null or (jsonb_typeof(p_metadata) = 'object'
+          and octet_length(p_metadata::text) <= (v_limits ->> 'metadata_bytes')::integer)) then
+    return p_amount;
+  end if;
   if p_key is null or length(p_key) not between 1 and (v_limits ->> 'idempotency_key')::integer then
     perform private.check_key(p_key);
   end if;
@@ -105,7 +115,7 @@ declare
                                                                   p_input_tokens, p_output_tokens, p_metadata));
   v_wallet public.credit_wallets;
   v_entry public.credit_transactions;
-  v_split record;
+  v_split private.split;
   v_expiry jsonb;
 begin
   select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id for update;
@@ -123,9 +133,9 @@ begin
     end if;
     perform private.insufficient(v_cost, private.available(v_wallet));
   end if;
-  select * into v_split from private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
-                                                 v_wallet.subscription - v_wallet.held_subscription,
-                                                 v_wallet.purchased - v_wallet.held_purchased, v_cost);
+  v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
+                                 v_wallet.subscription - v_wallet.held_subscription,
+                                 v_wallet.purchased - v_wallet.held_purchased, v_cost);
   v_wallet.promotional := v_wallet.promotional - v_split.promotional;
   v_wallet.subscription := v_wallet.subscription - v_split.subscription;
   v_wallet.purchased := v_wallet.purchased - v_split.purchased;
@@ -147,6 +157,12 @@ begin
   end if;
   v_expiry := private.next_expiry(v_wallet);
 
+  -- The idempotency check: a key written before is visible now (every write
+  -- of this account's rows holds the wallet's lock, which this call holds).
+  if exists (select from public.credit_transactions t where t.account_id = p_account_id
+                and t.idempotency_key = p_idempotency_key and t.origin = 'api') then
+    return private.result(private.find_key(p_account_id, p_idempotency_key, v_hash), true);
+  end if;
   insert into public.credit_transactions (
     account_id, kind, idempotency_key, request_hash, promotional, subscription, purchased,
     promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
@@ -157,13 +173,7 @@ begin
     v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
     v_wallet.period_start, v_wallet.period_end, (v_expiry ->> 'amount')::bigint, (v_expiry ->> 'at')::timestamptz,
     p_operation, p_model, p_input_tokens, p_output_tokens, coalesce(p_metadata, '{}'::jsonb), v_actor)
-  on conflict (account_id, idempotency_key, origin) do nothing
   returning * into v_entry;
-  if not found then
-    -- The key was used before (by a call that committed before this one took
-    -- the lock): nothing is written, the first answer is replayed.
-    return private.result(private.find_key(p_account_id, p_idempotency_key, v_hash), true);
-  end if;
   update public.credit_wallets w
      set promotional = v_wallet.promotional, subscription = v_wallet.subscription,
          purchased = v_wallet.purchased, promo_front_left = v_wallet.promo_front_left
