@@ -218,6 +218,7 @@ as $$
 declare
   v_wallet public.credit_wallets;
   v_entry public.credit_transactions;
+  v_expiry jsonb;
 begin
   update public.credit_wallets w
      set promotional = w.promotional + p_promotional,
@@ -232,6 +233,7 @@ begin
     -- Free promotional credits changed: attribute them to grants again.
     v_wallet := private.materialize_promotions(v_wallet);
   end if;
+  v_expiry := private.next_expiry(v_wallet);
   insert into public.credit_transactions (
     id, account_id, kind, origin, idempotency_key, request_hash,
     promotional, subscription, purchased,
@@ -244,7 +246,7 @@ begin
     v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
     v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
     coalesce(p_period_start, v_wallet.period_start), coalesce(p_period_end, v_wallet.period_end),
-    (private.next_expiry(v_wallet) ->> 'amount')::bigint, (private.next_expiry(v_wallet) ->> 'at')::timestamptz,
+    (v_expiry ->> 'amount')::bigint, (v_expiry ->> 'at')::timestamptz,
     p_ref_id, p_stripe_ref, p_operation, p_model, p_input_tokens, p_output_tokens, p_description,
     coalesce(p_metadata, '{}'::jsonb), p_outcome, p_actor)
   returning * into v_entry;

@@ -162,10 +162,13 @@ $$;
 -- caller could have put a table of that name in pg_temp).
 create function private.fates(p_fates jsonb)
 returns table (f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text)
-language sql immutable
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select * from jsonb_to_recordset(p_fates) as f(f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text)
+begin
+  return query select * from jsonb_to_recordset(p_fates)
+                 as f(f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text);
+end
 $$;
 
 -- End a hold (locked by the caller, who holds its wallet's lock): charge
@@ -207,7 +210,8 @@ begin
                             p_operation => p_hold.operation);
   end if;
   for v_row in select f.f_pool, f.f_ref, sum(f.f_amount)::bigint as amount from private.fates(v_fates) f
-                where f.f_fate = 'clawback' group by f.f_pool, f.f_ref order by f.f_pool, f.f_ref loop
+                where p_hold.claims <> '[]'::jsonb and f.f_fate = 'clawback'
+                group by f.f_pool, f.f_ref order by f.f_pool, f.f_ref loop
     perform private.post(p_hold.account_id, 'clawback',
                          p_subscription => case when v_row.f_pool = 'subscription' then -v_row.amount else 0 end,
                          p_purchased => case when v_row.f_pool = 'purchased' then -v_row.amount else 0 end,
@@ -226,8 +230,9 @@ begin
                          p_period_start => case when v_sum.es > 0 then p_hold.period_start end,
                          p_period_end => case when v_sum.es > 0 then p_hold.period_end end);
   end if;
-  if v_sum.fp + v_sum.fs + v_sum.fu > 0 then
-    if v_sum.fp > 0 then
+  -- The hold ends: what it released is free again, and the next hold to lapse is another.
+  update public.credit_holds h set status = p_status, settled_at = now() where h.id = p_hold.id;
+  if v_sum.fp > 0 then
       -- Promotional credits go back to their grants (attribute spends first).
       select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
       perform private.materialize_promotions(v_wallet);
@@ -235,22 +240,18 @@ begin
         from (select s.f_grant, sum(s.f_amount) as amount from private.fates(v_fates) s
                where s.f_pool = 'promotional' and s.f_fate = 'free' group by s.f_grant) f
        where p.id = f.f_grant;
-    end if;
-    update public.credit_wallets w
-       set held_promotional = w.held_promotional - v_sum.fp,
-           held_subscription = w.held_subscription - v_sum.fs,
-           held_purchased = w.held_purchased - v_sum.fu
-     where w.account_id = p_hold.account_id
-    returning w.* into v_wallet;
-    if v_sum.fp > 0 then
-      perform private.materialize_promotions(v_wallet);
-    end if;
   end if;
-  update public.credit_holds h set status = p_status, settled_at = now() where h.id = p_hold.id;
   update public.credit_wallets w
-     set next_hold_expiry = (select min(h.expires_at) from public.credit_holds h
+     set held_promotional = w.held_promotional - v_sum.fp,
+         held_subscription = w.held_subscription - v_sum.fs,
+         held_purchased = w.held_purchased - v_sum.fu,
+         next_hold_expiry = (select min(h.expires_at) from public.credit_holds h
                               where h.account_id = p_hold.account_id and h.status = 'active')
-   where w.account_id = p_hold.account_id;
+   where w.account_id = p_hold.account_id
+  returning w.* into v_wallet;
+  if v_sum.fp > 0 then
+    perform private.materialize_promotions(v_wallet);
+  end if;
   return v_spend;
 end
 $$;
