@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -155,3 +155,27 @@ def test_monthly_reset_and_books(pg15: Db) -> None:
     assert pg15.call("reconcile_credit_balances")["mismatches"] == []
     expect_error(lambda: pg15.call("run_monthly_reset", Caller.user(ALICE),
                                    p_period_start=next_month.isoformat()), "42501")
+
+
+def test_promotional_grants_and_a_hold_across_a_renewal(pg15: Db) -> None:
+    caller, account = pg15.new_user()
+    pg15.sql("insert into public.credit_plans (id, monthly_credits, rollover_cap) values ('pg15_roll', 5, 2) "
+             "on conflict (id) do nothing")
+    pg15.sql("update public.credit_accounts set plan_id = 'pg15_roll' where id = %s", account)
+    expires = (datetime.now(UTC) + timedelta(days=3)).isoformat()
+    granted = pg15.call("grant_promotional_credits", p_account_id=account, p_amount=4, p_expires_at=expires,
+                        p_idempotency_key="promo")
+    assert granted["balance"]["next_expiry"]["amount"] == 4
+    spent = pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="p1", p_amount=5)
+    assert (spent["from_promotional"], spent["from_subscription"]) == (4, 1)
+    hold = pg15.call("reserve_credits", caller, p_account_id=account, p_idempotency_key="h", p_amount=2)
+    today = datetime.now(UTC).date()
+    start = date(today.year + today.month // 12, today.month % 12 + 1, 1)
+    end = date(start.year + start.month // 12, start.month % 12 + 1, 1)
+    renewed = pg15.call("add_subscription_credits", p_account_id=account, p_amount=5,
+                        p_period_start=f"{start}T00:00:00Z", p_period_end=f"{end}T00:00:00Z",
+                        p_idempotency_key="renew")
+    assert (renewed["rolled_over"], renewed["expired"], renewed["granted"]) == (0, 0, 5)
+    released = pg15.call("release_hold", caller, p_hold_id=hold["hold_id"])
+    assert (released["balance"]["subscription"], released["balance"]["total"]) == (5, 5)
+    assert pg15.call("reconcile_credit_balances")["mismatches"] == []
