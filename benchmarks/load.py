@@ -134,7 +134,8 @@ def load_baseline(conn: psycopg.Connection, count: int, *, balance: int) -> None
 # REST layer's role switch like ours.
 NAIVE_SCHEMA = """
 create table bench.naive_accounts (
-  id uuid primary key, subscription_balance bigint not null default 0, purchased_balance bigint not null default 0);
+  id uuid primary key, subscription_balance bigint not null default 0,
+  purchased_balance bigint not null default 0);
 create table bench.naive_transactions (
   id bigint generated always as identity primary key, user_id uuid not null, type text not null,
   amount bigint not null, subscription_amount bigint not null, purchased_amount bigint not null,
@@ -144,7 +145,8 @@ create index naive_transactions_type on bench.naive_transactions (type);
 create index naive_transactions_time on bench.naive_transactions (created_at);
 create table bench.naive_usage (
   id bigint generated always as identity primary key, user_id uuid not null, operation text, model text,
-  credits bigint not null, metadata jsonb not null default '{}', created_at timestamptz not null default now());
+  credits bigint not null, metadata jsonb not null default '{}',
+  created_at timestamptz not null default now());
 create index naive_usage_user_time on bench.naive_usage (user_id, created_at);
 create function bench.naive_deduct(p_user_id uuid, p_amount integer) returns jsonb
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -163,7 +165,8 @@ begin
      set subscription_balance = subscription_balance - v_from_sub,
          purchased_balance = purchased_balance - (p_amount - v_from_sub)
    where id = p_user_id;
-  insert into bench.naive_transactions (user_id, type, amount, subscription_amount, purchased_amount, description)
+  insert into bench.naive_transactions (user_id, type, amount, subscription_amount, purchased_amount,
+                                        description)
   values (p_user_id, 'usage', -p_amount, -v_from_sub, -(p_amount - v_from_sub), 'deduct');
   insert into bench.naive_usage (user_id, credits) values (p_user_id, p_amount);
   return jsonb_build_object('success', true, 'subscription_balance', v_sub - v_from_sub,
