@@ -59,16 +59,19 @@ create policy credit_promotions_read on public.credit_promotions for select to a
 
 create function private.promo_attribution(p_account_id uuid, p_free bigint)
 returns table (id uuid, expires_at timestamptz, remaining bigint, attributed bigint)
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
+begin
+  return query
   select g.id, g.expires_at, g.remaining,
          greatest(0, least(g.remaining, g.cum - (g.total - p_free)))::bigint
     from (select p.id, p.expires_at, p.remaining,
                  sum(p.remaining) over (order by p.expires_at, p.id) as cum,
                  sum(p.remaining) over () as total
             from public.credit_promotions p
-           where p.account_id = p_account_id and p.remaining > 0) g
+           where p.account_id = p_account_id and p.remaining > 0) g;
+end
 $$;
 
 -- Bring the grant rows up to date with the wallet and refresh the wallet's

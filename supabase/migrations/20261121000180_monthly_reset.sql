@@ -76,15 +76,18 @@ begin
            order by w.account_id
              for update of w) x;
   -- Sweep what lapsed, and attribute promotional spends where a rollover
-  -- grant is about to join open grants (both rare: a few accounts a batch).
+  -- grant is about to join grants whose rows lag behind the wallet (both
+  -- rare: a few accounts a batch; one set-based query finds them).
   for v_account in
     select w.account_id from public.credit_wallets w
       join public.credit_accounts a on a.id = w.account_id
       join public.credit_plans p on p.id = a.plan_id
+      left join (select g.account_id, sum(g.remaining) as remaining from public.credit_promotions g
+                  where g.account_id = any (v_due) and g.remaining > 0 group by g.account_id) g
+        on g.account_id = w.account_id
      where w.account_id = any (v_due)
        and (private.sweep_due(w)
-            or (p.rollover_cap > 0 and exists (select 1 from public.credit_promotions g
-                                                where g.account_id = w.account_id and g.remaining > 0)))
+            or (p.rollover_cap > 0 and coalesce(g.remaining, 0) <> w.promotional - w.held_promotional))
      order by w.account_id
   loop
     perform private.materialize_promotions(private.lock_wallet(v_account));
