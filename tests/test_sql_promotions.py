@@ -249,3 +249,17 @@ def test_a_new_user_gets_the_signup_bonus_once(database: Db) -> None:
     assert database.balance(tenant_account)["promotional"] == 0
     # Only the user's creation grants it: nothing else can make it happen again.
     assert len([r for r in database.ledger(account_id) if r["type"] == "promotion"]) == 1
+
+
+def test_a_spend_across_grants_into_the_allowance_takes_every_pool_once(database: Db) -> None:
+    caller, account_id = database.new_user()
+    database.fund(account_id, purchased=10)
+    grant(database, account_id, 2, later(days=5))
+    grant(database, account_id, 3, later(days=9))
+    result = database.call("deduct_credits", caller, p_account_id=account_id, p_idempotency_key=new_key(),
+                           p_amount=7)
+    assert (result["from_promotional"], result["from_subscription"], result["from_purchased"]) == (5, 2, 0)
+    balance = database.balance(account_id)
+    assert (balance["promotional"], balance["subscription"], balance["purchased"]) == (0, 1, 10)
+    assert result["balance"] == balance
+    assert database.call("reconcile_credit_balances")["mismatches"] == []

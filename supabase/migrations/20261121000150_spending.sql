@@ -151,7 +151,10 @@ begin
       if v_entry.id is not null then
         return private.result(v_entry, true);
       end if;
-      update public.credit_wallets w set promotional = v_wallet.promotional where w.account_id = p_account_id;
+      update public.credit_wallets w
+         set promotional = v_wallet.promotional, subscription = v_wallet.subscription,
+             purchased = v_wallet.purchased
+       where w.account_id = p_account_id;
       v_wallet := private.materialize_promotions(v_wallet);
     end if;
   end if;
