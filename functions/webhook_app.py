@@ -21,6 +21,7 @@ Answers (Stripe retries every non-2xx answer for up to three days):
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import stripe
@@ -49,6 +50,15 @@ def _not_recorded(retry_after: str | None) -> JSONResponse:
     )
 
 
+def _signed_at(signature: str) -> int:
+    """The ``t=`` timestamp of a Stripe-Signature header (already verified to be well-formed)."""
+    for part in signature.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t" and value.isdigit():
+            return int(value)
+    return 0
+
+
 def _verified_event(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
     """The event as JSON, once its signature and timestamp check out; else BadRequest."""
     if len(payload) > MAX_BODY_BYTES:
@@ -61,6 +71,10 @@ def _verified_event(payload: bytes, signature: str | None, secret: str) -> dict[
     except Exception:
         # Signed but not an event object (not UTF-8, not JSON, a JSON list, ...).
         raise BadRequest("the body is not a JSON event", error="invalid_payload") from None
+    # The library refuses signatures older than the tolerance; one dated further
+    # ahead than that is no more Stripe's (a clock that far off, or a replay kit).
+    if _signed_at(signature or "") > time.time() + SIGNATURE_TOLERANCE_SECONDS:
+        raise BadRequest("the Stripe-Signature timestamp is in the future", error="invalid_signature")
     event = json.loads(payload)
     if (not isinstance(event, dict) or not isinstance(event.get("id"), str)
             or not isinstance(event.get("type"), str)
