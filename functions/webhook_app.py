@@ -10,10 +10,11 @@ Answers (Stripe retries every non-2xx answer for up to three days):
 - 400 for a missing/invalid signature, a stale timestamp or a body that is not
   an event: nothing is recorded, and a retry of the same bytes cannot succeed.
 - 200 once the event is recorded, whatever the outcome: applied, duplicate,
-  ignored, parked, or failed. A failed event was refused by a contract
-  function (e.g. the account no longer exists); the same bytes would be refused
-  again, so it is kept in ``stripe_events`` for an operator, and a redelivery
-  (e.g. "Resend" in the Stripe dashboard after fixing the cause) tries again.
+  ignored, parked, or failed. A failed event was refused for good (a contract
+  error such as an unknown account, a value the database refuses, a shape or
+  text no Stripe event has); the same bytes would be refused again, so it is
+  kept in ``stripe_events`` for an operator, and a redelivery (e.g. "Resend"
+  in the Stripe dashboard after fixing the cause) tries again.
 - 500 when the event could not be recorded (database or REST layer down,
   timeout): nothing was applied, and Stripe's retry applies it once.
 """
@@ -78,9 +79,33 @@ def _verified_event(payload: bytes, signature: str | None, secret: str) -> dict[
     event = json.loads(payload)
     if (not isinstance(event, dict) or not isinstance(event.get("id"), str)
             or not isinstance(event.get("type"), str)
-            or not 1 <= len(event["id"]) <= 255 or not 1 <= len(event["type"]) <= 255):
+            or not 1 <= len(event["id"]) <= 255 or not 1 <= len(event["type"]) <= 255
+            or "\x00" in event["id"] or "\x00" in event["type"]):
         raise BadRequest("the body is not a Stripe event", error="invalid_payload")
     return event
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _facts(event: dict[str, Any]) -> dict[str, Any]:
+    """The event's facts for the database; an event that cannot be reduced to
+    facts is sent as ``{"invalid": reason}``, which the database records as
+    failed (a retry of the same bytes could never succeed)."""
+    try:
+        facts = normalize(event)
+    except Exception:  # a shape no Stripe API version sends
+        return {"invalid": "unexpected event shape", "created": None}
+    if _has_nul(facts):
+        return {"invalid": "text contains a NUL character", "created": facts.get("created")}
+    return facts
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -102,7 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
             logger.warning("stripe event rejected", extra={"error": exc.error})
             raise
         event_id, event_type = event["id"], event["type"]
-        params = {"p_event_id": event_id, "p_type": event_type, "p_payload": normalize(event)}
+        params = {"p_event_id": event_id, "p_type": event_type, "p_payload": _facts(event)}
         try:
             result = await run_in_threadpool(service_rpc, settings, "handle_stripe_event", params)
         except ApiError as exc:

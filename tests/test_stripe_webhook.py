@@ -726,3 +726,40 @@ def test_no_key_a_license_holder_chooses_can_block_a_stripe_grant_or_refund(
     assert world.pools() == (0, 7)
     reasons = [(world.recorded(e["id"]) or {}).get("reason") for e in (checkout, refund)]
     assert reasons == ["credits_purchased", "clawed_back"]
+
+
+# --- events that can never apply: recorded as failed, answered 200 -----------------------
+
+def _failed_without_change(deliver: Deliver, world: World, event: dict[str, Any], *,
+                           body: str | None = None) -> dict[str, Any]:
+    before = (world.pools(), world.account_row(), len(world.db.ledger(world.account)))
+    reply = deliver(event, body=body) if body is not None else deliver(event)
+    assert (reply.status, reply.body["outcome"]) == (200, "failed"), reply
+    assert (world.pools(), world.account_row(), len(world.db.ledger(world.account))) == before
+    recorded = world.recorded(event["id"])
+    assert recorded is not None and recorded["outcome"] == "failed"
+    return recorded
+
+
+def test_an_event_of_an_unexpected_shape_is_recorded_failed_not_retried(deliver: Deliver,
+                                                                        world: World) -> None:
+    link_subscription(deliver, world)
+    event = world.event("invoice.paid.2025-03-31")
+    event["data"]["object"]["lines"]["data"] = 12345  # not a list
+    recorded = _failed_without_change(deliver, world, event)
+    assert recorded["error"]["detail"]["reason"] == "unexpected event shape"
+
+
+def test_a_nul_character_is_recorded_failed_not_retried(deliver: Deliver, world: World) -> None:
+    event = world.event("checkout.session.completed.payment", CREDITS="25")
+    body = body_of(event).replace(world.session, world.session + "\\u0000", 1)
+    recorded = _failed_without_change(deliver, world, event, body=body)
+    assert recorded["error"]["detail"]["reason"] == "text contains a NUL character"
+
+
+def test_a_value_the_database_refuses_is_recorded_failed_not_retried(deliver: Deliver, world: World) -> None:
+    # A period start no timestamp can hold: the database's own 22008, not a contract error.
+    link_subscription(deliver, world)
+    event = world.event("invoice.paid.2025-03-31", PERIOD_START=999_999_999_999_999_999)
+    recorded = _failed_without_change(deliver, world, event)
+    assert recorded["error"]["code"].startswith("22")
