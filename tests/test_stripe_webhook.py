@@ -763,3 +763,32 @@ def test_a_value_the_database_refuses_is_recorded_failed_not_retried(deliver: De
     event = world.event("invoice.paid.2025-03-31", PERIOD_START=999_999_999_999_999_999)
     recorded = _failed_without_change(deliver, world, event)
     assert recorded["error"]["code"].startswith("22")
+
+
+def test_another_customers_checkout_never_relinks_an_account_with_an_active_subscription(
+        deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    before = (world.account_row(), world.pools())
+    intruder_customer, intruder_subscription = stripe_id("cus"), stripe_id("sub")
+    checkout = world.event("checkout.session.completed.subscription", PRICE=world.big_plan_price,
+                           CUSTOMER=intruder_customer, SUBSCRIPTION=intruder_subscription,
+                           SESSION=stripe_id("cs_test"))
+    reply = deliver(checkout)
+    assert (reply.status, reply.body["outcome"]) == (200, "failed")
+    assert world.recorded(checkout["id"])["error"]["message"] == "account_has_active_subscription"
+    assert (world.account_row(), world.pools()) == before
+    # Cancelling the intruder's subscription cannot put the paying account on free.
+    gone = world.event("customer.subscription.deleted.2025-03-31", CUSTOMER=intruder_customer,
+                       SUBSCRIPTION=intruder_subscription, SUB_ACCOUNT_ID=OMIT)
+    assert deliver(gone).status == 200
+    assert world.account_row() == before[0]
+
+
+def test_the_same_customers_new_checkout_replaces_its_subscription(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    upgraded = stripe_id("sub")
+    reply = deliver(world.event("checkout.session.completed.subscription", PRICE=world.big_plan_price,
+                                SUBSCRIPTION=upgraded, SESSION=stripe_id("cs_test")))
+    assert reply.body["outcome"] == "applied"
+    assert world.account_row()[3] == upgraded
