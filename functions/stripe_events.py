@@ -131,6 +131,7 @@ def _invoice(invoice: Mapping[str, Any]) -> dict[str, Any]:
         lines_out.append({
             "price_id": _line_price(line),
             "quantity": _int(line.get("quantity")),
+            "amount": _int(line.get("amount")),
             "period_start": _int(period.get("start")),
             "period_end": _int(period.get("end")),
             "proration": proration,

@@ -11,6 +11,7 @@ rejected delivery.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -792,3 +793,91 @@ def test_the_same_customers_new_checkout_replaces_its_subscription(deliver: Deli
                                 SUBSCRIPTION=upgraded, SESSION=stripe_id("cs_test")))
     assert reply.body["outcome"] == "applied"
     assert world.account_row()[3] == upgraded
+
+
+# --- seats and plan changes ---------------------------------------------------------------
+
+def _with_lines(event: dict[str, Any], *lines: dict[str, Any]) -> dict[str, Any]:
+    """The invoice event with its one line replaced by ``lines`` (each a dict of overrides)."""
+    template = event["data"]["object"]["lines"]["data"][0]
+    out = []
+    for overrides in lines:
+        line = json.loads(json.dumps(template))
+        details = line["parent"]["subscription_item_details"]
+        details["proration"] = overrides.get("proration", False)
+        line["pricing"]["price_details"]["price"] = overrides["price"]
+        line["amount"] = overrides.get("amount", line["amount"])
+        line["quantity"] = overrides.get("quantity", 1)
+        line["period"] = {"start": overrides.get("start", line["period"]["start"]),
+                          "end": overrides.get("end", line["period"]["end"])}
+        out.append(line)
+    event["data"]["object"]["lines"]["data"] = out
+    event["data"]["object"]["lines"]["total_count"] = len(out)
+    return event
+
+
+def test_seats_multiply_the_plans_monthly_credits(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    invoice = _with_lines(world.event("invoice.paid.2025-03-31"), {"price": world.plan_price, "quantity": 3})
+    assert deliver(invoice).body["outcome"] == "applied"
+    assert world.pools() == (300, 0)
+
+
+def _start_period(deliver: Deliver, world: World, price: str, allowance: int) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2025-03-31", PRICE=price)).body["outcome"] == "applied"
+    assert world.balance()["subscription"] == allowance
+
+
+def _change(world: World, old: str, new: str, *, left: float, quantity: int = 1) -> dict[str, Any]:
+    """A subscription_update invoice: credit for the old plan's unused time, charge for the new one's."""
+    end = world.period_start + 30 * DAY
+    changed_at = int(end - left * 30 * DAY)
+    event = world.event("invoice.paid.2025-03-31", BILLING_REASON="subscription_update",
+                        INVOICE=stripe_id("in"))
+    return _with_lines(event,
+                       {"price": old, "proration": True, "amount": -1000, "start": changed_at, "end": end},
+                       {"price": new, "proration": True, "amount": 2500, "start": changed_at, "end": end,
+                        "quantity": quantity})
+
+
+def test_an_upgrade_mid_period_grants_the_prorated_difference_without_restarting_it(
+        deliver: Deliver, world: World) -> None:
+    _start_period(deliver, world, world.plan_price, 100)
+    period = (world.balance()["period_start"], world.balance()["period_end"])
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=str(uuid.uuid4()),
+                  p_amount=90)
+    upgrade = _change(world, world.plan_price, world.big_plan_price, left=0.5)
+    reply = deliver(upgrade)
+    assert reply.body["outcome"] == "applied"
+    balance = world.balance()
+    # (500 - 100) x half the period left = 200, expiring with the period; the spent allowance stays spent.
+    assert (balance["promotional"], balance["subscription"]) == (200, 10)
+    assert (balance["period_start"], balance["period_end"]) == period
+    assert balance["next_expiry"] == {"amount": 210, "at": period[1]}
+    assert deliver(upgrade).body["outcome"] == "duplicate"
+    assert world.balance()["promotional"] == 200
+
+
+def test_toggling_plans_never_beats_the_best_single_plan(deliver: Deliver, world: World) -> None:
+    _start_period(deliver, world, world.plan_price, 100)
+    up = deliver(_change(world, world.plan_price, world.big_plan_price, left=0.5))
+    assert up.body["outcome"] == "applied"
+    down = deliver(_change(world, world.big_plan_price, world.plan_price, left=0.4))
+    assert down.body["outcome"] == "ignored"
+    again = deliver(_change(world, world.plan_price, world.big_plan_price, left=0.3))
+    assert again.body["outcome"] == "ignored"
+    balance = world.balance()
+    assert balance["total"] == 100 + 200 <= 500
+    # A seat added later raises the best allowance again: 2 x 500 - 500, a tenth of the period left.
+    seats = deliver(_change(world, world.big_plan_price, world.big_plan_price, left=0.1, quantity=2))
+    assert seats.body["outcome"] == "applied"
+    assert world.balance()["promotional"] == 200 + 50
+
+
+def test_a_downgrade_grants_nothing_now(deliver: Deliver, world: World) -> None:
+    _start_period(deliver, world, world.big_plan_price, 500)
+    reply = deliver(_change(world, world.big_plan_price, world.plan_price, left=0.5))
+    assert reply.body["outcome"] == "ignored"
+    assert world.pools() == (500, 0)
+    assert world.balance()["promotional"] == 0
