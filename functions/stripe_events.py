@@ -205,6 +205,18 @@ def _dispute(dispute: Mapping[str, Any]) -> dict[str, Any]:
         "payment_intent": _id(dispute.get("payment_intent")),
         "amount": _int(dispute.get("amount")),
         "reason": _text(dispute.get("reason")),
+        "status": _text(dispute.get("status")),
+    }
+
+
+def _invoice_payment(payment: Mapping[str, Any]) -> dict[str, Any]:
+    # 2025-03-31+: which payment paid which invoice (charges no longer name their invoice).
+    paid_by = _obj(payment.get("payment"))
+    return {
+        "invoice": _id(payment.get("invoice")),
+        "payment_intent": _id(paid_by.get("payment_intent")),
+        "charge": _id(paid_by.get("charge")),
+        "status": _text(payment.get("status")),
     }
 
 
@@ -220,6 +232,8 @@ def normalize(event: Mapping[str, Any]) -> dict[str, Any]:
     }
     if event_type.startswith("checkout.session."):
         facts.update(_checkout(data_object))
+    elif event_type.startswith("invoice_payment."):
+        facts.update(_invoice_payment(data_object))
     elif event_type.startswith("invoice."):
         facts.update(_invoice(data_object))
     elif event_type.startswith("customer.subscription."):

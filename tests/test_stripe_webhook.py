@@ -881,3 +881,75 @@ def test_a_downgrade_grants_nothing_now(deliver: Deliver, world: World) -> None:
     assert reply.body["outcome"] == "ignored"
     assert world.pools() == (500, 0)
     assert world.balance()["promotional"] == 0
+
+
+# --- refunds and disputes of subscription payments, disputes won ---------------------------
+
+def _invoice_payment(world: World) -> dict[str, Any]:
+    """``invoice_payment.paid`` (API 2025-03-31+): which payment paid the world's invoice."""
+    return {
+        "id": stripe_id("evt"), "object": "event", "api_version": "2025-03-31.basil",
+        "created": int(time.time()), "livemode": False, "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None}, "type": "invoice_payment.paid",
+        "data": {"object": {
+            "id": stripe_id("inpay"), "object": "invoice_payment", "amount_paid": 2900,
+            "amount_requested": 2900, "currency": "usd", "invoice": world.invoice, "is_default": True, "livemode": False,
+            "payment": {"type": "payment_intent", "payment_intent": world.payment_intent},
+            "status": "paid", "status_transitions": {"canceled_at": None, "paid_at": int(time.time())},
+        }},
+    }
+
+
+@pytest.mark.parametrize("payment_first", [True, False])
+def test_a_refund_of_a_subscription_payment_applies_on_new_api_versions(
+        deliver: Deliver, world: World, payment_first: bool) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    assert world.pools() == (100, 0)
+    refund = world.event("charge.refunded", AMOUNT=2900, AMOUNT_REFUNDED=1450)  # half
+    payment = _invoice_payment(world)
+    if payment_first:
+        assert deliver(payment).body["outcome"] == "applied"
+        assert deliver(refund).body["outcome"] == "applied"
+    else:
+        assert deliver(refund).body["outcome"] == "parked"  # the charge names no invoice
+        assert deliver(payment).body["outcome"] == "applied"
+        assert world.recorded(refund["id"])["outcome"] == "applied"
+    assert world.pools() == (50, 0)
+    assert deliver(refund).body["outcome"] == "duplicate"
+    assert world.pools() == (50, 0)
+
+
+def _dispute(world: World, event_type: str, dispute: str, status: str) -> dict[str, Any]:
+    event = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=1000)
+    event["type"] = event_type
+    event["data"]["object"]["status"] = status
+    return event
+
+
+def test_a_won_dispute_gives_back_exactly_what_it_took_once(deliver: Deliver, world: World) -> None:
+    deliver(world.event("checkout.session.completed.payment", CREDITS="60", AMOUNT=1000))
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=str(uuid.uuid4()),
+                  p_amount=13)
+    assert world.pools() == (0, 50)  # 3 allowance + 10 of the pack spent
+    dispute = stripe_id("dp")
+    for event_type in ("charge.dispute.created", "charge.dispute.funds_withdrawn"):
+        assert deliver(_dispute(world, event_type, dispute, "needs_response")).body["outcome"] == "applied"
+    assert world.pools() == (0, 0)  # 50 taken back once (10 were already spent)
+    won = [_dispute(world, "charge.dispute.funds_reinstated", dispute, "won"),
+           _dispute(world, "charge.dispute.closed", dispute, "won")]
+    for event in won + won:
+        assert deliver(event).status == 200
+    assert world.pools() == (0, 50)
+    rows = [r for r in world.db.ledger(world.account) if r["type"] == "reinstate"]
+    assert [(r["pool"], r["amount"]) for r in rows] == [("purchased", 50)]
+
+
+def test_a_lost_dispute_changes_nothing_more(deliver: Deliver, world: World) -> None:
+    deliver(world.event("checkout.session.completed.payment", CREDITS="40", AMOUNT=1000))
+    dispute = stripe_id("dp")
+    deliver(_dispute(world, "charge.dispute.created", dispute, "needs_response"))
+    assert world.pools() == (3, 0)
+    lost = _dispute(world, "charge.dispute.closed", dispute, "lost")
+    assert deliver(lost).body["outcome"] == "ignored"
+    assert world.pools() == (3, 0)
