@@ -893,7 +893,8 @@ def _invoice_payment(world: World) -> dict[str, Any]:
         "request": {"id": None, "idempotency_key": None}, "type": "invoice_payment.paid",
         "data": {"object": {
             "id": stripe_id("inpay"), "object": "invoice_payment", "amount_paid": 2900,
-            "amount_requested": 2900, "currency": "usd", "invoice": world.invoice, "is_default": True, "livemode": False,
+            "amount_requested": 2900, "currency": "usd", "invoice": world.invoice, "is_default": True,
+            "livemode": False,
             "payment": {"type": "payment_intent", "payment_intent": world.payment_intent},
             "status": "paid", "status_transitions": {"canceled_at": None, "paid_at": int(time.time())},
         }},
