@@ -1,7 +1,7 @@
 """`python -m benchmarks` (``./dev bench``): run every benchmark, print one
 summary line per benchmark and a table.
 
-    ./dev bench                 full run (about 7 minutes on 2 cores)
+    ./dev bench                 full run (about 15 minutes on 2 cores)
     ./dev bench --smoke         seconds: proves the command works, no timing verdicts
     ./dev bench --only 1,2      a subset (1 deduct, 2 hot, 3 holds/license, 4 reset, 5 cold start)
     ./dev bench --json out.json raw numbers as well

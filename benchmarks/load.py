@@ -1,9 +1,9 @@
-"""Set-based loading of benchmark accounts (and the bare baseline tables).
+"""Set-based loading of benchmark accounts (and the bare pair's and the naive design's tables).
 
 Loading goes around the functions on purpose: a million accounts through the
 signup trigger would take longer than the benchmark. The rows written are the
-ones the functions would have written (an account, its signup grant and a
-funding purchase in the transaction log and the ledger), so the ledger still
+ones the functions would have written (an account, its wallet, and its signup
+grant and a funding purchase as transaction rows), so the ledger still
 explains every balance and ``reconcile_credit_balances`` stays clean.
 
 Account ``n`` has a deterministic id that pgbench scripts compute from a
