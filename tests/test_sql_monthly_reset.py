@@ -296,3 +296,60 @@ def test_two_runs_of_one_period_at_once_grant_once(database: Db) -> None:
         second.commit()
     assert (late["processed"], late["granted"]) == (0, 0)
     assert [account_row(database, a)[0] for a in accounts] == [3, 3, 3]
+
+
+# --- plans priced yearly ---------------------------------------------------------------
+
+def _stripe_invoice(database: Db, account_id: str, price: str, days: int,
+                    quantity: int = 1) -> dict[str, Any]:
+    """A paid subscription invoice (the webhook's normalised facts) for ``days`` from now."""
+    now = int(time.time()) - 60
+    return database.call("handle_stripe_event", p_event_id=f"evt_{uuid.uuid4().hex}",
+                         p_type="invoice.paid", p_payload={"invoice": f"in_{uuid.uuid4().hex}", "customer": f"cus_{uuid.uuid4().hex}",
+                                    "subscription": f"sub_{uuid.uuid4().hex}", "account_id": account_id,
+                                    "billing_reason": "subscription_create", "created": now,
+                                    "lines": [{"price_id": price, "quantity": quantity, "period_start": now,
+                                               "period_end": now + days * 86400, "proration": False,
+                                               "amount": 1000}]})
+
+
+def test_a_yearly_plan_grants_a_month_at_a_time_within_the_paid_year(database: Db) -> None:
+    database.sql("insert into public.credit_plans (id, monthly_credits, stripe_price_id) values "
+                 "('yearly', 10, 'price_yearly'), ('monthly', 40, 'price_monthly')")
+    _, yearly = database.new_user()
+    _, monthly = database.new_user()
+    assert _stripe_invoice(database, yearly, "price_yearly", 365, quantity=2)["outcome"] == "applied"
+    assert _stripe_invoice(database, monthly, "price_monthly", 30)["outcome"] == "applied"
+    first = database.balance(yearly)
+    # The first month of the year, not the year: 10 credits x 2 seats.
+    assert first["subscription"] == 20
+    month = dt.datetime.fromisoformat(first["period_end"]) - dt.datetime.fromisoformat(first["period_start"])
+    assert dt.timedelta(days=28) <= month <= dt.timedelta(days=31)
+    # The first month has ended before the next calendar month's reset.
+    database.sql("update public.credit_wallets set period_start = period_start - interval '1 month', "
+                 "period_end = period_end - interval '1 month' where account_id = %s", yearly)
+    database.call("deduct_credits", p_account_id=yearly, p_idempotency_key=new_key(), p_amount=5)
+    monthly_before = snapshot(database, monthly)
+    reset(database, month_start(1))
+    assert account_row(database, yearly)[::3] == (20, utc(month_start(1)))
+    assert account_row(database, yearly)[4] == utc(month_start(2))
+    assert snapshot(database, monthly) == monthly_before  # its invoices renew it
+
+
+def test_the_reset_never_renews_past_the_paid_period(database: Db) -> None:
+    database.sql("insert into public.credit_plans (id, monthly_credits, stripe_price_id) values "
+                 "('yearly', 10, 'price_yearly')")
+    _, ending = database.new_user()
+    _, ended = database.new_user()
+    for account_id in (ending, ended):
+        _stripe_invoice(database, account_id, "price_yearly", 365)
+        database.sql("update public.credit_wallets set period_start = period_start - interval '1 month', "
+                     "period_end = period_end - interval '1 month' where account_id = %s", account_id)
+    reaches = utc(month_start(1)) + dt.timedelta(days=10)
+    database.sql("update public.credit_accounts set stripe_paid_through = %s where id = %s", reaches, ending)
+    database.sql("update public.credit_accounts set stripe_paid_through = %s where id = %s",
+                 utc(month_start(1)), ended)
+    before = snapshot(database, ended)
+    reset(database, month_start(1))
+    assert account_row(database, ending)[3:] == (utc(month_start(1)), reaches)
+    assert snapshot(database, ended) == before

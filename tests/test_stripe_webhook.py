@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -954,3 +955,17 @@ def test_a_lost_dispute_changes_nothing_more(deliver: Deliver, world: World) -> 
     lost = _dispute(world, "charge.dispute.closed", dispute, "lost")
     assert deliver(lost).body["outcome"] == "ignored"
     assert world.pools() == (3, 0)
+
+
+@BOTH_VERSIONS
+def test_a_yearly_invoice_grants_the_first_month(deliver: Deliver, world: World, version: str) -> None:
+    link_subscription(deliver, world)
+    invoice = world.event(f"invoice.paid.{version}", PERIOD_END=world.period_start + 365 * DAY)
+    assert deliver(invoice).body["outcome"] == "applied"
+    balance = world.balance()
+    assert world.pools() == (100, 0)
+    month = (datetime.fromisoformat(balance["period_end"]) - datetime.fromisoformat(balance["period_start"]))
+    assert timedelta(days=28) <= month <= timedelta(days=31)
+    paid_through = world.db.one("select stripe_paid_through from public.credit_accounts where id = %s",
+                                world.account)
+    assert paid_through.timestamp() == world.period_start + 365 * DAY
