@@ -304,13 +304,13 @@ def _stripe_invoice(database: Db, account_id: str, price: str, days: int,
                     quantity: int = 1) -> dict[str, Any]:
     """A paid subscription invoice (the webhook's normalised facts) for ``days`` from now."""
     now = int(time.time()) - 60
-    return database.call("handle_stripe_event", p_event_id=f"evt_{uuid.uuid4().hex}",
-                         p_type="invoice.paid", p_payload={"invoice": f"in_{uuid.uuid4().hex}", "customer": f"cus_{uuid.uuid4().hex}",
-                                    "subscription": f"sub_{uuid.uuid4().hex}", "account_id": account_id,
-                                    "billing_reason": "subscription_create", "created": now,
-                                    "lines": [{"price_id": price, "quantity": quantity, "period_start": now,
-                                               "period_end": now + days * 86400, "proration": False,
-                                               "amount": 1000}]})
+    payload = {"invoice": f"in_{uuid.uuid4().hex}", "customer": f"cus_{uuid.uuid4().hex}",
+               "subscription": f"sub_{uuid.uuid4().hex}", "account_id": account_id,
+               "billing_reason": "subscription_create", "created": now,
+               "lines": [{"price_id": price, "quantity": quantity, "period_start": now,
+                          "period_end": now + days * 86400, "proration": False, "amount": 1000}]}
+    return database.call("handle_stripe_event", p_event_id=f"evt_{uuid.uuid4().hex}", p_type="invoice.paid",
+                         p_payload=payload)
 
 
 def test_a_yearly_plan_grants_a_month_at_a_time_within_the_paid_year(database: Db) -> None:
