@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    # A plain `kill` stops as cleanly as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # A plain `kill` stops as cleanly as Ctrl-C (also when run as a background
+    # job, where SIGINT is ignored): the same path, the same "stopped.".
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with run_stack(args.data_dir.resolve(), port_base=args.port_base,
                        reset_data=args.reset_data) as stack:

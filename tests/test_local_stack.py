@@ -69,8 +69,9 @@ class Started:
         assert found, self.banner
         return found.group(1)
 
-    def stop(self) -> tuple[int, str]:
-        self.process.send_signal(signal.SIGINT)
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        # SIGTERM by default: a suite run as a background job ignores SIGINT.
+        self.process.send_signal(sig)
         code = self.process.wait(timeout=20)
         rest = "".join(iter_queue(self.lines))
         self._log.close()
@@ -122,6 +123,8 @@ def test_dev_start_serves_keeps_data_and_stops(tmp_path: Path) -> None:
             assert credits.status_code == 200 and credits.json()["total"] == 2
         code, tail = first.stop()
         assert code == 0 and "stopped." in tail
+        # The embedded PostgreSQL went with it.
+        assert not (data_dir / "postmaster.pid").exists()
     finally:
         first.kill()
 
@@ -130,8 +133,9 @@ def test_dev_start_serves_keeps_data_and_stops(tmp_path: Path) -> None:
     try:
         assert second.database_line.split() == ["database", "0", "new", "migration(s)", "applied"]
         assert _balance(second.url("SUPABASE_URL"))["total"] == 2
-        code, _tail = second.stop()
-        assert code == 0
+        code, tail = second.stop(signal.SIGINT)  # Ctrl-C
+        assert code == 0 and "stopped." in tail
+        assert not (data_dir / "postmaster.pid").exists()
     finally:
         second.kill()
 
