@@ -22,7 +22,7 @@ Status of a database error (PostgREST's table, as far as our functions reach it)
 ``42883``, ``42P01``, unknown function  404
 ``23505``, ``23503``                   409
 ``25006`` (write in a GET)             405
-``22*``, ``23*``, ``42*``, ``P0001``   400
+``22*``, ``23*``, ``42*``, ``P0001``   400 (also: a NUL character, deep JSON)
 ``28*``, ``0L*``, ``0P*``              403
 ``08*``, ``53*``, ``57014``, ``57P0*``  503 (also: database unreachable)
 anything else                          500 (message withheld)
@@ -53,6 +53,10 @@ log = logging.getLogger("devstack.rest")
 
 API_KEY_ROLES = ("anon", "service_role")
 SINGLE_OBJECT = "application/vnd.pgrst.object+json"
+# Request bodies are capped (413 above this), and so is the per-process cache
+# of function signatures.
+MAX_BODY_BYTES = 1_048_576
+MAX_CACHED_FUNCTIONS = 256
 
 
 class RestError(Exception):
@@ -144,6 +148,10 @@ def unreachable() -> RestError:
 def database_error(exc: psycopg.Error, role: str) -> RestError:
     """PostgREST's response for a database error; never SQL text or a trace."""
     sqlstate = exc.sqlstate
+    if not sqlstate and isinstance(exc, psycopg.DataError):
+        # Refused before it reached the server (a NUL character in a text
+        # value): the client's data, as PostgreSQL's own 22021 would be.
+        return RestError(400, "22021", "invalid byte sequence: text values cannot contain NUL (0x00)")
     if not sqlstate or (isinstance(exc, psycopg.OperationalError) and sqlstate.startswith("08")):
         log.warning("database unavailable: %s", type(exc).__name__)
         return unreachable()
@@ -288,9 +296,12 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
 
     def call(fn: str, args: Mapping[str, Any], role: str, claims: dict[str, Any], *, read_only: bool) -> Any:
         with connection(role) as conn:
-            if fn not in required_cache or required_cache[fn] is None:
-                required_cache[fn] = required_arguments(conn, fn)
-            required = required_cache[fn]
+            required = required_cache.get(fn)
+            if required is None:
+                required = required_arguments(conn, fn)
+                # Only functions that exist are cached: unknown names cannot grow it.
+                if required is not None and len(required_cache) < MAX_CACHED_FUNCTIONS:
+                    required_cache[fn] = required
             if required is None or any(name not in args for name in required):
                 raise _function_not_found(fn, list(args))
             try:
@@ -320,9 +331,11 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
         role, claims = authenticate(request, jwt_secret)
         check_profile(request)
         raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise RestError(413, "PGRST413", f"The request body is larger than {MAX_BODY_BYTES} bytes")
         try:
             args = json.loads(raw) if raw.strip() else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
             raise RestError(400, "PGRST102", "Empty or invalid json") from exc
         if not isinstance(args, dict):
             raise RestError(400, "PGRST102", "Empty or invalid json",

@@ -207,11 +207,27 @@ def test_unknown_function_or_arguments_is_404(http: httpx.Client, fn: str, args:
 
 
 def test_body_must_be_a_json_object(http: httpx.Client) -> None:
-    for content in (b"[1, 2]", b"{not json"):
+    deep = b"[" * 100_000 + b"]" * 100_000  # deeper than any parser goes
+    for content in (b"[1, 2]", b"{not json", b'{"p_account_id": ' + deep + b"}"):
         response = http.post("/rpc/get_credit_balance", content=content,
                              headers={"apikey": SERVICE, "Content-Type": "application/json"})
         assert response.status_code == 400
         assert response.json()["code"] == "PGRST102"
+
+
+def test_client_errors_are_4xx_never_an_outage(http: httpx.Client, database: Db,
+                                              funded: tuple[Caller, str]) -> None:
+    _, account = funded
+    before = database.balance(account)
+    # A NUL character cannot be stored in text: the caller's mistake, not "could not connect".
+    nul = http.post("/rpc/deduct_credits", headers={"apikey": SERVICE},
+                    json={"p_account_id": account, "p_idempotency_key": "nul\u0000key", "p_amount": 1})
+    assert nul.status_code == 400 and "Retry-After" not in nul.headers
+    assert nul.json()["code"] == "22021"
+    big = http.post("/rpc/get_credit_balance",
+                    headers={"apikey": SERVICE, "Content-Type": "application/json"}, content=b'{"p_account_id": "' + b"x" * (rest.MAX_BODY_BYTES + 1) + b'"}')
+    assert big.status_code == 413
+    assert database.balance(account) == before
 
 
 # Every status rule of the mapping, raised for real by a function in a database of
