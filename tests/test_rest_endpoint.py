@@ -224,8 +224,9 @@ def test_client_errors_are_4xx_never_an_outage(http: httpx.Client, database: Db,
                     json={"p_account_id": account, "p_idempotency_key": "nul\u0000key", "p_amount": 1})
     assert nul.status_code == 400 and "Retry-After" not in nul.headers
     assert nul.json()["code"] == "22021"
+    oversized = b'{"p_account_id": "' + b"x" * (rest.MAX_BODY_BYTES + 1) + b'"}'
     big = http.post("/rpc/get_credit_balance",
-                    headers={"apikey": SERVICE, "Content-Type": "application/json"}, content=b'{"p_account_id": "' + b"x" * (rest.MAX_BODY_BYTES + 1) + b'"}')
+                    headers={"apikey": SERVICE, "Content-Type": "application/json"}, content=oversized)
     assert big.status_code == 413
     assert database.balance(account) == before
 
