@@ -26,10 +26,11 @@ class Config:
     # ("medium") instance. Applied to the embedded server only.
     server_settings: dict[str, str] = field(default_factory=lambda: {"shared_buffers": "1GB"})
     warm_requests: int = 300
+    parked_events: int = 3_000
     smoke: bool = False
 
 
 FULL = Config()
 SMOKE = Config(accounts=200, clients=2, rounds=1, seconds=1.0, hot_purchased=100_000,
                reset_sizes=(2_000, 4_000), reset_clients=2, reset_deduct_rate=50.0, reset_batch=500,
-               import_runs=1, warm_requests=5, smoke=True)
+               import_runs=1, warm_requests=5, parked_events=300, smoke=True)
