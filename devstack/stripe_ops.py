@@ -2,12 +2,15 @@
 
     ./dev stripe events [--failed | --parked] [--limit N] [--database-url URL]
     ./dev stripe replay <event id> [--database-url URL]
+    ./dev stripe release [--database-url URL]
 
 ``events`` lists recorded events, newest first (all, or only those that
 failed or are parked). ``replay`` applies one recorded event again, exactly as
 a redelivery from Stripe would (``handle_stripe_event`` with its stored facts):
 use it after fixing what made it fail (the catalog, the account). An applied or
-ignored event is not applied twice.
+ignored event is not applied twice. ``release`` applies the parked events
+whose link arrived but which the linking call left for later (it releases at
+most 500), until none is left.
 
 Without ``--database-url`` the commands use the running local stack
 (``./dev start``); with it, any database the migrations were applied to (a
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--limit", type=int, default=50)
     again = commands.add_parser("replay", help="apply one recorded event again")
     again.add_argument("event_id")
+    commands.add_parser("release", help="apply the parked events that are ready, until none is left")
     args = parser.parse_args(argv)
     dsn = args.database_url or local_dsn()
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -84,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
             widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
             for r in [header, *rows]:
                 print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+            return 0
+        if args.command == "release":
+            total = 0
+            while True:
+                out = db.call_function(conn, "release_stripe_events", {"p_limit": 500}, role="service_role")
+                total += int(out["released"])
+                if out["remaining"] == 0 or out["released"] == 0:
+                    break
+            print(f"released {total} event(s); {out['remaining']} ready left")
             return 0
         result = replay(conn, args.event_id)
         print(f"{args.event_id}: {result.get('outcome')}"

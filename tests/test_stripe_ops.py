@@ -54,6 +54,11 @@ def test_a_failed_event_is_listed_and_applies_when_replayed_after_the_fix(
     assert database.balance(account_id)["purchased"] == 20
 
 
+def test_release_applies_what_is_ready(database: Db, capsys: pytest.CaptureFixture[str]) -> None:
+    assert stripe_ops.main(["--database-url", database.dsn, "release"]) == 0
+    assert "ready left" in capsys.readouterr().out
+
+
 def test_an_unknown_event_is_said_so(database: Db) -> None:
     with pytest.raises(SystemExit, match="no recorded event"):
         stripe_ops.main(["--database-url", database.dsn, "replay", "evt_nope"])
