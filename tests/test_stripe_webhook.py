@@ -969,3 +969,68 @@ def test_a_yearly_invoice_grants_the_first_month(deliver: Deliver, world: World,
     paid_through = world.db.one("select stripe_paid_through from public.credit_accounts where id = %s",
                                 world.account)
     assert paid_through.timestamp() == world.period_start + 365 * DAY
+
+
+def later_lifecycle(w: World) -> list[dict[str, Any]]:
+    """Seats, a subscription payment refunded on API 2025-03-31, a pack disputed and won."""
+    t = int(time.time()) - 100
+    pack_pi, pack_ch, dispute = stripe_id("pi"), stripe_id("ch"), stripe_id("dp")
+    invoice = _with_lines(w.event("invoice.paid.2025-03-31", SUB_ACCOUNT_ID=OMIT, CREATED=t + 1),
+                          {"price": w.plan_price, "quantity": 2})
+    payment = _invoice_payment(w)
+    payment["created"] = t + 2
+    won = [_dispute(w, kind, dispute, status) for kind, status in (
+        ("charge.dispute.created", "needs_response"), ("charge.dispute.funds_reinstated", "won"),
+        ("charge.dispute.closed", "won"))]
+    for i, event in enumerate(won):
+        event["data"]["object"].update({"payment_intent": pack_pi, "charge": pack_ch})
+        event["created"] = t + 6 + i
+    return [
+        w.event("checkout.session.completed.subscription", CREATED=t),
+        invoice,
+        payment,
+        w.event("charge.refunded", AMOUNT=2900, AMOUNT_REFUNDED=725, CREATED=t + 3),  # a quarter
+        w.event("checkout.session.completed.payment", SESSION=stripe_id("cs_test"), PAYMENT_INTENT=pack_pi,
+                CREDITS="40", AMOUNT=1000, CREATED=t + 4),
+        *won,
+    ]
+
+
+def test_the_later_flows_apply_once_in_any_order(deliver: Deliver, database: Db) -> None:
+    ordered, chaotic = make_world(database), make_world(database)
+    for event in later_lifecycle(ordered):
+        assert deliver(event).status == 200
+
+    def state(w: World) -> dict[str, Any]:
+        # Each world has plans of its own: compare which of them, not their ids.
+        found = final_state(w)
+        return {**found, "plan": {w.plan: "plan", w.big_plan: "big_plan"}.get(found["plan"], found["plan"])}
+
+    expected = state(ordered)
+    assert (expected["subscription"], expected["purchased"]) == (150, 40)  # 200 - a quarter; the pack back
+    deliveries = later_lifecycle(chaotic) * 3
+    random.Random(20261205).shuffle(deliveries)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        while True:
+            with lock:
+                if not deliveries:
+                    return
+                event = deliveries.pop()
+            reply = deliver(event)
+            with lock:
+                statuses.append(reply.status)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert statuses == [200] * 3 * len(later_lifecycle(ordered))
+    assert state(chaotic) == expected
+    parked = database.one("select count(*) from public.stripe_events where outcome = 'parked' "
+                          "and (account_id = %s or customer_id = %s)", chaotic.account, chaotic.customer)
+    assert parked == 0

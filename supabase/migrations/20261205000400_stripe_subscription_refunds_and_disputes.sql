@@ -14,7 +14,8 @@
 -- `won`, whichever comes first, however often) exactly what the dispute's
 -- clawback took is given back, once, into the same pool, and what it had
 -- claimed on holds still active is released from them. A lost dispute
--- changes nothing more.
+-- changes nothing more. A win that arrives before the dispute's creation waits,
+-- parked, for it.
 
 create table public.stripe_payments (
   payment_ref text primary key check (length(payment_ref) between 1 and 255),
@@ -137,8 +138,9 @@ begin
                                                     'payment:' || private.stripe_text(p, 'charge')], null));
   end if;
   v_result := private.clawback(v_ref, 'dispute:' || v_dispute, null, 'dispute', 'stripe');
+  -- A win that arrived first waits on the dispute.
   return private.stripe_result('applied', 'clawed_back', (v_result -> 'balance' ->> 'account_id')::uuid,
-                               v_result);
+                               v_result, array['dispute:' || v_dispute]);
 end
 $$;
 
@@ -167,7 +169,8 @@ begin
   select * into v_taken from public.credit_transactions t
    where t.idempotency_key = 'dispute:' || v_dispute and t.origin = 'stripe' and t.kind = 'clawback';
   if not found then
-    return private.stripe_result('ignored', 'nothing_taken');
+    -- Won before its creation was applied (Stripe does not guarantee order): wait for it.
+    return private.stripe_result('parked', 'dispute_unknown', null, null, '{}', array['dispute:' || v_dispute]);
   end if;
   v_hash := private.request_hash('reinstate', to_jsonb(v_dispute));
   v_wallet := private.lock_wallet(v_taken.account_id);
