@@ -804,9 +804,12 @@ def _with_lines(event: dict[str, Any], *lines: dict[str, Any]) -> dict[str, Any]
     out = []
     for overrides in lines:
         line = json.loads(json.dumps(template))
-        details = line["parent"]["subscription_item_details"]
-        details["proration"] = overrides.get("proration", False)
-        line["pricing"]["price_details"]["price"] = overrides["price"]
+        if "pricing" in line:  # 2025-03-31 and later
+            line["parent"]["subscription_item_details"]["proration"] = overrides.get("proration", False)
+            line["pricing"]["price_details"]["price"] = overrides["price"]
+        else:
+            line["proration"] = overrides.get("proration", False)
+            line["price"]["id"] = line["plan"]["id"] = overrides["price"]
         line["amount"] = overrides.get("amount", line["amount"])
         line["quantity"] = overrides.get("quantity", 1)
         line["period"] = {"start": overrides.get("start", line["period"]["start"]),
@@ -817,9 +820,10 @@ def _with_lines(event: dict[str, Any], *lines: dict[str, Any]) -> dict[str, Any]
     return event
 
 
-def test_seats_multiply_the_plans_monthly_credits(deliver: Deliver, world: World) -> None:
+@BOTH_VERSIONS
+def test_seats_multiply_the_plans_monthly_credits(deliver: Deliver, world: World, version: str) -> None:
     link_subscription(deliver, world)
-    invoice = _with_lines(world.event("invoice.paid.2025-03-31"), {"price": world.plan_price, "quantity": 3})
+    invoice = _with_lines(world.event(f"invoice.paid.{version}"), {"price": world.plan_price, "quantity": 3})
     assert deliver(invoice).body["outcome"] == "applied"
     assert world.pools() == (300, 0)
 
@@ -830,11 +834,12 @@ def _start_period(deliver: Deliver, world: World, price: str, allowance: int) ->
     assert world.balance()["subscription"] == allowance
 
 
-def _change(world: World, old: str, new: str, *, left: float, quantity: int = 1) -> dict[str, Any]:
+def _change(world: World, old: str, new: str, *, left: float, quantity: int = 1,
+            version: str = "2025-03-31") -> dict[str, Any]:
     """A subscription_update invoice: credit for the old plan's unused time, charge for the new one's."""
     end = world.period_start + 30 * DAY
     changed_at = int(end - left * 30 * DAY)
-    event = world.event("invoice.paid.2025-03-31", BILLING_REASON="subscription_update",
+    event = world.event(f"invoice.paid.{version}", BILLING_REASON="subscription_update",
                         INVOICE=stripe_id("in"))
     return _with_lines(event,
                        {"price": old, "proration": True, "amount": -1000, "start": changed_at, "end": end},
@@ -842,13 +847,14 @@ def _change(world: World, old: str, new: str, *, left: float, quantity: int = 1)
                         "quantity": quantity})
 
 
+@BOTH_VERSIONS
 def test_an_upgrade_mid_period_grants_the_prorated_difference_without_restarting_it(
-        deliver: Deliver, world: World) -> None:
+        deliver: Deliver, world: World, version: str) -> None:
     _start_period(deliver, world, world.plan_price, 100)
     period = (world.balance()["period_start"], world.balance()["period_end"])
     world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=str(uuid.uuid4()),
                   p_amount=90)
-    upgrade = _change(world, world.plan_price, world.big_plan_price, left=0.5)
+    upgrade = _change(world, world.plan_price, world.big_plan_price, left=0.5, version=version)
     reply = deliver(upgrade)
     assert reply.body["outcome"] == "applied"
     balance = world.balance()
