@@ -1040,3 +1040,13 @@ def test_the_later_flows_apply_once_in_any_order(deliver: Deliver, database: Db)
     parked = database.one("select count(*) from public.stripe_events where outcome = 'parked' "
                           "and (account_id = %s or customer_id = %s)", chaotic.account, chaotic.customer)
     assert parked == 0
+
+
+def test_an_upgrade_delivered_before_its_periods_invoice_waits_for_it(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    upgrade = _change(world, world.plan_price, world.big_plan_price, left=0.5)
+    assert deliver(upgrade).body["outcome"] == "parked"
+    assert world.balance()["promotional"] == 0
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    assert world.recorded(upgrade["id"])["outcome"] == "applied"
+    assert (world.balance()["promotional"], world.balance()["subscription"]) == (200, 100)

@@ -12,7 +12,8 @@
 --     (rounded down), as promotional credits expiring with the period, keyed
 --     by the invoice; a decrease grants nothing now (the next period's
 --     invoice grants the new allowance). So toggling plans never yields more
---     in a period than the best single plan would;
+--     in a period than the best single plan would. A change delivered
+--     before the invoice that started its period waits, parked, for it;
 --   * any other reason: ignored (`not_a_period_start`).
 
 create or replace function private.stripe_invoice_paid(p jsonb) returns jsonb
@@ -104,7 +105,8 @@ begin
                                                when (v_result ->> 'granted')::bigint = 0
                                                     and v_allowance > 0 then 'older_period'
                                                else 'period_started' end,
-                               v_account, v_result, v_keys || ('payment:' || v_ref));
+                               v_account, v_result,
+                               v_keys || ('payment:' || v_ref) || ('period:' || v_subscription));
 end
 $$;
 
@@ -126,7 +128,16 @@ declare
   v_grant bigint;
   v_result jsonb;
 begin
-  if v_wallet.period_start is null or v_wallet.period_end is null or p_to is null or p_from is null
+  -- A change is measured against the period its subscription's invoice
+  -- started; delivered before that invoice, it waits for it.
+  if not exists (select 1 from public.credit_transactions t
+                  where t.account_id = p_account_id and t.kind = 'grant' and t.origin = 'stripe'
+                    and t.period_start = v_wallet.period_start
+                    and t.metadata ->> 'subscription' = p_metadata ->> 'subscription') then
+    return private.stripe_result('parked', 'period_unknown', null, null, '{}',
+                                 array['period:' || (p_metadata ->> 'subscription')]);
+  end if;
+  if v_wallet.period_end is null or p_to is null or p_from is null
      or p_to <= v_wallet.period_start or p_from >= v_wallet.period_end then
     return private.stripe_result('ignored', 'outside_the_current_period', p_account_id);
   end if;
