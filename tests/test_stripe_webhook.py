@@ -524,6 +524,32 @@ def final_state(w: World) -> dict[str, Any]:
             "ledger": w.ledger_sum()}
 
 
+def deliver_concurrently(deliver: Deliver, events: list[dict[str, Any]], threads: int = 4) -> list[int]:
+    """Deliver ``events`` from ``threads`` threads at once (each one Lambda container: its own
+    event loop); the statuses answered."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    queue = list(events)
+
+    def worker() -> None:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        while True:
+            with lock:
+                if not queue:
+                    return
+                event = queue.pop()
+            reply = deliver(event)
+            with lock:
+                statuses.append(reply.status)
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=120)
+    return statuses
+
+
 def test_redelivered_shuffled_and_concurrent_events_apply_once(
         deliver: Deliver, rest_url: str, database: Db) -> None:
     ordered, chaotic = make_world(database), make_world(database)
@@ -535,28 +561,7 @@ def test_redelivered_shuffled_and_concurrent_events_apply_once(
 
     deliveries = lifecycle(chaotic) * 3
     random.Random(20261121).shuffle(deliveries)
-    statuses: list[int] = []
-    lock = threading.Lock()
-    queue = list(deliveries)
-
-    def worker() -> None:
-        # Each thread is one Lambda container: its own cold start and event loop.
-        asyncio.set_event_loop(asyncio.new_event_loop())
-        while True:
-            with lock:
-                if not queue:
-                    return
-                event = queue.pop()
-            reply = deliver(event)
-            with lock:
-                statuses.append(reply.status)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert statuses == [200] * len(deliveries)
+    assert deliver_concurrently(deliver, deliveries) == [200] * len(deliveries)
     assert final_state(chaotic) == expected
     outcomes = database.sql("select outcome, count(*) from public.stripe_events where account_id = %s "
                             "group by outcome", chaotic.account)
@@ -1016,26 +1021,7 @@ def test_the_later_flows_apply_once_in_any_order(deliver: Deliver, database: Db)
     assert (expected["subscription"], expected["purchased"]) == (150, 40)  # 200 - a quarter; the pack back
     deliveries = later_lifecycle(chaotic) * 3
     random.Random(20261205).shuffle(deliveries)
-    statuses: list[int] = []
-    lock = threading.Lock()
-
-    def worker() -> None:
-        asyncio.set_event_loop(asyncio.new_event_loop())
-        while True:
-            with lock:
-                if not deliveries:
-                    return
-                event = deliveries.pop()
-            reply = deliver(event)
-            with lock:
-                statuses.append(reply.status)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert statuses == [200] * 3 * len(later_lifecycle(ordered))
+    assert deliver_concurrently(deliver, deliveries) == [200] * len(deliveries)
     assert state(chaotic) == expected
     parked = database.one("select count(*) from public.stripe_events where outcome = 'parked' "
                           "and (account_id = %s or customer_id = %s)", chaotic.account, chaotic.customer)
