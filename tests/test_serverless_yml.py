@@ -93,6 +93,13 @@ def test_http_routes_exist_in_the_apps(config: dict[str, Any], monkeypatch: pyte
     assert not http_routes(config["functions"]["monthlyReset"])
 
 
+def test_the_webhook_releases_ready_parked_events_on_a_schedule(config: dict[str, Any]) -> None:
+    webhook = config["functions"]["stripeWebhook"]
+    schedules = [event["schedule"] for event in webhook["events"] if "schedule" in event]
+    assert [s["rate"] for s in schedules] == ["rate(5 minutes)"]
+    assert schedules[0]["input"] == {"source": "aws.events"}
+
+
 def test_monthly_reset_schedule(config: dict[str, Any]) -> None:
     reset = config["functions"]["monthlyReset"]
     rates = [event["schedule"]["rate"] for event in reset["events"] if "schedule" in event]

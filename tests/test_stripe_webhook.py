@@ -1036,3 +1036,23 @@ def test_an_upgrade_delivered_before_its_periods_invoice_waits_for_it(deliver: D
     assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
     assert world.recorded(upgrade["id"])["outcome"] == "applied"
     assert (world.balance()["promotional"], world.balance()["subscription"]) == (200, 100)
+
+
+def test_the_schedule_releases_what_a_linking_event_left_ready(rest_url: str, database: Db) -> None:
+    _, account_id = database.new_user()
+    customer = stripe_id("cus")
+    def checkout(**facts: Any) -> dict[str, Any]:
+        return database.call("handle_stripe_event", p_event_id=stripe_id("evt"),
+                             p_type="checkout.session.completed",
+                             p_payload={"session": stripe_id("cs"), "customer": customer, **facts})
+
+    for _ in range(520):
+        parked = checkout(mode="payment", payment_status="paid", credits=1, payment_intent=stripe_id("pi"))
+        assert parked["outcome"] == "parked"
+    linked = checkout(mode="subscription", subscription=stripe_id("sub"), account_id=account_id)
+    assert len(linked["unparked"]) == 500
+    with cold_start("handlers.stripe_webhook", webhook_env(rest_url)) as handler:
+        summary = handler({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}},
+                          LambdaContext(function_name="credits-test-stripeWebhook", timeout_ms=29_000))
+    assert summary["remaining"] == 0 and summary["released"] >= 20
+    assert database.balance(account_id)["purchased"] == 520
