@@ -913,6 +913,18 @@ def _invoice_payment(world: World) -> dict[str, Any]:
     }
 
 
+def test_a_refund_of_a_subscription_payment_waits_for_the_invoices_grant(deliver: Deliver,
+                                                                         world: World) -> None:
+    # Stripe does not guarantee order: the payment and its refund may come before the invoice.
+    link_subscription(deliver, world)
+    refund = world.event("charge.refunded", AMOUNT=2900, AMOUNT_REFUNDED=1450)
+    assert deliver(_invoice_payment(world)).body["outcome"] == "applied"
+    assert deliver(refund).body["outcome"] == "parked"
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    assert world.recorded(refund["id"])["outcome"] == "applied"
+    assert world.pools() == (50, 0)
+
+
 @pytest.mark.parametrize("payment_first", [True, False])
 def test_a_refund_of_a_subscription_payment_applies_on_new_api_versions(
         deliver: Deliver, world: World, payment_first: bool) -> None:

@@ -218,7 +218,11 @@ begin
                                                     and v_allowance > 0 then 'older_period'
                                                else 'period_started' end,
                                v_account, v_result,
-                               v_keys || ('payment:' || v_ref) || ('period:' || v_subscription));
+                               -- Refunds waiting on a payment of this invoice (known from
+                               -- invoice_payment.paid) can apply now too.
+                               v_keys || ('payment:' || v_ref) || ('period:' || v_subscription)
+                               || array(select 'payment:' || sp.payment_ref from public.stripe_payments sp
+                                         where sp.invoice = v_invoice));
 end
 $$;
 
