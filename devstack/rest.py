@@ -47,7 +47,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
-from devstack import db, rest_tables
+from devstack import db, rest_tables, tokens
 
 log = logging.getLogger("devstack.rest")
 
@@ -97,12 +97,20 @@ def authenticate(request: Request, secret: str) -> tuple[str, dict[str, Any]]:
     if not api_key:
         raise _unauthorized("PGRST302", "No API key found in request",
                             hint="No `apikey` request header or url param was found.")
-    try:
-        key_claims = verify_jwt(api_key, secret)
-    except RestError as exc:
-        raise _unauthorized("PGRST301", "Invalid API key") from exc
-    if key_claims.get("role") not in API_KEY_ROLES:
-        raise _unauthorized("PGRST301", "Invalid API key")
+    if api_key.startswith("sb_"):
+        # The newer, opaque keys: the gateway maps them to a role (a user's
+        # bearer token, when there is one, still decides).
+        roles = {tokens.publishable_key(secret): "anon", tokens.secret_key(secret): "service_role"}
+        if api_key not in roles:
+            raise _unauthorized("PGRST301", "Invalid API key")
+        key_claims: dict[str, Any] = {"role": roles[api_key]}
+    else:
+        try:
+            key_claims = verify_jwt(api_key, secret)
+        except RestError as exc:
+            raise _unauthorized("PGRST301", "Invalid API key") from exc
+        if key_claims.get("role") not in API_KEY_ROLES:
+            raise _unauthorized("PGRST301", "Invalid API key")
     token = api_key
     authorization = request.headers.get("authorization")
     if authorization:

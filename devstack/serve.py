@@ -103,6 +103,8 @@ class Stack:
     rest_url: str
     anon_key: str
     service_role_key: str
+    publishable_key: str
+    secret_key: str
     jwt_secret: str
     webhook_secret: str
     credits_url: str | None = None
@@ -119,8 +121,9 @@ class Stack:
         """The function apps' settings, as their Lambda environment would hold them."""
         return {
             "SUPABASE_URL": self.rest_url,
-            "SUPABASE_ANON_KEY": self.anon_key,
-            "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
+            # The functions run on Supabase's newer keys; the legacy ones work too.
+            "SUPABASE_PUBLISHABLE_KEY": self.publishable_key,
+            "SUPABASE_SECRET_KEY": self.secret_key,
             "SUPABASE_JWT_SECRET": self.jwt_secret,
             "STRIPE_WEBHOOK_SECRET": self.webhook_secret,
             "CORS_ALLOW_ORIGINS": os.environ.get("CORS_ALLOW_ORIGINS", CORS_ORIGINS),
@@ -228,7 +231,9 @@ def run_stack(data_dir: Path = DATA_DIR, *, port_base: int | None = DEFAULT_PORT
         dsn, report = start_database(data_dir, reset_data=reset_data, keep=keep_data)
         rest_url = stack.enter_context(serve_in_thread(rest.create_app(dsn, secret), port(0)))
         running = Stack(dsn=dsn, rest_url=rest_url, anon_key=api_key("anon", secret),
-                        service_role_key=api_key("service_role", secret), jwt_secret=secret,
+                        service_role_key=api_key("service_role", secret),
+                        publishable_key=tokens.publishable_key(secret), secret_key=tokens.secret_key(secret),
+                        jwt_secret=secret,
                         webhook_secret=LOCAL_WEBHOOK_SECRET, migrations=report)
         apps, running.skipped = _function_apps(running.settings_env())
         for name, app in apps.items():
@@ -258,8 +263,10 @@ def banner(stack: Stack) -> str:
         lines.append(f"  {labels[name]:<16} {reason}")
     lines += [
         "",
-        f"  anon key               {stack.anon_key}",
-        f"  service role key       {stack.service_role_key}",
+        f"  publishable key        {stack.publishable_key}   (acts as anon)",
+        f"  secret key             {stack.secret_key}   (acts as service_role)",
+        f"  anon key (legacy)      {stack.anon_key}",
+        f"  service role (legacy)  {stack.service_role_key}",
         f"  JWT secret             {stack.jwt_secret}",
         f"  Stripe webhook secret  {stack.webhook_secret}",
     ]

@@ -8,6 +8,8 @@ token carries ``sub``, ``role = authenticated``, ``aud = authenticated`` and
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from typing import Any
 
@@ -29,6 +31,23 @@ def anon_key(secret: str = LOCAL_JWT_SECRET) -> str:
 
 def service_role_key(secret: str = LOCAL_JWT_SECRET) -> str:
     return mint({"role": "service_role"}, secret, ttl=10 * 365 * 86400)
+
+
+def _new_key(kind: str, secret: str) -> str:
+    # Supabase's newer API keys are opaque strings, not JWTs; the local ones are
+    # derived from the local secret, so they are stable across starts.
+    digest = hmac.new(secret.encode(), f"local-{kind}-key".encode(), hashlib.sha256).hexdigest()[:32]
+    return f"sb_{kind}_{digest}"
+
+
+def publishable_key(secret: str = LOCAL_JWT_SECRET) -> str:
+    """The local ``sb_publishable_…`` key: acts as ``anon``."""
+    return _new_key("publishable", secret)
+
+
+def secret_key(secret: str = LOCAL_JWT_SECRET) -> str:
+    """The local ``sb_secret_…`` key: acts as ``service_role``."""
+    return _new_key("secret", secret)
 
 
 def user_token(user_id: str, secret: str = LOCAL_JWT_SECRET, *, ttl: int = 3600,

@@ -44,9 +44,9 @@ class Rpc:
         timeout = httpx.Timeout(settings.rpc_timeout_seconds, connect=min(5.0, settings.rpc_timeout_seconds))
         self._http = httpx.Client(timeout=timeout, follow_redirects=False,
                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
-        self._service = _client(settings, settings.supabase_service_role_key, self._http)
+        self._service = _client(settings, settings.service_key, self._http)
         self._anon = (
-            _client(settings, settings.supabase_anon_key, self._http) if settings.supabase_anon_key else None
+            _client(settings, settings.public_key, self._http) if settings.public_key else None
         )
 
     def close(self) -> None:
@@ -121,7 +121,7 @@ _lock = threading.Lock()
 
 
 def get_rpc(settings: Settings) -> Rpc:
-    key = (settings.supabase_url, settings.supabase_anon_key, settings.supabase_service_role_key,
+    key = (settings.supabase_url, settings.public_key, settings.service_key,
            settings.rpc_timeout_seconds)
     with _lock:
         instance = _instances.get(key)

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # Environment variable -> Settings field. Only these can be loaded.
 ENV_FIELDS: dict[str, str] = {
     "SUPABASE_URL": "supabase_url",
+    "SUPABASE_PUBLISHABLE_KEY": "supabase_publishable_key",
+    "SUPABASE_SECRET_KEY": "supabase_secret_key",
     "SUPABASE_ANON_KEY": "supabase_anon_key",
     "SUPABASE_SERVICE_ROLE_KEY": "supabase_service_role_key",
     "SUPABASE_JWT_SECRET": "supabase_jwt_secret",
@@ -30,18 +32,19 @@ ENV_FIELDS: dict[str, str] = {
     "RESET_SAFETY_MARGIN_MS": "reset_safety_margin_ms",
 }
 
-# Either name satisfies this requirement: a project signs tokens with the
-# legacy shared secret or with asymmetric keys published as a JWKS.
+# Either name satisfies these requirements: a project signs tokens with the
+# legacy shared secret or with asymmetric keys published as a JWKS; its API keys
+# are the newer sb_publishable_/sb_secret_ ones or the legacy JWT-shaped ones.
 JWT_VERIFIER: tuple[str, str] = ("SUPABASE_JWT_SECRET", "SUPABASE_JWKS_URL")
+PUBLIC_KEY: tuple[str, str] = ("SUPABASE_PUBLISHABLE_KEY", "SUPABASE_ANON_KEY")
+SERVICE_KEY: tuple[str, str] = ("SUPABASE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY")
 
-# What each function needs (the webhook needs no JWT secret, the reset no anon key).
+# What each function needs (the webhook needs no JWT secret, the reset no public key).
 CREDITS_API_SETTINGS: tuple[str | tuple[str, ...], ...] = (
-    "SUPABASE_URL", "SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY", JWT_VERIFIER, "CORS_ALLOW_ORIGINS",
+    "SUPABASE_URL", PUBLIC_KEY, SERVICE_KEY, JWT_VERIFIER, "CORS_ALLOW_ORIGINS",
 )
-WEBHOOK_SETTINGS: tuple[str | tuple[str, ...], ...] = (
-    "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "STRIPE_WEBHOOK_SECRET",
-)
-MONTHLY_RESET_SETTINGS: tuple[str | tuple[str, ...], ...] = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY")
+WEBHOOK_SETTINGS: tuple[str | tuple[str, ...], ...] = ("SUPABASE_URL", SERVICE_KEY, "STRIPE_WEBHOOK_SECRET")
+MONTHLY_RESET_SETTINGS: tuple[str | tuple[str, ...], ...] = ("SUPABASE_URL", SERVICE_KEY)
 
 _PLACEHOLDER = re.compile(r"^(change[-_ ]?me|todo|xxx+|<.*>|your[-_].*|\$\{.*\})$", re.IGNORECASE)
 
@@ -54,6 +57,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     supabase_url: str = ""
+    supabase_publishable_key: str = ""
+    supabase_secret_key: str = ""
     supabase_anon_key: str = ""
     supabase_service_role_key: str = ""
     supabase_jwt_secret: str | None = None
@@ -66,6 +71,16 @@ class Settings(BaseModel):
     # land on them waiting tens of milliseconds at most (docs/benchmarks.md).
     reset_batch_size: int = Field(default=1000, ge=1, le=100_000)
     reset_safety_margin_ms: int = Field(default=15_000, ge=0)
+
+    @property
+    def public_key(self) -> str:
+        """The key sent as ``apikey`` with users' calls: the publishable key, else the legacy anon key."""
+        return self.supabase_publishable_key or self.supabase_anon_key
+
+    @property
+    def service_key(self) -> str:
+        """The service role's key: the secret key, else the legacy service_role key."""
+        return self.supabase_secret_key or self.supabase_service_role_key
 
     @property
     def rest_url(self) -> str:

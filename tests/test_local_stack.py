@@ -172,10 +172,13 @@ def test_seed_users_and_key_are_found() -> None:
 
 def test_banner_names_every_endpoint() -> None:
     stack = serve.Stack(dsn="", rest_url="http://127.0.0.1:1", anon_key="a", service_role_key="s",
+                        publishable_key="sb_publishable_p", secret_key="sb_secret_s",
                         jwt_secret="j", webhook_secret="w", credits_url="http://127.0.0.1:2",
                         webhook_url="http://127.0.0.1:3", skipped={"reset": "not available"})
     text = serve.banner(stack)
     assert "http://127.0.0.1:1" in text and "/credits/balance" in text and "/stripe/webhook" in text
+    # Both generations of API keys.
+    assert "sb_publishable_p" in text and "sb_secret_s" in text
     assert "monthly reset    not available" in text
 
 

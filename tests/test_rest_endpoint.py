@@ -206,6 +206,23 @@ def test_unknown_function_or_arguments_is_404(http: httpx.Client, fn: str, args:
     assert body["message"].startswith(f"Could not find the function public.{fn}(")
 
 
+def test_the_newer_api_keys_act_as_their_roles(client: Callable[..., Client], http: httpx.Client,
+                                                database: Db, funded: tuple[Caller, str]) -> None:
+    caller, account = funded
+    # sb_secret_: service_role, through supabase-py exactly as a function calls it.
+    service = client(tokens.secret_key())
+    answer = service.rpc("get_credit_balance", {"p_account_id": account}).execute()
+    assert answer.data["account_id"] == account
+    # sb_publishable_: anon, and a user's bearer token still decides the role.
+    user = client(tokens.publishable_key(), user_token(caller))
+    assert user.rpc("get_credit_balance", {}).execute().data["account_id"] == account
+    anon = http.post("/rpc/get_credit_balance", headers={"apikey": tokens.publishable_key()}, json={})
+    assert anon.status_code == 401
+    forged = http.post("/rpc/get_credit_balance", headers={"apikey": "sb_secret_not_this_projects"},
+                       json={"p_account_id": account})
+    assert forged.status_code == 401 and forged.json()["message"] == "Invalid API key"
+
+
 def test_body_must_be_a_json_object(http: httpx.Client) -> None:
     deep = b"[" * 100_000 + b"]" * 100_000  # deeper than any parser goes
     for content in (b"[1, 2]", b"{not json", b'{"p_account_id": ' + deep + b"}"):

@@ -52,6 +52,22 @@ def test_values_from_the_environment() -> None:
         assert SECRET not in text and SERVICE_KEY not in text
 
 
+def test_supabases_newer_api_keys_or_the_legacy_ones() -> None:
+    newer = {**without("SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY"),
+             "SUPABASE_PUBLISHABLE_KEY": "sb_publishable_0123456789",
+             "SUPABASE_SECRET_KEY": "sb_secret_0123456789"}
+    settings = load_settings(CREDITS_API_SETTINGS, newer)
+    assert settings.public_key == "sb_publishable_0123456789"
+    assert settings.service_key == "sb_secret_0123456789"
+    assert "sb_secret_0123456789" not in repr(settings)
+    legacy = load_settings(CREDITS_API_SETTINGS, ENV)
+    assert (legacy.public_key, legacy.service_key) == (ENV["SUPABASE_ANON_KEY"], SERVICE_KEY)
+    both = load_settings(CREDITS_API_SETTINGS, {**ENV, "SUPABASE_SECRET_KEY": "sb_secret_0123456789"})
+    assert both.service_key == "sb_secret_0123456789"  # the newer key wins
+    with pytest.raises(SettingsError, match="SUPABASE_SECRET_KEY or SUPABASE_SERVICE_ROLE_KEY"):
+        load_settings(CREDITS_API_SETTINGS, without("SUPABASE_SERVICE_ROLE_KEY"))
+
+
 @pytest.mark.parametrize("name", ["SUPABASE_URL", "SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY",
                                   "CORS_ALLOW_ORIGINS"])
 def test_a_missing_setting_is_named(name: str) -> None:
