@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from devstack import serve, tokens
+from devstack import serve
 
 PACK_PRICE = "price_demo_pack_100"  # 100 credits (supabase/seed.sql)
 PLAN_PRICE = "price_demo_pro_monthly"  # the "pro" plan: 500 credits a month
@@ -81,6 +81,7 @@ class Demo:
         self.stack = stack
         self.out = out
         self.http = httpx.Client(timeout=30)
+        self.run_id = uuid.uuid4().hex[:8]  # the story can run again on the same database
 
     # --- plumbing ---------------------------------------------------------------
     def say(self, text: str = "") -> None:
@@ -108,7 +109,7 @@ class Demo:
                                           headers=headers))
 
     def rpc(self, fn: str, args: dict[str, Any]) -> Any:
-        headers = {"apikey": self.stack.service_role_key}
+        headers = {"apikey": self.stack.secret_key}
         url = f"{self.stack.rest_url}/rest/v1/rpc/{fn}"
         return self.expect(self.http.post(url, headers=headers, json=args))
 
@@ -118,7 +119,7 @@ class Demo:
         with psycopg.connect(self.stack.dsn, autocommit=True) as conn:
             conn.execute("insert into auth.users (id, email, raw_app_meta_data) values (%s, %s, %s)",
                          (user_id, email, json.dumps({"provider": "email"})))
-        return user_id, tokens.user_token(user_id, self.stack.jwt_secret, email=email)
+        return user_id, self.stack.user_token(user_id, email=email)
 
     def show(self, step: str, balance: dict[str, Any], note: str = "") -> None:
         self.say(f"  {step:<38} subscription={balance['subscription']:>4}"
@@ -135,7 +136,7 @@ class Demo:
                  f"webhook {self.stack.webhook_url}")
         self.say()
         self.say("Dana signs up (the auth.users trigger opens an account on the free plan):")
-        _user_id, token = self.sign_up("dana@example.com")
+        _user_id, token = self.sign_up(f"dana+{self.run_id}@example.com")
         balance = self.credits("GET", "/credits/balance", token)
         account = balance["account_id"]
         self.check(balance["subscription"] == 3, "sign-up allowance")
@@ -221,7 +222,7 @@ class Demo:
                      f"  -> {row['balance_after']}")
 
         self.say("\nThe monthly reset renews accounts that Stripe does not (Erin is on the free plan):")
-        _erin_id, erin = self.sign_up("erin@example.com")
+        _erin_id, erin = self.sign_up(f"erin+{self.run_id}@example.com")
         self.credits("POST", "/credits/deduct", erin, key="demo-erin-1", body={"amount": 2})
         self.show("Erin after spending 2", self.credits("GET", "/credits/balance", erin))
         next_month = (date.today().replace(day=1) + timedelta(days=32)).replace(day=1)
@@ -243,6 +244,7 @@ class Demo:
         batch loop it runs, over REST."""
         if self.stack.reset_url:
             return self.expect(self.http.post(f"{self.stack.reset_url}/monthly-reset",
+                                              headers={"apikey": self.stack.secret_key},
                                               json={"period_start": period_start.isoformat()}))
         totals: dict[str, Any] = {"processed": 0, "granted": 0}
         after = None
@@ -264,8 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     # The story is the output here: keep the functions' request logs and metrics quiet.
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+    running = serve.running_stack()
+    if running is not None:
+        print(f"Using the running local stack (./dev start) at {running.rest_url}: the demo adds two users"
+              " to its database and runs next month's reset on it.", flush=True)
+        try:
+            Demo(running).run()
+        except DemoError as exc:
+            print(f"\ndemo failed: {exc}", file=sys.stderr)
+            return 1
+        print("\nDone; the users and their ledgers stay in the running stack's database.")
+        return 0
     with tempfile.TemporaryDirectory(prefix="credits-demo-") as tmp:
-        print("Starting a throwaway local stack...", flush=True)
+        print("No local stack is running (./dev start); starting a throwaway one on free ports...",
+              flush=True)
         try:
             with serve.run_stack(Path(tmp) / "pgdata", port_base=None, reset_data=True,
                                  keep_data=False) as stack:

@@ -5,10 +5,15 @@ schedule does (a "Scheduled Event" plus a Lambda context with a time limit) and
 answers with what the handler returned. An optional JSON body
 ``{"period_start": "YYYY-MM-01"}`` is passed in the event's ``detail`` for
 re-running a past month.
+
+Only the project's secret key may trigger it (``apikey`` header, or
+``Authorization: Bearer``): in AWS only the scheduler can invoke the function,
+and a local endpoint open to any page in the browser should not renew months.
 """
 
 from __future__ import annotations
 
+import hmac
 import importlib.util
 import os
 import time
@@ -83,11 +88,24 @@ def cold_start(env: Mapping[str, str], path: Path = HANDLER) -> Callable[[dict[s
 def create_app(env: Mapping[str, str]) -> FastAPI:
     """Cold-starts the handler now, so a missing setting fails here as in Lambda."""
     handler = cold_start(env)
+    candidates = (env.get("SUPABASE_SECRET_KEY"), env.get("SUPABASE_SERVICE_ROLE_KEY"))
+    allowed = [k.encode() for k in candidates if k]
+
+    def authorized(request: Request) -> bool:
+        presented = request.headers.get("apikey") or ""
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        if not presented and scheme.lower() == "bearer":
+            presented = token.strip()
+        # Every candidate is compared, in constant time, so timing tells nothing.
+        return bool(presented) and sum(hmac.compare_digest(presented.encode(), k) for k in allowed) > 0
 
     app = FastAPI(title="monthly reset trigger", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.post("/monthly-reset")
     async def trigger(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return JSONResponse({"error": "unauthorized", "message": "send the secret key as apikey",
+                                 "detail": {}}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         raw = await request.body()
         try:
             body = await request.json() if raw.strip() else {}

@@ -6,9 +6,12 @@ exactly as it talks to a hosted project, and pointing ``SUPABASE_URL`` at a real
 Supabase changes nothing for the callers. What it mirrors, because our code can
 observe it:
 
-* auth: an ``apikey`` (the anon or service key) is required; the JWT is the
-  ``Authorization: Bearer`` token, else the apikey itself; HS256 with the
-  project's secret, ``exp`` enforced, anything else rejected with 401;
+* auth: an ``apikey`` is required: a legacy anon/service_role JWT, or a newer
+  ``sb_publishable_``/``sb_secret_`` key, which the gateway maps to ``anon`` /
+  ``service_role``; a user's ``Authorization: Bearer`` token decides the role
+  when present; tokens are ES256 with the project's signing key (published at
+  ``/auth/v1/.well-known/jwks.json``) or HS256 with the legacy secret, ``exp``
+  enforced, anything else rejected with 401;
 * ``POST|GET /rest/v1/rpc/<fn>`` with named arguments, one transaction as the
   token's role with ``request.jwt.claims`` set (GET runs read-only);
 * ``GET /rest/v1/<table>`` reads under RLS (see ``devstack.rest_tables``);
@@ -76,10 +79,11 @@ def _unauthorized(code: str, message: str, details: str | None = None, hint: str
     return RestError(401, code, message, details, hint, headers={"WWW-Authenticate": "Bearer"})
 
 
-def verify_jwt(token: str, secret: str) -> dict[str, Any]:
-    """Verify like PostgREST: HS256 only (so never ``alg: none``), ``exp`` enforced."""
+def verify_jwt(token: str, keys: tokens.LocalKeys) -> dict[str, Any]:
+    """Verify like PostgREST with the project's keys: ES256 (the signing key) or
+    HS256 (the legacy secret), never ``alg: none``; ``exp`` enforced."""
     try:
-        claims = jwt.decode(token, secret, algorithms=["HS256"], options={"verify_aud": False})
+        claims = keys.verify(token)
     except jwt.ExpiredSignatureError as exc:
         raise _unauthorized("PGRST303", "JWT expired") from exc
     except jwt.InvalidSignatureError as exc:
@@ -91,7 +95,7 @@ def verify_jwt(token: str, secret: str) -> dict[str, Any]:
     return claims
 
 
-def authenticate(request: Request, secret: str) -> tuple[str, dict[str, Any]]:
+def authenticate(request: Request, keys: tokens.LocalKeys) -> tuple[str, dict[str, Any]]:
     """(role, claims) of a request, the way Supabase's gateway and PostgREST decide them."""
     api_key = request.headers.get("apikey") or request.query_params.get("apikey")
     if not api_key:
@@ -100,13 +104,13 @@ def authenticate(request: Request, secret: str) -> tuple[str, dict[str, Any]]:
     if api_key.startswith("sb_"):
         # The newer, opaque keys: the gateway maps them to a role (a user's
         # bearer token, when there is one, still decides).
-        roles = {tokens.publishable_key(secret): "anon", tokens.secret_key(secret): "service_role"}
+        roles = {keys.publishable_key: "anon", keys.secret_key: "service_role"}
         if api_key not in roles:
             raise _unauthorized("PGRST301", "Invalid API key")
         key_claims: dict[str, Any] = {"role": roles[api_key]}
     else:
         try:
-            key_claims = verify_jwt(api_key, secret)
+            key_claims = verify_jwt(api_key, keys)
         except RestError as exc:
             raise _unauthorized("PGRST301", "Invalid API key") from exc
         if key_claims.get("role") not in API_KEY_ROLES:
@@ -118,7 +122,7 @@ def authenticate(request: Request, secret: str) -> tuple[str, dict[str, Any]]:
         if scheme.lower() != "bearer" or not value.strip():
             raise _unauthorized("PGRST301", "JWT could not be decoded or is invalid")
         token = value.strip()
-    claims = key_claims if token == api_key else verify_jwt(token, secret)
+    claims = key_claims if token == api_key else verify_jwt(token, keys)
     # PostgREST falls back to its anonymous role when the token names none.
     role = claims.get("role", "anon")
     if role not in db.ROLES:
@@ -260,12 +264,14 @@ def connection_dsn(dsn: str) -> str:
     return candidate
 
 
-def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: float = 5.0,
-               max_rows: int | None = 1000) -> FastAPI:
-    """The REST endpoint for the database at ``dsn``, trusting tokens signed with ``jwt_secret``.
+def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int = 10,
+               pool_timeout: float = 5.0, max_rows: int | None = 1000) -> FastAPI:
+    """The REST endpoint for the database at ``dsn``, trusting tokens signed with ``keys``
+    (default: the process's keys), and serving their public half as Supabase Auth does.
 
     ``max_rows`` caps a table read like PostgREST's ``max_rows`` (supabase/config.toml).
     """
+    keys = keys or tokens.default_keys()
     pool = ConnectionPool(
         connection_dsn(dsn), min_size=1, max_size=pool_size, timeout=pool_timeout,
         kwargs={"autocommit": True}, open=False, name="rest",
@@ -326,17 +332,23 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
     def json_response(payload: Any) -> Response:
         return Response(json.dumps(payload), media_type="application/json")
 
+    @app.get("/auth/v1/.well-known/jwks.json")
+    def jwks() -> Response:
+        # Public keys only; Supabase serves this without an apikey.
+        return Response(json.dumps(keys.jwks()), media_type="application/json",
+                        headers={"Cache-Control": "public, max-age=600"})
+
     @app.get("/rest/v1/")
     @app.get("/rest/v1")
     def health(request: Request) -> Response:
-        role, _claims = authenticate(request, jwt_secret)
+        role, _claims = authenticate(request, keys)
         with connection(role) as conn:
             conn.execute("select 1")
         return json_response({"status": "ok"})
 
     @app.post("/rest/v1/rpc/{fn}")
     async def rpc_post(fn: str, request: Request) -> Response:
-        role, claims = authenticate(request, jwt_secret)
+        role, claims = authenticate(request, keys)
         check_profile(request)
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
@@ -353,14 +365,14 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
 
     @app.get("/rest/v1/rpc/{fn}")
     def rpc_get(fn: str, request: Request) -> Response:
-        role, claims = authenticate(request, jwt_secret)
+        role, claims = authenticate(request, keys)
         check_profile(request)
         args = {k: v for k, v in request.query_params.items() if k not in rest_tables.RESERVED | {"apikey"}}
         return json_response(call(fn, args, role, claims, read_only=True))
 
     @app.api_route("/rest/v1/{table}", methods=["GET", "HEAD"])
     def read_table(table: str, request: Request) -> Response:
-        role, claims = authenticate(request, jwt_secret)
+        role, claims = authenticate(request, keys)
         check_profile(request)
         params = [(k, v) for k, v in request.query_params.multi_items() if k != "apikey"]
         with connection(role) as conn:
@@ -401,7 +413,7 @@ def create_app(dsn: str, jwt_secret: str, *, pool_size: int = 10, pool_timeout: 
 
     @app.api_route("/rest/v1/{table}", methods=["POST", "PATCH", "PUT", "DELETE"])
     def write_table(table: str, request: Request) -> Response:
-        authenticate(request, jwt_secret)
+        authenticate(request, keys)
         raise RestError(405, "PGRST105", "Table writes are not supported by the local endpoint",
                         hint="Change data through the contract functions (POST /rest/v1/rpc/<name>)")
 

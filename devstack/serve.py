@@ -10,6 +10,7 @@ its own; the tests and the demo reuse ``serve_in_thread`` and ``run_stack``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -27,12 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 import uvicorn
 
 from devstack import db, migrate, rest, tokens
 
 HOST = "127.0.0.1"
+
+
+class PortInUse(OSError):
+    """A port the stack needs is taken (the message names it)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(errno.EADDRINUSE, f"port {port} is already in use")
+        self.port = port
 
 
 def bind(port: int = 0, host: str = HOST) -> socket.socket:
@@ -43,7 +51,13 @@ def bind(port: int = 0, host: str = HOST) -> socket.socket:
     # Accepted connections inherit this. Without it a response written in two
     # parts waits for the client's delayed ACK: ~40 ms per request.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(port) from None
+        raise
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -78,10 +92,10 @@ DATABASE = "credits"
 DEFAULT_PORT_BASE = 54321  # the REST endpoint, like `supabase start`
 # The functions sit above the Supabase CLI's own local ports (54320-54327).
 FUNCTION_PORT_OFFSETS = {"credits": 10, "webhook": 11, "reset": 12}
-LOCAL_WEBHOOK_SECRET = "whsec_local_development_only_0000000000"
 CORS_ORIGINS = "http://localhost:3000,http://127.0.0.1:3000"
 DEMO_TOKEN_TTL = 24 * 3600
-KEYS_ISSUED_AT = 1767225600  # 2026-01-01T00:00:00Z
+DEMO_USER_EMAIL = "alice@example.com"  # the seed gives her credits to spend
+MAX_PORT_BASE = 65535 - max(FUNCTION_PORT_OFFSETS.values())
 READY = "Ready. Ctrl-C stops everything."
 
 _SEED_USER = re.compile(r"\(\s*'([0-9a-f-]{36})',\s*'([^']+@[^']+)',\s*'(\{[^']*\})'")
@@ -101,12 +115,8 @@ class Stack:
 
     dsn: str
     rest_url: str
-    anon_key: str
-    service_role_key: str
-    publishable_key: str
-    secret_key: str
-    jwt_secret: str
-    webhook_secret: str
+    keys: tokens.LocalKeys
+    keys_path: Path | None = None
     credits_url: str | None = None
     webhook_url: str | None = None
     reset_url: str | None = None
@@ -117,16 +127,43 @@ class Stack:
     def supabase_url(self) -> str:
         return self.rest_url
 
+    @property
+    def anon_key(self) -> str:
+        return self.keys.anon_key()
+
+    @property
+    def service_role_key(self) -> str:
+        return self.keys.service_role_key()
+
+    @property
+    def publishable_key(self) -> str:
+        return self.keys.publishable_key
+
+    @property
+    def secret_key(self) -> str:
+        return self.keys.secret_key
+
+    @property
+    def webhook_secret(self) -> str:
+        return self.keys.webhook_secret
+
+    @property
+    def cors_origins(self) -> str:
+        return os.environ.get("CORS_ALLOW_ORIGINS", CORS_ORIGINS)
+
+    def user_token(self, user_id: str, **kwargs: Any) -> str:
+        """An access token for ``user_id`` as this project's Auth would sign it (ES256)."""
+        return self.keys.user_token(user_id, issuer=tokens.issuer_for(self.rest_url), **kwargs)
+
     def settings_env(self) -> dict[str, str]:
-        """The function apps' settings, as their Lambda environment would hold them."""
+        """The function apps' settings, as their Lambda environment would hold them: like a
+        project created today, newer API keys and tokens checked against the JWKS only."""
         return {
             "SUPABASE_URL": self.rest_url,
-            # The functions run on Supabase's newer keys; the legacy ones work too.
             "SUPABASE_PUBLISHABLE_KEY": self.publishable_key,
             "SUPABASE_SECRET_KEY": self.secret_key,
-            "SUPABASE_JWT_SECRET": self.jwt_secret,
             "STRIPE_WEBHOOK_SECRET": self.webhook_secret,
-            "CORS_ALLOW_ORIGINS": os.environ.get("CORS_ALLOW_ORIGINS", CORS_ORIGINS),
+            "CORS_ALLOW_ORIGINS": self.cors_origins,
         }
 
 
@@ -154,11 +191,9 @@ def start_database(data_dir: Path, *, reset_data: bool = False, keep: bool = Tru
     return dsn, migrate.apply_pending(dsn, seed=True)
 
 
-def api_key(role: str, secret: str) -> str:
-    """The anon / service role key, identical on every start (like `supabase start`'s),
-    so it can be pasted into a frontend's settings once."""
-    return jwt.encode({"iss": "supabase-local", "role": role, "iat": KEYS_ISSUED_AT,
-                       "exp": KEYS_ISSUED_AT + 20 * 365 * 86400}, secret, algorithm="HS256")
+def keys_file(data_dir: Path) -> Path:
+    """Where the random keys of a data directory are kept (next to it, in ``.local/``)."""
+    return data_dir.with_name(f"{data_dir.name}.keys.json")
 
 
 def stop_embedded_server(data_dir: Path) -> None:
@@ -195,16 +230,16 @@ def _function_apps(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, st
 
 def _credits_app(env: Mapping[str, str]) -> Any:
     from functions.credits_app import create_app
-    from functions.settings import CREDITS_API_SETTINGS, load_settings
+    from functions.settings import CreditsApiSettings, load_settings
 
-    return create_app(load_settings(CREDITS_API_SETTINGS, environ=env))
+    return create_app(load_settings(CreditsApiSettings, environ=env))
 
 
 def _webhook_app(env: Mapping[str, str]) -> Any:
-    from functions.settings import WEBHOOK_SETTINGS, load_settings
+    from functions.settings import WebhookSettings, load_settings
     from functions.webhook_app import create_app
 
-    return create_app(load_settings(WEBHOOK_SETTINGS, environ=env))
+    return create_app(load_settings(WebhookSettings, environ=env))
 
 
 def _reset_app(env: Mapping[str, str]) -> Any:
@@ -221,25 +256,67 @@ def run_stack(data_dir: Path = DATA_DIR, *, port_base: int | None = DEFAULT_PORT
     ``port_base`` None (or 0) picks free ports, so several stacks (tests, the demo)
     can run side by side.
     """
-    secret = tokens.LOCAL_JWT_SECRET
-
     def port(offset: int) -> int:
         return port_base + offset if port_base else 0
 
+    if port_base:
+        # Before anything starts: a taken port is named, and nothing is left half started.
+        for offset in (0, *FUNCTION_PORT_OFFSETS.values()):
+            bind(port(offset)).close()
     with ExitStack() as stack:
         stack.callback(stop_embedded_server, data_dir)  # registered first, so it runs last
         dsn, report = start_database(data_dir, reset_data=reset_data, keep=keep_data)
-        rest_url = stack.enter_context(serve_in_thread(rest.create_app(dsn, secret), port(0)))
-        running = Stack(dsn=dsn, rest_url=rest_url, anon_key=api_key("anon", secret),
-                        service_role_key=api_key("service_role", secret),
-                        publishable_key=tokens.publishable_key(secret), secret_key=tokens.secret_key(secret),
-                        jwt_secret=secret,
-                        webhook_secret=LOCAL_WEBHOOK_SECRET, migrations=report)
+        keys = tokens.LocalKeys.load_or_create(keys_file(data_dir))
+        rest_url = stack.enter_context(serve_in_thread(rest.create_app(dsn, keys), port(0)))
+        running = Stack(dsn=dsn, rest_url=rest_url, keys=keys, keys_path=keys_file(data_dir),
+                        migrations=report)
         apps, running.skipped = _function_apps(running.settings_env())
         for name, app in apps.items():
             url = stack.enter_context(serve_in_thread(app, port(FUNCTION_PORT_OFFSETS[name])))
             setattr(running, f"{name}_url", url)
         yield running
+
+
+STATE_FILE = db.ROOT / ".local" / "stack.json"
+
+
+def write_state(stack: Stack, path: Path = STATE_FILE) -> None:
+    """Tell other commands (``./dev demo``) where the running stack is."""
+    state = {"pid": os.getpid(), "dsn": stack.dsn, "rest_url": stack.rest_url,
+             "keys_path": str(stack.keys_path) if stack.keys_path else None, "credits_url": stack.credits_url,
+             "webhook_url": stack.webhook_url, "reset_url": stack.reset_url}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(state, out)
+
+
+def running_stack(path: Path = STATE_FILE) -> Stack | None:
+    """The stack a ``./dev start`` of this checkout is serving now, if any answers."""
+    import httpx
+
+    try:
+        state = json.loads(path.read_text())
+        os.kill(int(state["pid"]), 0)
+        keys = tokens.LocalKeys(**json.loads(Path(state["keys_path"]).read_text()))
+        stack = Stack(dsn=state["dsn"], rest_url=state["rest_url"], keys=keys,
+                      keys_path=Path(state["keys_path"]), credits_url=state["credits_url"],
+                      webhook_url=state["webhook_url"], reset_url=state["reset_url"])
+        health = httpx.get(f"{stack.rest_url}/rest/v1/", headers={"apikey": keys.secret_key}, timeout=3)
+        health.raise_for_status()
+    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
+        return None
+    return stack
+
+
+def psql_command(dsn: str) -> str:
+    """A psql command line for the stack's database (the embedded server listens on a socket)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    flags = {"-h": parts.get("host"), "-p": parts.get("port"), "-U": parts.get("user")}
+    args = [f"{flag} {value}" for flag, value in flags.items() if value] + [str(parts.get("dbname") or "")]
+    return "psql " + " ".join(a for a in args if a)
 
 
 def banner(stack: Stack) -> str:
@@ -250,43 +327,79 @@ def banner(stack: Stack) -> str:
         "",
         f"  database         {'bootstrapped, ' if report.bootstrapped else ''}"
         f"{len(report.applied)} new migration(s) applied{', seeded' if report.seeded else ''}",
+        f"  psql             {psql_command(stack.dsn)}",
         f"  SUPABASE_URL     {stack.rest_url}   (REST: {stack.rest_url}/rest/v1/rpc/<function>)",
+        f"  signing keys     {stack.rest_url}/auth/v1/.well-known/jwks.json   (ES256)",
     ]
     if stack.credits_url:
         lines.append(f"  credits API      {stack.credits_url}/credits/balance   (docs: /credits/docs)")
+        lines.append(f"  CORS origins     {stack.cors_origins}   (set CORS_ALLOW_ORIGINS to change)")
     if stack.webhook_url:
         lines.append(f"  Stripe webhook   {stack.webhook_url}/stripe/webhook")
     if stack.reset_url:
-        lines.append(f"  monthly reset    POST {stack.reset_url}/monthly-reset")
+        lines.append(f"  monthly reset    POST {stack.reset_url}/monthly-reset   (apikey: the secret key)")
     labels = {"credits": "credits API", "webhook": "Stripe webhook", "reset": "monthly reset"}
     for name, reason in stack.skipped.items():
         lines.append(f"  {labels[name]:<16} {reason}")
     lines += [
         "",
+        f"  Keys of this data directory (random, kept in {keys_file_display(stack)}):",
         f"  publishable key        {stack.publishable_key}   (acts as anon)",
         f"  secret key             {stack.secret_key}   (acts as service_role)",
         f"  anon key (legacy)      {stack.anon_key}",
         f"  service role (legacy)  {stack.service_role_key}",
-        f"  JWT secret             {stack.jwt_secret}",
+        f"  JWT secret (legacy)    {stack.keys.jwt_secret}",
         f"  Stripe webhook secret  {stack.webhook_secret}",
     ]
     key = seed_license_key()
     if key:
         lines.append(f"  demo license key       {key}   (X-License-Key)")
     users = seed_users()
+    tokens_by_email: dict[str, str] = {}
     if users:
-        lines += ["", f"  Access tokens of the seeded users (valid {DEMO_TOKEN_TTL // 3600} h):"]
+        lines += ["", f"  Access tokens of the seeded users (ES256, valid {DEMO_TOKEN_TTL // 3600} h):"]
         for user in users:
-            token = tokens.user_token(user.user_id, stack.jwt_secret, ttl=DEMO_TOKEN_TTL,
-                                      app_metadata=user.app_metadata, email=user.email)
+            token = stack.user_token(user.user_id, ttl=DEMO_TOKEN_TTL, app_metadata=user.app_metadata,
+                                     email=user.email)
+            tokens_by_email[user.email] = token
             lines.append(f"    {user.email:<20} {token}")
+    lines += ["", "  For the README's examples, paste into your shell:", "",
+              *shell_exports(stack, tokens_by_email)]
     lines += ["", READY]
     return "\n".join(lines)
 
 
+def keys_file_display(stack: Stack) -> str:
+    return stack.keys_path.name if stack.keys_path else "memory"
+
+
+def shell_exports(stack: Stack, tokens_by_email: Mapping[str, str]) -> list[str]:
+    """``export`` lines defining the variables the README's examples use."""
+    values = {"SUPABASE_URL": stack.rest_url, "API": stack.credits_url or "",
+              "WEBHOOK": stack.webhook_url or "", "RESET": stack.reset_url or "",
+              "PUBLISHABLE_KEY": stack.publishable_key, "SECRET_KEY": stack.secret_key,
+              "TOKEN": tokens_by_email.get(DEMO_USER_EMAIL, next(iter(tokens_by_email.values()), "")),
+              "LICENSE_KEY": seed_license_key() or ""}
+    return [f"    export {name}='{value}'" for name, value in values.items() if value]
+
+
+def port_base(text: str) -> int:
+    """``--port-base``: 0 (free ports) or a port that leaves room for the functions' offsets."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if value != 0 and not 1024 <= value <= MAX_PORT_BASE:
+        raise argparse.ArgumentTypeError(
+            f"{value} is out of range: use 0 (free ports) or 1024-{MAX_PORT_BASE} "
+            f"(the functions listen on +{min(FUNCTION_PORT_OFFSETS.values())}"
+            f" to +{max(FUNCTION_PORT_OFFSETS.values())})")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./dev start", description="Start the local credits stack.")
-    parser.add_argument("--port-base", type=int, default=DEFAULT_PORT_BASE,
+    parser.add_argument("--port-base", type=port_base, default=DEFAULT_PORT_BASE,
                         help="port of the REST endpoint; the functions use +10, +11, +12 (0: free ports)")
     parser.add_argument("--reset-data", action="store_true", help="start from an empty database")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where PostgreSQL keeps its data")
@@ -300,13 +413,21 @@ def main(argv: list[str] | None = None) -> int:
         with run_stack(args.data_dir.resolve(), port_base=args.port_base,
                        reset_data=args.reset_data) as stack:
             print(banner(stack), flush=True)
-            while True:
-                time.sleep(3600)
+            if args.data_dir.resolve() == DATA_DIR.resolve():
+                write_state(stack)
+            try:
+                while True:
+                    time.sleep(3600)
+            finally:
+                STATE_FILE.unlink(missing_ok=True)
     except KeyboardInterrupt:
         pass
+    except PortInUse as exc:
+        print(f"cannot start: port {exc.port} is already in use (is another stack running? "
+              f"stop it, or pick other ports with --port-base)", file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"cannot start: {exc.strerror or exc} (is another stack running? try --port-base)",
-              file=sys.stderr)
+        print(f"cannot start: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print("stopped.", flush=True)
     return 0

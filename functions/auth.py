@@ -15,42 +15,59 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import jwt
 
 from functions.errors import BadRequest, ServiceUnavailable, Unauthorized
-from functions.settings import Settings
+from functions.settings import CreditsApiSettings
 
 AUDIENCE = "authenticated"
 SYMMETRIC_ALGORITHMS = ["HS256"]
 ASYMMETRIC_ALGORITHMS = ["ES256", "RS256"]
 MAX_CREDENTIAL_LENGTH = 8192
+# Keys are cached for KEYS_LIFESPAN_SECONDS; a token naming an unknown kid (a
+# rotation) fetches them again, at most once per REFRESH_COOLDOWN_SECONDS, so
+# a stream of made-up kids cannot turn every request into a fetch.
+KEYS_LIFESPAN_SECONDS = 600
+REFRESH_COOLDOWN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
-class Caller:
-    """An authenticated caller. ``token`` is forwarded to the REST layer as is."""
+class User:
+    """A Supabase user; ``token`` is forwarded to the REST layer as is."""
 
-    kind: Literal["user", "license"]
-    user_id: str | None = None
-    token: str | None = field(default=None, repr=False)
-    license_key: str | None = field(default=None, repr=False)
+    user_id: str
+    token: str = field(repr=False)
     claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
-class TokenVerifier:
-    """Verifies access tokens; one per cold start (the JWKS client caches keys)."""
+@dataclass(frozen=True)
+class LicenseKey:
+    """A server holding a license key (checked by the database when it spends)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._secret = settings.supabase_jwt_secret
-        self._jwks: jwt.PyJWKClient | None = None
-        if settings.supabase_jwks_url:
-            self._jwks = jwt.PyJWKClient(
-                settings.supabase_jwks_url, cache_keys=True, lifespan=600, timeout=5
-            )
-        if not self._secret and self._jwks is None:
-            raise ValueError("no JWT secret and no JWKS URL configured")
+    key: str = field(repr=False)
+
+
+Caller = User | LicenseKey
+
+
+class TokenVerifier:
+    """Verifies access tokens; one per cold start.
+
+    Asymmetric tokens (ES256/RS256) are checked against the project's JWKS:
+    PyJWT's client caches the keys and fetches them again when a token names a
+    ``kid`` it does not know (a key rotation). HS256 is accepted only when the
+    legacy shared secret is configured.
+    """
+
+    def __init__(self, settings: CreditsApiSettings, *,
+                 refresh_cooldown: float = REFRESH_COOLDOWN_SECONDS) -> None:
+        self._secret = settings.jwt_secret
+        self._issuer = settings.issuer
+        self._jwks = jwt.PyJWKClient(settings.signing_keys_url, cache_keys=True,
+                                     lifespan=KEYS_LIFESPAN_SECONDS, timeout=5,
+                                     cooldown_duration=refresh_cooldown)
 
     def verify(self, token: str) -> dict[str, Any]:
         try:
@@ -61,7 +78,7 @@ class TokenVerifier:
         key: Any
         if algorithm in SYMMETRIC_ALGORITHMS and self._secret:
             key, algorithms = self._secret, SYMMETRIC_ALGORITHMS
-        elif algorithm in ASYMMETRIC_ALGORITHMS and self._jwks is not None:
+        elif algorithm in ASYMMETRIC_ALGORITHMS:
             try:
                 key = self._jwks.get_signing_key_from_jwt(token).key
             except jwt.PyJWKClientConnectionError:
@@ -73,9 +90,9 @@ class TokenVerifier:
         else:
             raise Unauthorized("invalid access token")
         try:
-            claims = jwt.decode(
-                token, key, algorithms=algorithms, audience=AUDIENCE,
-                options={"require": ["exp", "sub", "aud"]}, leeway=10,
+            claims: dict[str, Any] = jwt.decode(
+                token, key, algorithms=algorithms, audience=AUDIENCE, issuer=self._issuer,
+                options={"require": ["exp", "sub", "aud", "iss"]}, leeway=10,
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("access token expired") from None
@@ -95,11 +112,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
-def authenticate(
-    request_headers: Mapping[str, str],
-    settings: Settings,
-    verifier: TokenVerifier | None = None,
-) -> Caller:
+def authenticate(request_headers: Mapping[str, str], verifier: TokenVerifier) -> Caller:
     """The caller of a request, or ``Unauthorized`` (401) for missing/invalid/expired credentials."""
     authorization = _header(request_headers, "authorization")
     license_key = _header(request_headers, "x-license-key")
@@ -110,12 +123,12 @@ def authenticate(
         license_key = license_key.strip()
         if not license_key or len(license_key) > MAX_CREDENTIAL_LENGTH:
             raise Unauthorized("invalid license key")
-        return Caller(kind="license", license_key=license_key)
+        return LicenseKey(license_key)
     if not authorization:
         raise Unauthorized("missing credentials: send Authorization: Bearer <access token> or X-License-Key")
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > MAX_CREDENTIAL_LENGTH:
         raise Unauthorized("invalid authorization header")
-    claims = (verifier or TokenVerifier(settings)).verify(token)
-    return Caller(kind="user", user_id=claims["sub"], token=token, claims=claims)
+    claims = verifier.verify(token)
+    return User(user_id=claims["sub"], token=token, claims=claims)

@@ -9,21 +9,23 @@ by ``deduct_credits_by_license`` itself, which only the service role may run.
 """
 
 
+from __future__ import annotations
+
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from functions import limits
-from functions.auth import Caller, TokenVerifier, authenticate
+from functions.auth import Caller, LicenseKey, TokenVerifier, User, authenticate
 from functions.errors import ApiError, BadRequest, Forbidden
 from functions.http import install_error_handlers, install_request_logging
 from functions.observability import count
 from functions.rpc import Rpc, get_rpc
-from functions.settings import Settings
+from functions.settings import CreditsApiSettings
 
 MAX_AMOUNT = limits.AMOUNT
 MAX_METADATA_BYTES = limits.METADATA_BYTES
@@ -55,7 +57,7 @@ class _Spend(_Body):
     account_id: UUID | None = Field(default=None, description="Default: the caller's personal account.")
 
     @model_validator(mode="after")
-    def _amount_or_operation(self) -> "_Spend":
+    def _amount_or_operation(self) -> _Spend:
         if (self.amount is None) == (self.operation is None):
             raise ValueError("give exactly one of amount and operation")
         return self
@@ -101,6 +103,10 @@ def _params(**values: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, UUID) else v) for k, v in values.items() if v is not None}
 
 
+def _uuid(value: UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def _idempotency_key(value: str | None) -> str:
     if value is None or not value.strip() or len(value) > MAX_IDEMPOTENCY_KEY:
         raise BadRequest(
@@ -110,11 +116,124 @@ def _idempotency_key(value: str | None) -> str:
     return value
 
 
-def create_app(settings: Settings, *, rpc: Rpc | None = None) -> FastAPI:
-    """The credits app for these settings (one per cold start)."""
-    rpc = rpc or get_rpc(settings)
-    verifier = TokenVerifier(settings)
+# --- dependencies: what create_app puts on app.state, and who is calling ---------------
 
+
+def _rpc(request: Request) -> Rpc:
+    rpc: Rpc = request.app.state.rpc
+    return rpc
+
+
+def _caller(request: Request, _b: Annotated[Any, Depends(_bearer)],
+            _l: Annotated[Any, Depends(_license)]) -> Caller:
+    # The two security dependencies only document the schemes in OpenAPI.
+    verifier: TokenVerifier = request.app.state.verifier
+    return authenticate(request.headers, verifier)
+
+
+def _user(who: Annotated[Caller, Depends(_caller)]) -> User:
+    if not isinstance(who, User):
+        raise Forbidden("license keys can only spend (POST /credits/deduct)")
+    return who
+
+
+Db = Annotated[Rpc, Depends(_rpc)]
+AnyCaller = Annotated[Caller, Depends(_caller)]
+UserCaller = Annotated[User, Depends(_user)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+router = APIRouter(prefix="/credits", responses=_ERRORS)
+
+
+@router.get("/balance", summary="Balance of an account")
+def balance(db: Db, who: UserCaller, account_id: Annotated[UUID | None, Query()] = None) -> dict[str, Any]:
+    result: dict[str, Any] = db.user(who.token, "get_credit_balance", _params(p_account_id=account_id))
+    return result
+
+
+@router.get("/transactions", summary="Ledger rows, newest first")
+def transactions(
+    db: Db,
+    who: UserCaller,
+    account_id: Annotated[UUID | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    before: Annotated[int | None, Query(ge=1, description="Page cursor: `next_before` of the last page.")]
+    = None,
+) -> dict[str, Any]:
+    # Reading the balance first turns "not yours" into 403 / "no such account" into 404;
+    # the ledger read alone would just be empty under RLS.
+    account = str(db.user(who.token, "get_credit_balance", _params(p_account_id=account_id))["account_id"])
+    filters: list[tuple[str, str, Any]] = [("account_id", "eq", account)]
+    if before is not None:
+        filters.append(("id", "lt", before))
+    rows = db.user_select(who.token, "credit_ledger", filters=filters, order="id", descending=True,
+                          limit=limit + 1)
+    page = rows[:limit]
+    more = len(rows) > limit
+    return {"account_id": account, "transactions": page,
+            "next_before": page[-1]["id"] if more and page else None}
+
+
+@router.post("/deduct", summary="Spend credits now")
+def deduct(body: DeductRequest, db: Db, who: AnyCaller,
+           idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    key = _idempotency_key(idempotency_key)
+    spend = _params(p_idempotency_key=key, p_amount=body.amount, p_operation=body.operation,
+                    p_model=body.model, p_input_tokens=body.input_tokens,
+                    p_output_tokens=body.output_tokens, p_metadata=body.metadata)
+    result: dict[str, Any]
+    try:
+        if isinstance(who, LicenseKey):
+            if body.account_id is not None:
+                raise BadRequest("a license key spends from its own account; omit account_id",
+                                 detail={"argument": "account_id"})
+            result = db.service("deduct_credits_by_license", {"p_license_key": who.key, **spend})
+        else:
+            # A null account is the caller's personal account: one call, resolved by the database.
+            result = db.user(who.token, "deduct_credits", {"p_account_id": _uuid(body.account_id), **spend})
+    except ApiError as exc:
+        count(f"Deduct_{exc.error}")
+        raise
+    if not result.get("replayed"):
+        count("Deductions")
+        count("CreditsCharged", result.get("charged") or 0)
+    return result
+
+
+@router.post("/holds", summary="Reserve credits (a hold)")
+def reserve(body: ReserveRequest, db: Db, who: UserCaller,
+            idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    key = _idempotency_key(idempotency_key)
+    result: dict[str, Any] = db.user(who.token, "reserve_credits", {
+        "p_account_id": _uuid(body.account_id),
+        **_params(p_idempotency_key=key, p_amount=body.amount, p_operation=body.operation,
+                  p_ttl_seconds=body.ttl_seconds, p_metadata=body.metadata)})
+    if not result.get("replayed"):
+        count("HoldsReserved")
+    return result
+
+
+@router.post("/holds/{hold_id}/capture", summary="Charge a hold")
+def capture(hold_id: UUID, db: Db, who: UserCaller, body: CaptureRequest | None = None) -> dict[str, Any]:
+    body = body or CaptureRequest()
+    result: dict[str, Any] = db.user(who.token, "capture_hold", _params(
+        p_hold_id=hold_id, p_amount=body.amount, p_metadata=body.metadata))
+    if not result.get("replayed"):
+        count("HoldsCaptured")
+        count("CreditsCharged", result.get("charged") or 0)
+    return result
+
+
+@router.post("/holds/{hold_id}/release", summary="Release a hold")
+def release(hold_id: UUID, db: Db, who: UserCaller) -> dict[str, Any]:
+    result: dict[str, Any] = db.user(who.token, "release_hold", _params(p_hold_id=hold_id))
+    if not result.get("replayed"):
+        count("HoldsReleased")
+    return result
+
+
+def create_app(settings: CreditsApiSettings, *, rpc: Rpc | None = None) -> FastAPI:
+    """The credits app for these settings (one per cold start)."""
     app = FastAPI(
         title="Credits API",
         version="1.0.0",
@@ -123,119 +242,19 @@ def create_app(settings: Settings, *, rpc: Rpc | None = None) -> FastAPI:
         docs_url="/credits/docs",
         redoc_url=None,
     )
+    app.state.rpc = rpc or get_rpc(settings)
+    app.state.verifier = TokenVerifier(settings)
+    app.include_router(router)
     install_error_handlers(app)
     install_request_logging(app, "Credits")
-    if settings.cors_allow_origins:
-        # Added last so it is outermost: error responses carry CORS headers too.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_allow_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-License-Key",
-                           "X-Request-Id", "apikey", "x-client-info"],
-            expose_headers=["X-Request-Id", "Retry-After"],
-            max_age=600,
-        )
-
-    def caller(request: Request, _b: Annotated[Any, Depends(_bearer)],
-               _l: Annotated[Any, Depends(_license)]) -> Caller:
-        # The two security dependencies only document the schemes in OpenAPI.
-        return authenticate(request.headers, settings, verifier)
-
-    def user(who: Annotated[Caller, Depends(caller)]) -> Caller:
-        if who.kind != "user":
-            raise Forbidden("license keys can only spend (POST /credits/deduct)")
-        return who
-
-    def personal_account(who: Caller) -> str:
-        # get_credit_balance(null) answers for the caller's personal account.
-        return str(rpc.user(who.token or "", "get_credit_balance", {})["account_id"])
-
-    @app.get("/credits/balance", responses=_ERRORS, summary="Balance of an account")
-    def balance(who: Annotated[Caller, Depends(user)],
-                account_id: Annotated[UUID | None, Query()] = None) -> dict[str, Any]:
-        return rpc.user(who.token or "", "get_credit_balance", _params(p_account_id=account_id))
-
-    @app.get("/credits/transactions", responses=_ERRORS, summary="Ledger rows, newest first")
-    def transactions(
-        who: Annotated[Caller, Depends(user)],
-        account_id: Annotated[UUID | None, Query()] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-        before: Annotated[int | None, Query(ge=1, description="Page cursor: `next_before` of the last page.")]
-        = None,
-    ) -> dict[str, Any]:
-        token = who.token or ""
-        # Reading the balance first turns "not yours" into 403 / "no such account" into 404;
-        # the ledger read alone would just be empty under RLS.
-        account = str(rpc.user(token, "get_credit_balance", _params(p_account_id=account_id))["account_id"])
-        filters: list[tuple[str, str, Any]] = [("account_id", "eq", account)]
-        if before is not None:
-            filters.append(("id", "lt", before))
-        rows = rpc.user_select(token, "credit_ledger", filters=filters, order="id", descending=True,
-                               limit=limit + 1)
-        page = rows[:limit]
-        more = len(rows) > limit
-        return {"account_id": account, "transactions": page,
-                "next_before": page[-1]["id"] if more and page else None}
-
-    @app.post("/credits/deduct", responses=_ERRORS, summary="Spend credits now")
-    def deduct(
-        body: DeductRequest,
-        who: Annotated[Caller, Depends(caller)],
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-    ) -> dict[str, Any]:
-        key = _idempotency_key(idempotency_key)
-        spend = _params(p_idempotency_key=key, p_amount=body.amount, p_operation=body.operation,
-                        p_model=body.model, p_input_tokens=body.input_tokens,
-                        p_output_tokens=body.output_tokens, p_metadata=body.metadata)
-        try:
-            if who.kind == "license":
-                if body.account_id is not None:
-                    raise BadRequest("a license key spends from its own account; omit account_id",
-                                     detail={"argument": "account_id"})
-                result = rpc.service("deduct_credits_by_license", {"p_license_key": who.license_key, **spend})
-            else:
-                account = body.account_id or personal_account(who)
-                result = rpc.user(who.token or "", "deduct_credits", {"p_account_id": str(account), **spend})
-        except ApiError as exc:
-            count(f"Deduct_{exc.error}")
-            raise
-        if not result.get("replayed"):
-            count("Deductions")
-            count("CreditsCharged", result.get("charged") or 0)
-        return result
-
-    @app.post("/credits/holds", responses=_ERRORS, summary="Reserve credits (a hold)")
-    def reserve(
-        body: ReserveRequest,
-        who: Annotated[Caller, Depends(user)],
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-    ) -> dict[str, Any]:
-        key = _idempotency_key(idempotency_key)
-        account = body.account_id or personal_account(who)
-        result = rpc.user(who.token or "", "reserve_credits", _params(
-            p_account_id=account, p_idempotency_key=key, p_amount=body.amount, p_operation=body.operation,
-            p_ttl_seconds=body.ttl_seconds, p_metadata=body.metadata))
-        if not result.get("replayed"):
-            count("HoldsReserved")
-        return result
-
-    @app.post("/credits/holds/{hold_id}/capture", responses=_ERRORS, summary="Charge a hold")
-    def capture(hold_id: UUID, who: Annotated[Caller, Depends(user)],
-                body: CaptureRequest | None = None) -> dict[str, Any]:
-        body = body or CaptureRequest()
-        result = rpc.user(who.token or "", "capture_hold", _params(
-            p_hold_id=hold_id, p_amount=body.amount, p_metadata=body.metadata))
-        if not result.get("replayed"):
-            count("HoldsCaptured")
-            count("CreditsCharged", result.get("charged") or 0)
-        return result
-
-    @app.post("/credits/holds/{hold_id}/release", responses=_ERRORS, summary="Release a hold")
-    def release(hold_id: UUID, who: Annotated[Caller, Depends(user)]) -> dict[str, Any]:
-        result = rpc.user(who.token or "", "release_hold", _params(p_hold_id=hold_id))
-        if not result.get("replayed"):
-            count("HoldsReleased")
-        return result
-
+    # Added last so it is outermost: error responses carry CORS headers too.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_allow_origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-License-Key",
+                       "X-Request-Id", "apikey", "x-client-info"],
+        expose_headers=["X-Request-Id", "Retry-After"],
+        max_age=600,
+    )
     return app

@@ -1,17 +1,24 @@
 """The supabase-py layer: contract functions and ledger reads through the REST endpoint.
 
-One HTTP connection pool and two supabase clients per cold start: the service
-client (service role key) and the anon client (anon key as ``apikey``). A user's
-call goes through a per-request PostgREST client derived from the anon client
-with ``schema()`` (it copies the headers and shares the connection pool), then
-``auth(token)`` sets *that copy's* Authorization header, so tokens never leak
-between overlapping requests. Every failure is mapped by ``functions.errors``.
+The functions use supabase-py's PostgREST client (the ``postgrest`` package of
+supabase-py, which ``supabase.Client.rpc`` and ``.table`` delegate to), built
+with the same headers ``create_client`` sets: ``apikey`` and
+``Authorization: Bearer <key>``. The full ``Client`` would also build the auth,
+storage, realtime and edge-function clients, which no function uses and which
+cost ~80 ms of every cold start (docs/benchmarks.md).
+
+One HTTP connection pool and one or two PostgREST clients per cold start: the
+service client (secret key) and, for the credits API, the public one (publishable
+key as ``apikey``). A user's call goes through a per-request client derived from
+the public one with ``schema()`` (it copies the headers and shares the pool),
+then ``auth(token)`` sets *that copy's* Authorization header, so tokens never
+leak between overlapping requests. Every failure is mapped by ``functions.errors``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -19,44 +26,40 @@ from postgrest import APIError, SyncPostgrestClient
 
 from functions.errors import ApiError, ServiceUnavailable, from_database_error
 from functions.observability import logger
-from functions.settings import Settings
-from supabase import Client, ClientOptions, create_client
+from functions.settings import CreditsApiSettings, FunctionSettings
 
 # Filter operators the ledger read may use (PostgREST names).
 _OPERATORS = {"eq", "neq", "lt", "lte", "gt", "gte"}
 
 
-def _client(settings: Settings, key: str, http: httpx.Client) -> Client:
-    options = ClientOptions(
-        auto_refresh_token=False,
-        persist_session=False,
-        postgrest_client_retry=False,  # a retry is the caller's decision (idempotency keys make it safe)
-        httpx_client=http,
+def _client(settings: FunctionSettings, key: str, http: httpx.Client) -> SyncPostgrestClient:
+    return SyncPostgrestClient(
+        f"{settings.supabase_url}/rest/v1",
+        headers={"apikey": key, "Authorization": f"Bearer {key}"},
+        http_client=http,
+        retry_enabled=False,  # a retry is the caller's decision (idempotency keys make it safe)
     )
-    return create_client(settings.supabase_url, key, options=options)
 
 
 class Rpc:
     """Calls into the database through the REST layer, for one configuration."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: FunctionSettings) -> None:
         timeout = httpx.Timeout(settings.rpc_timeout_seconds, connect=min(5.0, settings.rpc_timeout_seconds))
         self._http = httpx.Client(timeout=timeout, follow_redirects=False,
                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
         self._service = _client(settings, settings.service_key, self._http)
-        self._anon = (
-            _client(settings, settings.public_key, self._http) if settings.public_key else None
-        )
+        self._public = (_client(settings, settings.public_key, self._http)
+                        if isinstance(settings, CreditsApiSettings) else None)
 
     def close(self) -> None:
         self._http.close()
 
     def user_client(self, token: str) -> SyncPostgrestClient:
         """A PostgREST client acting as this token's user, sharing only the connection pool."""
-        if self._anon is None:
-            raise RuntimeError("user calls need SUPABASE_ANON_KEY")
-        return self._anon.postgrest.schema("public").auth(token)
+        if self._public is None:
+            raise RuntimeError("user calls need the credits API's settings (a public key)")
+        return self._public.schema("public").auth(token)
 
     def service(self, fn: str, params: Mapping[str, Any] | None = None) -> Any:
         """Call ``fn`` with the service role."""
@@ -95,7 +98,7 @@ class Rpc:
         return list(rows or [])
 
 
-def _execute(name: str, run: Any) -> Any:
+def _execute(name: str, run: Callable[[], Any]) -> Any:
     try:
         response = run()
     except APIError as exc:
@@ -116,30 +119,18 @@ def _execute(name: str, run: Any) -> Any:
 
 # --- one Rpc per configuration per process (i.e. per cold start) ------------------
 
-_instances: dict[tuple[Any, ...], Rpc] = {}
+_instances: dict[FunctionSettings, Rpc] = {}
 _lock = threading.Lock()
 
 
-def get_rpc(settings: Settings) -> Rpc:
-    key = (settings.supabase_url, settings.public_key, settings.service_key,
-           settings.rpc_timeout_seconds)
+def get_rpc(settings: FunctionSettings) -> Rpc:
     with _lock:
-        instance = _instances.get(key)
+        instance = _instances.get(settings)
         if instance is None:
-            instance = _instances[key] = Rpc(settings)
+            instance = _instances[settings] = Rpc(settings)
         return instance
 
 
-def service_rpc(settings: Settings, fn: str, params: Mapping[str, Any] | None = None) -> Any:
-    """Call contract function ``fn`` with the service role key; returns its JSON result."""
+def service_rpc(settings: FunctionSettings, fn: str, params: Mapping[str, Any] | None = None) -> Any:
+    """Call contract function ``fn`` with the service role's key; returns its JSON result."""
     return get_rpc(settings).service(fn, params)
-
-
-def user_rpc(settings: Settings, token: str, fn: str, params: Mapping[str, Any] | None = None) -> Any:
-    """Call contract function ``fn`` as the user of ``token``; returns its JSON result."""
-    return get_rpc(settings).user(token, fn, params)
-
-
-def user_select(settings: Settings, token: str, table: str, **kwargs: Any) -> list[dict[str, Any]]:
-    """Read ``table`` rows as the user of ``token`` (see ``Rpc.user_select``)."""
-    return get_rpc(settings).user_select(token, table, **kwargs)

@@ -19,17 +19,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Event types the database acts on; every other type is recorded as ignored.
-HANDLED_TYPES = frozenset({
-    "checkout.session.completed",
-    "checkout.session.async_payment_succeeded",
-    "invoice.paid",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    "charge.refunded",
-    "charge.dispute.created",
-})
-
 # Metadata keys our checkout creation sets (documented in docs/stripe.md).
 ACCOUNT_KEY = "account_id"
 CREDITS_KEY = "credits"

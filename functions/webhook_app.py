@@ -26,15 +26,15 @@ import time
 from typing import Any
 
 import stripe
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from functions.errors import ApiError, BadRequest, ServiceUnavailable
 from functions.http import install_error_handlers, install_request_logging
 from functions.observability import count, logger
-from functions.rpc import service_rpc
-from functions.settings import Settings
+from functions.rpc import Rpc, get_rpc
+from functions.settings import WebhookSettings
 from functions.stripe_events import normalize
 
 SIGNATURE_TOLERANCE_SECONDS = 300
@@ -108,46 +108,52 @@ def _facts(event: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def create_app(settings: Settings) -> FastAPI:
-    if not settings.stripe_webhook_secret:
-        raise ValueError("the webhook needs STRIPE_WEBHOOK_SECRET")
-    secret = settings.stripe_webhook_secret
+router = APIRouter()
+
+
+@router.post("/stripe/webhook")
+async def stripe_webhook(request: Request) -> JSONResponse:
+    settings: WebhookSettings = request.app.state.settings
+    rpc: Rpc = request.app.state.rpc
+    # The raw bytes as delivered (Mangum has already undone API Gateway's base64).
+    payload = await request.body()
+    try:
+        event = _verified_event(payload, request.headers.get("stripe-signature"),
+                                settings.stripe_webhook_secret)
+    except BadRequest as exc:
+        count("StripeWebhookRejected")
+        logger.warning("stripe event rejected", extra={"error": exc.error})
+        raise
+    event_id, event_type = event["id"], event["type"]
+    params = {"p_event_id": event_id, "p_type": event_type, "p_payload": _facts(event)}
+    try:
+        result = await run_in_threadpool(rpc.service, "handle_stripe_event", params)
+    except ApiError as exc:
+        # Whatever the cause, the transaction did not commit: nothing is half-applied.
+        logger.error("stripe event not recorded",
+                     extra={"event_id": event_id, "event_type": event_type, "status": exc.status,
+                            "error": exc.error})
+        count("StripeEventNotRecorded")
+        unavailable = isinstance(exc, ServiceUnavailable)
+        return _not_recorded(exc.headers.get("Retry-After") if unavailable else None)
+    outcome = str((result or {}).get("outcome", ""))
+    if outcome not in OUTCOMES:
+        logger.error("unexpected answer from handle_stripe_event", extra={"event_id": event_id})
+        return _not_recorded(None)
+    log = logger.warning if outcome == "failed" else logger.info
+    log("stripe event", extra={
+        "event_id": event_id, "event_type": event_type, "outcome": outcome,
+        "reason": result.get("reason"), "unparked": len(result.get("unparked") or []),
+    })
+    count(f"StripeEvent{outcome.capitalize()}")
+    return JSONResponse({"received": True, "event_id": event_id, "outcome": outcome})
+
+
+def create_app(settings: WebhookSettings, *, rpc: Rpc | None = None) -> FastAPI:
     app = FastAPI(title="Credits Stripe webhook", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.rpc = rpc or get_rpc(settings)
+    app.include_router(router)
     install_error_handlers(app)
     install_request_logging(app, "StripeWebhook")
-
-    @app.post("/stripe/webhook")
-    async def stripe_webhook(request: Request) -> JSONResponse:
-        # The raw bytes as delivered (Mangum has already undone API Gateway's base64).
-        payload = await request.body()
-        try:
-            event = _verified_event(payload, request.headers.get("stripe-signature"), secret)
-        except BadRequest as exc:
-            count("StripeWebhookRejected")
-            logger.warning("stripe event rejected", extra={"error": exc.error})
-            raise
-        event_id, event_type = event["id"], event["type"]
-        params = {"p_event_id": event_id, "p_type": event_type, "p_payload": _facts(event)}
-        try:
-            result = await run_in_threadpool(service_rpc, settings, "handle_stripe_event", params)
-        except ApiError as exc:
-            # Whatever the cause, the transaction did not commit: nothing is half-applied.
-            logger.error("stripe event not recorded",
-                         extra={"event_id": event_id, "event_type": event_type, "status": exc.status,
-                                "error": exc.error})
-            count("StripeEventNotRecorded")
-            unavailable = isinstance(exc, ServiceUnavailable)
-            return _not_recorded(exc.headers.get("Retry-After") if unavailable else None)
-        outcome = str((result or {}).get("outcome", ""))
-        if outcome not in OUTCOMES:
-            logger.error("unexpected answer from handle_stripe_event", extra={"event_id": event_id})
-            return _not_recorded(None)
-        log = logger.warning if outcome == "failed" else logger.info
-        log("stripe event", extra={
-            "event_id": event_id, "event_type": event_type, "outcome": outcome,
-            "reason": result.get("reason"), "unparked": len(result.get("unparked") or []),
-        })
-        count(f"StripeEvent{outcome.capitalize()}")
-        return JSONResponse({"received": True, "event_id": event_id, "outcome": outcome})
-
     return app

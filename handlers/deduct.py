@@ -13,9 +13,9 @@ from mangum import Mangum
 
 from functions.credits_app import create_app
 from functions.observability import logger, metrics
-from functions.settings import CREDITS_API_SETTINGS, load_settings
+from functions.settings import CreditsApiSettings, load_settings
 
-settings = load_settings(CREDITS_API_SETTINGS)
+settings = load_settings(CreditsApiSettings)
 app = create_app(settings)
 _asgi = Mangum(app, lifespan="off")
 

@@ -13,9 +13,9 @@ from typing import Any
 from functions.observability import logger, metrics
 from functions.reset import current_period_start, emit, period_from_event, run_reset
 from functions.rpc import service_rpc
-from functions.settings import MONTHLY_RESET_SETTINGS, load_settings
+from functions.settings import ResetSettings, load_settings
 
-settings = load_settings(MONTHLY_RESET_SETTINGS)
+settings = load_settings(ResetSettings)
 
 
 @logger.inject_lambda_context

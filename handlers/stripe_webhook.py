@@ -18,10 +18,10 @@ from mangum import Mangum
 
 from functions.observability import logger, metrics
 from functions.rpc import service_rpc
-from functions.settings import WEBHOOK_SETTINGS, load_settings
+from functions.settings import WebhookSettings, load_settings
 from functions.webhook_app import create_app
 
-settings = load_settings(WEBHOOK_SETTINGS)
+settings = load_settings(WebhookSettings)
 app = create_app(settings)
 _asgi = Mangum(app, lifespan="off")
 

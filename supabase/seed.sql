@@ -35,6 +35,12 @@ insert into public.tenant_members (tenant_id, user_id, role) values
   ('44444444-4444-4444-8444-444444444444', '22222222-2222-4222-8222-222222222222', 'member')
 on conflict do nothing;
 
+-- Alice's demo credits, so the README's examples can spend (a purchase, as a
+-- credit pack's checkout would record it; the key makes it once only).
+select public.add_purchased_credits(a.id, 1000, 'seed:alice-demo-credits', null, 'Demo credits')
+  from public.credit_accounts a
+ where a.user_id = '11111111-1111-4111-8111-111111111111';
+
 -- A demo license key for Alice's account. Only its hash is stored, as for
 -- real keys; the key itself is printed by `./dev start`:
 --   ck_demo_0000000000000000000000000000000000000000000000000000000000

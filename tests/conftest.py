@@ -45,8 +45,9 @@ def rest_url(db_dsn: str) -> Iterator[str]:
     session database; point supabase-py's ``SUPABASE_URL`` at it."""
     from devstack import rest, serve, tokens
 
-    app = rest.create_app(db_dsn, tokens.LOCAL_JWT_SECRET)
+    app = rest.create_app(db_dsn)  # the process's random keys (devstack.tokens)
     with serve.serve_in_thread(app) as url:
+        tokens.use_issuer(url)  # user tokens are minted for this project
         yield url
 
 

@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack import db, rest, serve, tokens
 from functions.auth import TokenVerifier, authenticate
+from functions.auth import User as AuthUser
 from functions.errors import ServiceUnavailable, Unauthorized
-from functions.settings import Settings
+from functions.settings import CreditsApiSettings, load_settings
 from tests.lambda_events import LambdaContext, cold_start, http_event, response_header, response_json
 from tests.support import Db
 
@@ -48,7 +49,7 @@ def credits_env(rest_url: str) -> dict[str, str]:
         "SUPABASE_URL": rest_url,
         "SUPABASE_ANON_KEY": tokens.anon_key(),
         "SUPABASE_SERVICE_ROLE_KEY": tokens.service_role_key(),
-        "SUPABASE_JWT_SECRET": tokens.LOCAL_JWT_SECRET,
+        "SUPABASE_JWT_SECRET": tokens.default_keys().jwt_secret,
         "CORS_ALLOW_ORIGINS": f"{ORIGIN},http://localhost:3000",
         "RPC_TIMEOUT_SECONDS": "5",
     }
@@ -172,6 +173,8 @@ def bad_tokens(user_id: str) -> dict[str, str]:
     return {
         "expired": tokens.user_token(user_id, ttl=-120),
         "wrong_audience": tokens.mint(_claims(user_id, aud="somebody-else")),
+        "wrong_issuer": tokens.user_token(user_id, issuer="https://elsewhere.supabase.co/auth/v1"),
+        "legacy_hs256_wrong_issuer": tokens.user_token(user_id, algorithm="HS256", issuer="supabase"),
         "no_audience": tokens.mint({"sub": user_id, "role": "authenticated"}),
         "wrong_signature": tokens.mint(_claims(user_id), secret="another-secret-of-at-least-32-characters!"),
         "alg_none": jwt.encode({**_claims(user_id), "exp": now + 600}, None, algorithm="none"),
@@ -544,10 +547,10 @@ def test_database_down_is_503_then_works_again(pg_server: str) -> None:
     own = Db(dsn)
     try:
         caller, account_id = own.new_user()
-        token = tokens.user_token(caller.user_id or "")
         before = snapshot(own, account_id)
-        with serve.serve_in_thread(rest.create_app(dsn, tokens.LOCAL_JWT_SECRET, pool_timeout=1.0)) as url, \
+        with serve.serve_in_thread(rest.create_app(dsn, pool_timeout=1.0)) as url, \
                 cold_start("handlers.deduct", credits_env(url)) as handler:
+            token = tokens.user_token(caller.user_id or "", issuer=tokens.issuer_for(url))
             call = make_invoke(handler)
             assert call("GET", "/credits/balance", token=token).status == 200
             idem = key()
@@ -628,7 +631,7 @@ def test_no_token_key_or_sql_in_logs_or_bodies(invoke: Invoke, new_user: Callabl
     records = " ".join(json.dumps(record.__dict__, default=str) for record in caplog.records)
     text = output.out + output.err + records + json.dumps([r.body for r in replies])
     for secret in (user.token, created_key, tokens.service_role_key(), tokens.anon_key(),
-                   tokens.LOCAL_JWT_SECRET):
+                   tokens.default_keys().jwt_secret):
         assert secret not in text
     lowered = text.lower()
     for leak in ("traceback", "select ", "insert into", "private.", "psycopg"):
@@ -645,9 +648,9 @@ def test_concurrent_users_never_see_each_others_accounts(rest_url: str,
     import httpx
 
     from functions.credits_app import create_app
-    from functions.settings import CREDITS_API_SETTINGS, load_settings
+    from functions.settings import CreditsApiSettings, load_settings
 
-    settings = load_settings(CREDITS_API_SETTINGS, credits_env(rest_url))
+    settings = load_settings(CreditsApiSettings, credits_env(rest_url))
     users = [new_user() for _ in range(6)]
     with serve.serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url, timeout=20) as client:
         def balance_of(i: int) -> tuple[int, str]:
@@ -660,21 +663,55 @@ def test_concurrent_users_never_see_each_others_accounts(rest_url: str,
     assert all(account == users[i].account_id for i, account in seen)
 
 
+def test_a_spend_from_ones_own_account_is_one_database_call(rest_url: str, new_user: Callable[[], User],
+                                                          database: Db) -> None:
+    """Without account_id the database resolves the personal account in the same call."""
+    import httpx
+
+    from functions.credits_app import create_app
+    from functions.rpc import Rpc
+
+    calls: list[str] = []
+
+    class CountingRpc(Rpc):  # the real client; it only notes which functions are called
+        def user(self, token: str, fn: str, params: Any = None) -> Any:
+            calls.append(fn)
+            return super().user(token, fn, params)
+
+    settings = load_settings(CreditsApiSettings, credits_env(rest_url))
+    user = new_user()
+    rpc = CountingRpc(settings)
+    try:
+        with serve.serve_in_thread(create_app(settings, rpc=rpc)) as url:
+            headers = {"authorization": f"Bearer {user.token}", "idempotency-key": key()}
+            spent = httpx.post(f"{url}/credits/deduct", json={"amount": 1}, headers=headers)
+            assert spent.status_code == 200 and spent.json()["account_id"] == user.account_id
+            assert calls == ["deduct_credits"]
+            held = httpx.post(f"{url}/credits/holds", json={"amount": 1},
+                              headers={**headers, "idempotency-key": key()})
+            assert held.status_code == 200 and held.json()["account_id"] == user.account_id
+            assert calls == ["deduct_credits", "reserve_credits"]
+    finally:
+        rpc.close()
+    assert database.balance(user.account_id)["available"] == 1
+
+
 def test_user_clients_never_share_credentials(rest_url: str) -> None:
     """The deterministic half of the test above: a per-request client carries its own token,
     and deriving one never changes the shared clients' headers."""
     from functions.rpc import Rpc
-    from functions.settings import CREDITS_API_SETTINGS, load_settings
+    from functions.settings import CreditsApiSettings, load_settings
 
-    rpc = Rpc(load_settings(CREDITS_API_SETTINGS, credits_env(rest_url)))
+    settings = load_settings(CreditsApiSettings, credits_env(rest_url))
+    rpc = Rpc(settings)
     try:
         first, second = rpc.user_client("token-a"), rpc.user_client("token-b")
         assert first.headers["Authorization"] == "Bearer token-a"
         assert second.headers["Authorization"] == "Bearer token-b"
         assert rpc.user_client("token-c").headers["Authorization"] == "Bearer token-c"
         assert first.headers["Authorization"] == "Bearer token-a"
-        assert rpc._anon is not None
-        assert rpc._anon.postgrest.headers["Authorization"] == f"Bearer {rpc.settings.supabase_anon_key}"
+        assert rpc._public is not None
+        assert rpc._public.headers["Authorization"] == f"Bearer {settings.public_key}"
     finally:
         rpc.close()
 
@@ -682,13 +719,24 @@ def test_user_clients_never_share_credentials(rest_url: str) -> None:
 # --- token verification with asymmetric keys (JWKS) ---------------------------------------------
 
 
+@dataclass
+class JwksServer:
+    url: str  # what SUPABASE_URL would be: the JWKS is at the default path under it
+    keys: list[dict[str, Any]]
+    fetches: list[float]
+
+
 @contextmanager
-def jwks_server(jwks: dict[str, Any]) -> Iterator[str]:
-    body = json.dumps(jwks).encode()
+def jwks_server(keys: list[dict[str, Any]]) -> Iterator[JwksServer]:
+    """Serves ``{"keys": keys}`` at Supabase's path; the list may change (a rotation)."""
+    fetches: list[float] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
+            fetches.append(time.time())
+            ok = self.path == "/auth/v1/.well-known/jwks.json"
+            body = json.dumps({"keys": keys}).encode() if ok else b"{}"
+            self.send_response(200 if ok else 404)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -701,49 +749,92 @@ def jwks_server(jwks: dict[str, Any]) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/auth/v1/.well-known/jwks.json"
+        yield JwksServer(f"http://127.0.0.1:{server.server_address[1]}", keys, fetches)
     finally:
         server.shutdown()
         server.server_close()
 
 
-def test_asymmetric_tokens_verified_with_the_jwks() -> None:
-    private_key = ec.generate_private_key(ec.SECP256R1())
-    public_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private_key.public_key()))
-    public_jwk.update({"kid": "key-1", "use": "sig", "alg": "ES256"})
-    public_pem = private_key.public_key().public_bytes(
+def _jwk(public_key: Any, kid: str, alg: str) -> dict[str, Any]:
+    algorithm = jwt.algorithms.ECAlgorithm if alg == "ES256" else jwt.algorithms.RSAAlgorithm
+    jwk = json.loads(algorithm.to_jwk(public_key))
+    jwk.update({"kid": kid, "use": "sig", "alg": alg})
+    return jwk
+
+
+def _api_settings(supabase_url: str, **extra: str) -> CreditsApiSettings:
+    env = {"SUPABASE_URL": supabase_url, "SUPABASE_PUBLISHABLE_KEY": "sb_publishable_x",
+           "SUPABASE_SECRET_KEY": "sb_secret_x", "CORS_ALLOW_ORIGINS": ORIGIN, **extra}
+    return load_settings(CreditsApiSettings, env)
+
+
+def test_asymmetric_tokens_verified_with_the_projects_jwks() -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    es_key = ec.generate_private_key(ec.SECP256R1())
+    public_pem = es_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    claims = {**_claims("user-1"), "exp": int(time.time()) + 600}
 
-    def check(settings: Settings, token: str) -> str:
-        try:
-            who = authenticate({"Authorization": f"Bearer {token}"}, settings, TokenVerifier(settings))
-            return who.user_id or ""
-        except Unauthorized:
-            return "401"
+    with jwks_server([_jwk(es_key.public_key(), "key-1", "ES256")]) as project:
+        settings = _api_settings(project.url)  # JWKS at the default path under SUPABASE_URL
+        verifier = TokenVerifier(settings, refresh_cooldown=1.0)
+        claims = {**_claims("user-1"), "iss": f"{project.url}/auth/v1", "exp": int(time.time()) + 600}
 
-    with jwks_server({"keys": [public_jwk]}) as url:
-        settings = Settings(supabase_url="http://localhost", supabase_jwks_url=url)
-        good = jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": "key-1"})
-        assert check(settings, good) == "user-1"
-        other_key = ec.generate_private_key(ec.SECP256R1())
-        assert check(settings, jwt.encode(claims, other_key, algorithm="ES256", headers={"kid": "key-1"})) \
-            == "401"
-        assert check(settings, jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": "nope"})) \
-            == "401"
-        assert check(settings, jwt.encode({**claims, "aud": "x"}, private_key, algorithm="ES256",
-                                          headers={"kid": "key-1"})) == "401"
+        def check(token: str) -> str:
+            try:
+                who = authenticate({"Authorization": f"Bearer {token}"}, verifier)
+                return who.user_id if isinstance(who, AuthUser) else "?"
+            except Unauthorized:
+                return "401"
+
+        def es256(body: dict[str, Any], kid: str = "key-1", key: Any = es_key) -> str:
+            return jwt.encode(body, key, algorithm="ES256", headers={"kid": kid})
+
+        good = es256(claims)
+        assert check(good) == "user-1"
+        assert check(es256(claims, key=ec.generate_private_key(ec.SECP256R1()))) == "401"
+        assert check(es256(claims, kid="nope")) == "401"
+        assert check(es256({**claims, "aud": "x"})) == "401"
+        assert check(es256({**claims, "iss": "https://other.supabase.co/auth/v1"})) == "401"
+        assert check(es256({k: v for k, v in claims.items() if k != "iss"})) == "401"
+        assert check(es256({**claims, "exp": int(time.time()) - 60})) == "401"
         # Algorithm confusion: an HMAC token "signed" with the public key must not pass.
-        forged = _hmac_token(claims, public_pem)
-        assert check(settings, forged) == "401"
-        assert check(settings, jwt.encode(claims, None, algorithm="none")) == "401"
-        # With only a JWKS configured, HS256 tokens (even with a "right" secret) are refused.
-        assert check(settings, tokens.user_token("user-1")) == "401"
+        assert check(_hmac_token(claims, public_pem)) == "401"
+        assert check(jwt.encode(claims, None, algorithm="none")) == "401"
+        # Without the legacy secret configured, HS256 tokens are refused whatever they say.
+        assert check(tokens.mint(claims, secret="a-secret-the-project-never-configured-000")) == "401"
+
+        # The keys are cached: many calls, one fetch; made-up kids within the
+        # cooldown fetch nothing more.
+        assert len(project.fetches) == 1
+        for kid in ("made-up-1", "made-up-2", "made-up-3"):
+            assert check(good) == "user-1" and check(es256(claims, kid=kid)) == "401"
+        assert len(project.fetches) == 1
+        fetched = len(project.fetches)
+
+        # Rotation: a token with a new kid makes the verifier fetch the keys again once.
+        time.sleep(1.1)  # past the cooldown
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        project.keys.append(_jwk(rsa_key.public_key(), "key-2", "RS256"))
+        rotated = jwt.encode(claims, rsa_key, algorithm="RS256", headers={"kid": "key-2"})
+        assert check(rotated) == "user-1"
+        assert len(project.fetches) == fetched + 1
+        assert check(rotated) == "user-1" and len(project.fetches) == fetched + 1
+
+    # With the legacy secret configured as well, HS256 tokens of that secret pass too.
+    legacy_secret = "legacy-project-secret-of-at-least-32-chars"
+    with jwks_server([]) as project:
+        legacy = TokenVerifier(_api_settings(project.url, SUPABASE_JWT_SECRET=legacy_secret))
+        body = {**_claims("user-2"), "iss": f"{project.url}/auth/v1", "exp": int(time.time()) + 600}
+        assert authenticate({"Authorization": f"Bearer {tokens.mint(body, secret=legacy_secret)}"},
+                            legacy).user_id == "user-2"  # type: ignore[union-attr]
+        with pytest.raises(Unauthorized):
+            authenticate({"Authorization": f"Bearer {tokens.mint(body, secret='x' * 40)}"}, legacy)
 
     # JWKS unreachable: our dependency is down, not the caller's token: 503.
-    settings = Settings(supabase_url="http://localhost", supabase_jwks_url="http://127.0.0.1:9/jwks.json")
+    unreachable = TokenVerifier(_api_settings("http://127.0.0.1:9"))
     with pytest.raises(ServiceUnavailable):
-        authenticate({"Authorization": f"Bearer {good}"}, settings, TokenVerifier(settings))
+        authenticate({"Authorization": f"Bearer {good}"}, unreachable)
 
 
 def _hmac_token(claims: dict[str, Any], secret: bytes) -> str:

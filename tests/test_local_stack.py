@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import jwt
 import psycopg
+import pytest
 
 from devstack import db, demo, migrate, serve, tokens
 from supabase import ClientOptions, create_client
@@ -64,6 +65,11 @@ class Started:
     def database_line(self) -> str:
         return next(line for line in self.banner.splitlines() if line.strip().startswith("database"))
 
+    @property
+    def exports(self) -> dict[str, str]:
+        """The variables the banner tells a user to paste (``export NAME='value'``)."""
+        return dict(re.findall(r"export (\w+)='([^']*)'", self.banner))
+
     def url(self, label: str) -> str:
         found = re.search(rf"{label}\s+(?:POST\s+)?(http://127\.0\.0\.1:\d+)", self.banner)
         assert found, self.banner
@@ -91,10 +97,11 @@ def iter_queue(lines: queue.Queue[str]) -> list[str]:
     return out
 
 
-def _balance(rest_url: str) -> dict:
-    options = ClientOptions(headers={"Authorization": f"Bearer {tokens.user_token(ALICE)}"},
+def _balance(rest_url: str, exports: dict[str, str]) -> dict:
+    """Alice's balance through supabase-py, with the keys and token the banner printed."""
+    options = ClientOptions(headers={"Authorization": f"Bearer {exports['TOKEN']}"},
                             postgrest_client_retry=False)
-    client = create_client(rest_url, tokens.anon_key(), options=options)
+    client = create_client(rest_url, exports["PUBLISHABLE_KEY"], options=options)
     return client.rpc("get_credit_balance", {}).execute().data
 
 
@@ -104,23 +111,46 @@ def test_dev_start_serves_keeps_data_and_stops(tmp_path: Path) -> None:
     try:
         assert "bootstrapped" in first.database_line and "seeded" in first.database_line
         assert "ck_demo_" in first.banner and "whsec_" in first.banner
-        rest_url = first.url("SUPABASE_URL")
-        health = httpx.get(f"{rest_url}/rest/v1/", headers={"apikey": tokens.anon_key()})
+        exports = first.exports
+        rest_url = exports["SUPABASE_URL"]
+        # Random keys of this data directory, kept next to it, readable by the owner only.
+        keys_path = serve.keys_file(data_dir)
+        assert keys_path.stat().st_mode & 0o777 == 0o600
+        keys = tokens.LocalKeys.load_or_create(keys_path)
+        assert keys.secret_key == exports["SECRET_KEY"] and keys.secret_key in first.banner
+        assert keys.webhook_secret in first.banner and keys.jwt_secret in first.banner
+        # The banner says how to reach the database and which origins the API allows.
+        psql = re.search(r"psql\s+(psql .+)", first.banner)
+        assert psql and "credits" in psql.group(1)
+        assert serve.CORS_ORIGINS in first.banner
+        health = httpx.get(f"{rest_url}/rest/v1/", headers={"apikey": exports["PUBLISHABLE_KEY"]})
         assert health.status_code == 200
-        # Seeded Alice starts on the free plan's allowance; spend one through the REST layer.
-        assert _balance(rest_url)["total"] == 3
-        service = create_client(rest_url, tokens.service_role_key(),
+        # Tokens are ES256, checked against the JWKS served where Supabase serves it.
+        jwks = httpx.get(f"{rest_url}/auth/v1/.well-known/jwks.json").json()
+        header = jwt.get_unverified_header(exports["TOKEN"])
+        assert header["alg"] == "ES256" and [k["kid"] for k in jwks["keys"]] == [header["kid"]]
+        assert all("d" not in k for k in jwks["keys"])  # public halves only
+        # Seeded Alice: the free plan's allowance and the seed's 1,000 demo credits.
+        assert _balance(rest_url, exports)["total"] == 1003
+        service = create_client(rest_url, exports["SECRET_KEY"],
                                 options=ClientOptions(postgrest_client_retry=False))
-        account = _balance(rest_url)["account_id"]
+        account = _balance(rest_url, exports)["account_id"]
         service.rpc("deduct_credits", {"p_account_id": account, "p_amount": 1,
                                        "p_idempotency_key": "stack-test"}).execute()
         # The printed token of a seeded user is accepted by the credits API.
-        token = re.search(r"alice@example\.com\s+(\S+)", first.banner)
-        assert token
-        if "credits API      http" in first.banner:
-            credits = httpx.get(f"{first.url('credits API')}/credits/balance",
-                                headers={"Authorization": f"Bearer {token.group(1)}"})
-            assert credits.status_code == 200 and credits.json()["total"] == 2
+        credits = httpx.get(f"{exports['API']}/credits/balance",
+                            headers={"Authorization": f"Bearer {exports['TOKEN']}"})
+        assert credits.status_code == 200 and credits.json()["total"] == 1002
+        # The local reset trigger wants the secret key.
+        period = {"period_start": time.strftime("%Y-%m-01", time.gmtime())}
+        assert httpx.post(f"{exports['RESET']}/monthly-reset", json=period).status_code == 401
+        assert httpx.post(f"{exports['RESET']}/monthly-reset", json=period,
+                          headers={"apikey": exports["PUBLISHABLE_KEY"]}).status_code == 401
+        renewed = httpx.post(f"{exports['RESET']}/monthly-reset", json=period,
+                             headers={"apikey": exports["SECRET_KEY"]}, timeout=60)
+        assert renewed.status_code == 200 and renewed.json()["done"] is True
+        # Every README example runs as pasted, with the banner's variables.
+        run_readme_examples(exports)
         code, tail = first.stop()
         assert code == 0 and "stopped." in tail
         # The embedded PostgreSQL went with it.
@@ -128,16 +158,57 @@ def test_dev_start_serves_keeps_data_and_stops(tmp_path: Path) -> None:
     finally:
         first.kill()
 
-    # Second start: nothing re-applied or re-seeded, the data is still there.
+    # Second start: nothing re-applied or re-seeded, the data and the keys are still there.
     second = Started(data_dir, tmp_path / "second.log")
     try:
         assert second.database_line.split() == ["database", "0", "new", "migration(s)", "applied"]
-        assert _balance(second.url("SUPABASE_URL"))["total"] == 2
+        assert second.exports["SECRET_KEY"] == exports["SECRET_KEY"]
+        assert _balance(second.exports["SUPABASE_URL"], second.exports)["account_id"] == account
         code, tail = second.stop(signal.SIGINT)  # Ctrl-C
         assert code == 0 and "stopped." in tail
         assert not (data_dir / "postmaster.pid").exists()
     finally:
         second.kill()
+
+
+README_BLOCK = re.compile(r"```(?:sh|bash)\n(.*?)```", re.DOTALL)
+
+
+def readme_examples() -> list[str]:
+    """The README's shell examples that call the running stack (they use $API, $TOKEN, ...)."""
+    text = (db.ROOT / "README.md").read_text()
+    return [block for block in README_BLOCK.findall(text) if "curl" in block]
+
+
+def run_readme_examples(exports: dict[str, str]) -> None:
+    examples = readme_examples()
+    assert len(examples) >= 3, "the README's curl examples were not found"
+    env = {**os.environ, **exports}
+    for example in examples:
+        # -f: an HTTP error fails the example; pipefail: so does any failing step.
+        script = "set -euo pipefail\n" + example.replace("curl ", "curl -sS -f ")
+        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True,  # noqa: S603,S607
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, f"README example failed:\n{example}\n{done.stdout}\n{done.stderr}"
+
+
+def test_port_conflicts_and_bad_port_bases_are_named(tmp_path: Path) -> None:
+    taken = serve.bind(0)
+    port = taken.getsockname()[1]
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        busy = subprocess.run(  # noqa: S603 - our own module, fixed arguments
+            [sys.executable, "-m", "devstack.serve", "--port-base", str(port), "--data-dir",
+             str(tmp_path / "pgdata")], cwd=db.ROOT, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert busy.returncode == 1 and f"port {port} is already in use" in busy.stderr
+    assert not (tmp_path / "pgdata").exists()  # refused before starting anything
+    for bad in ("70000", "80", "http"):
+        wrong = subprocess.run(  # noqa: S603
+            [sys.executable, "-m", "devstack.serve", "--port-base", bad], cwd=db.ROOT, env=env,
+            capture_output=True, text=True, timeout=60)
+        assert wrong.returncode == 2 and "--port-base" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 def test_migrations_apply_once_and_are_recorded(pg_server: str) -> None:
@@ -171,37 +242,52 @@ def test_seed_users_and_key_are_found() -> None:
 
 
 def test_banner_names_every_endpoint() -> None:
-    stack = serve.Stack(dsn="", rest_url="http://127.0.0.1:1", anon_key="a", service_role_key="s",
-                        publishable_key="sb_publishable_p", secret_key="sb_secret_s",
-                        jwt_secret="j", webhook_secret="w", credits_url="http://127.0.0.1:2",
-                        webhook_url="http://127.0.0.1:3", skipped={"reset": "not available"})
+    keys = tokens.LocalKeys.generate()
+    stack = serve.Stack(dsn="host=/tmp/x port=5432 user=postgres dbname=credits",
+                        rest_url="http://127.0.0.1:1", keys=keys, credits_url="http://127.0.0.1:2", webhook_url="http://127.0.0.1:3",
+                        skipped={"reset": "not available"})
     text = serve.banner(stack)
     assert "http://127.0.0.1:1" in text and "/credits/balance" in text and "/stripe/webhook" in text
-    # Both generations of API keys.
-    assert "sb_publishable_p" in text and "sb_secret_s" in text
+    # Both generations of API keys, the webhook secret, the psql command, the CORS origins.
+    assert keys.publishable_key in text and keys.secret_key in text and keys.anon_key() in text
+    assert keys.webhook_secret in text and "psql -h /tmp/x -p 5432 -U postgres credits" in text
+    assert serve.CORS_ORIGINS in text
     assert "monthly reset    not available" in text
+    assert f"export SECRET_KEY='{keys.secret_key}'" in text and "export API='http://127.0.0.1:2'" in text
 
 
-def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
-    """`./dev demo` end to end: every step checks its own balance, and the ledger is whole."""
+def test_demo_tells_the_whole_story_on_a_running_stack(tmp_path: Path) -> None:
+    """`./dev demo` end to end on the stack `./dev start` announced: every step checks
+    its own balance, and the ledger is whole. A stale announcement is ignored."""
     out = io.StringIO()
+    state = tmp_path / "stack.json"
     with serve.run_stack(tmp_path / "pgdata", port_base=None, reset_data=True, keep_data=False) as stack:
-        demo.Demo(stack, out=out).run()
+        serve.write_state(stack, state)
+        found = serve.running_stack(state)
+        assert found is not None
+        assert (found.rest_url, found.credits_url) == (stack.rest_url, stack.credits_url)
+        demo.Demo(found, out=out).run()
         with psycopg.connect(stack.dsn) as conn:
             dana = conn.execute(
                 "select w.subscription, w.purchased from public.credit_wallets w "
                 "join public.credit_accounts a on a.id = w.account_id "
-                "join auth.users u on u.id = a.user_id where u.email = 'dana@example.com'").fetchone()
+                "join auth.users u on u.id = a.user_id where u.email like 'dana+%@example.com'").fetchone()
     text = out.getvalue()
     assert "0 mismatches" in text and "(duplicate)" in text and "(replayed)" in text
     assert dana == (500, 42)
+    assert serve.running_stack(state) is None  # that stack is gone
 
 
-def test_printed_api_keys_are_stable_and_valid() -> None:
-    anon = serve.api_key("anon", tokens.LOCAL_JWT_SECRET)
-    assert anon == serve.api_key("anon", tokens.LOCAL_JWT_SECRET)
-    claims = jwt.decode(anon, tokens.LOCAL_JWT_SECRET, algorithms=["HS256"])
+def test_local_keys_are_random_per_data_directory(tmp_path: Path) -> None:
+    first = tokens.LocalKeys.load_or_create(tmp_path / "a.keys.json")
+    assert tokens.LocalKeys.load_or_create(tmp_path / "a.keys.json") == first  # kept
+    other = tokens.LocalKeys.load_or_create(tmp_path / "b.keys.json")
+    assert {first.jwt_secret, first.secret_key, first.webhook_secret, first.kid}.isdisjoint(
+        {other.jwt_secret, other.secret_key, other.webhook_secret, other.kid})
+    assert first.secret_key.startswith("sb_secret_") and first.publishable_key.startswith("sb_publishable_")
+    claims = jwt.decode(first.anon_key(), first.jwt_secret, algorithms=["HS256"])
     assert claims["role"] == "anon" and claims["exp"] > time.time() + 5 * 365 * 86400
-    service = jwt.decode(serve.api_key("service_role", tokens.LOCAL_JWT_SECRET), tokens.LOCAL_JWT_SECRET,
-                         algorithms=["HS256"])
-    assert service["role"] == "service_role"
+    token = first.user_token(ALICE, issuer="http://127.0.0.1:1/auth/v1")
+    assert first.verify(token)["sub"] == ALICE
+    with pytest.raises(jwt.InvalidTokenError):
+        other.verify(token)

@@ -34,7 +34,7 @@ def reset_db(pg_server: str) -> Iterator[Db]:
 
 @pytest.fixture(scope="module")
 def reset_rest_url(reset_db: Db) -> Iterator[str]:
-    with serve.serve_in_thread(rest.create_app(reset_db.dsn, tokens.LOCAL_JWT_SECRET)) as url:
+    with serve.serve_in_thread(rest.create_app(reset_db.dsn)) as url:
         yield url
 
 

@@ -25,7 +25,7 @@ from tests.support import Caller, Db
 
 ANON = tokens.anon_key()
 SERVICE = tokens.service_role_key()
-OTHER_SECRET = "another-secret-of-at-least-32-characters!"
+OTHER = tokens.LocalKeys.generate()  # another project's keys
 
 
 def user_token(caller: Caller, **kwargs: Any) -> str:
@@ -272,7 +272,7 @@ def errors_url(pg_server: str) -> Iterator[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         db.apply_sql_file(conn, db.BOOTSTRAP)
         conn.execute(RAISE_ERROR_SQL)  # type: ignore[arg-type]
-    with serve.serve_in_thread(rest.create_app(dsn, tokens.LOCAL_JWT_SECRET)) as url:
+    with serve.serve_in_thread(rest.create_app(dsn)) as url:
         yield url + "/rest/v1"
 
 
@@ -315,7 +315,7 @@ def test_permission_denied_depends_on_the_role(errors_url: str) -> None:
 
 def test_database_unreachable_is_503(tmp_path: Any) -> None:
     # A socket directory with no server behind it.
-    app = rest.create_app(f"postgresql://postgres@/credits?host={tmp_path}", tokens.LOCAL_JWT_SECRET,
+    app = rest.create_app(f"postgresql://postgres@/credits?host={tmp_path}",
                           pool_timeout=0.5)
     with serve.serve_in_thread(app) as url:
         call = httpx.post(f"{url}/rest/v1/rpc/get_credit_balance", headers={"apikey": SERVICE}, json={})
@@ -335,19 +335,24 @@ def _alg_none_token(user_id: str) -> str:
 
 
 @pytest.mark.parametrize("case", [
-    "no_apikey", "apikey_wrong_secret", "apikey_is_user_token", "bearer_wrong_secret",
-    "bearer_expired", "bearer_alg_none", "bearer_garbage", "bearer_bad_role", "not_bearer",
+    "no_apikey", "apikey_wrong_secret", "apikey_is_user_token", "apikey_unknown_secret_key",
+    "bearer_wrong_secret", "bearer_other_signing_key", "bearer_expired", "bearer_alg_none",
+    "bearer_garbage", "bearer_bad_role", "not_bearer",
 ])
 def test_bad_credentials_are_401_and_change_nothing(http: httpx.Client, database: Db,
                                                     funded: tuple[Caller, str], case: str) -> None:
     caller, account_id = funded
     uid = caller.user_id or ""
+    # Another project's signing key, under our key's kid.
+    forged_kid = OTHER.mint({"sub": uid, "role": "authenticated"}, headers={"kid": tokens.default_keys().kid})
     headers = {
         "no_apikey": {"Authorization": f"Bearer {SERVICE}"},
-        "apikey_wrong_secret": {"apikey": tokens.service_role_key(OTHER_SECRET)},
+        "apikey_wrong_secret": {"apikey": OTHER.service_role_key()},
         "apikey_is_user_token": {"apikey": tokens.user_token(uid)},
-        "bearer_wrong_secret": {"apikey": ANON,
-                                "Authorization": f"Bearer {tokens.user_token(uid, OTHER_SECRET)}"},
+        "apikey_unknown_secret_key": {"apikey": OTHER.secret_key},
+        "bearer_wrong_secret": {"apikey": ANON, "Authorization":
+                                f"Bearer {OTHER.user_token(uid, issuer='x', algorithm='HS256')}"},
+        "bearer_other_signing_key": {"apikey": ANON, "Authorization": f"Bearer {forged_kid}"},
         "bearer_expired": {"apikey": ANON, "Authorization": f"Bearer {tokens.user_token(uid, ttl=-60)}"},
         "bearer_alg_none": {"apikey": ANON, "Authorization": f"Bearer {_alg_none_token(uid)}"},
         "bearer_garbage": {"apikey": ANON, "Authorization": "Bearer not.a.jwt"},
@@ -364,7 +369,7 @@ def test_bad_credentials_are_401_and_change_nothing(http: httpx.Client, database
     assert body["code"].startswith("PGRST30")
     if case == "bearer_expired":
         assert (body["code"], body["message"]) == ("PGRST303", "JWT expired")
-    assert "Traceback" not in response.text and tokens.LOCAL_JWT_SECRET not in response.text
+    assert "Traceback" not in response.text and tokens.default_keys().jwt_secret not in response.text
     assert database.balance(account_id) == before
     assert not [row for row in database.ledger(account_id) if row["idempotency_key"] == f"bad-{case}"]
 
@@ -479,7 +484,7 @@ def test_reads_are_capped_at_max_rows(db_dsn: str, database: Db) -> None:
     _spend(database, caller, account_id, [1, 1])
     headers = {"apikey": SERVICE}
     params = {"account_id": f"eq.{account_id}", "order": "id"}
-    with serve.serve_in_thread(rest.create_app(db_dsn, tokens.LOCAL_JWT_SECRET, max_rows=2)) as url:
+    with serve.serve_in_thread(rest.create_app(db_dsn, max_rows=2)) as url:
         capped = httpx.get(f"{url}/rest/v1/credit_ledger", params=params, headers=headers)
         smaller = httpx.get(f"{url}/rest/v1/credit_ledger", params={**params, "limit": "1"}, headers=headers)
     assert len(database.ledger(account_id)) == 4

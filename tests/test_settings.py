@@ -13,10 +13,10 @@ import pytest
 from moto import mock_aws
 
 from functions.settings import (
-    CREDITS_API_SETTINGS,
-    MONTHLY_RESET_SETTINGS,
-    WEBHOOK_SETTINGS,
+    CreditsApiSettings,
+    ResetSettings,
     SettingsError,
+    WebhookSettings,
     load_settings,
 )
 
@@ -38,66 +38,74 @@ def without(*names: str) -> dict[str, str]:
 
 
 def test_values_from_the_environment() -> None:
-    settings = load_settings(CREDITS_API_SETTINGS, ENV)
+    settings = load_settings(CreditsApiSettings, ENV)
     assert settings.supabase_url == "https://abcd.supabase.co"
-    assert settings.rest_url == "https://abcd.supabase.co/rest/v1"
-    assert settings.supabase_service_role_key == SERVICE_KEY
-    assert settings.cors_allow_origins == ["https://app.example.com", "http://localhost:3000"]
+    assert settings.service_key == SERVICE_KEY
+    assert settings.cors_allow_origins == ("https://app.example.com", "http://localhost:3000")
     assert settings.rpc_timeout_seconds == 10.0
-    tuned = load_settings(MONTHLY_RESET_SETTINGS,
-                          {**ENV, "RPC_TIMEOUT_SECONDS": "60", "RESET_BATCH_SIZE": "250"})
+    # User tokens: issued by the project's Auth, verified against its published keys by default.
+    assert settings.issuer == "https://abcd.supabase.co/auth/v1"
+    assert settings.signing_keys_url == "https://abcd.supabase.co/auth/v1/.well-known/jwks.json"
+    assert settings.jwt_secret == SECRET
+    tuned = load_settings(ResetSettings, {**ENV, "RPC_TIMEOUT_SECONDS": "60", "RESET_BATCH_SIZE": "250"})
     assert tuned.rpc_timeout_seconds == 60.0 and tuned.reset_batch_size == 250
     # Secrets stay out of repr/str, so they cannot reach a log line that way.
     for text in (repr(settings), str(settings)):
-        assert SECRET not in text and SERVICE_KEY not in text
+        assert SECRET not in text and SERVICE_KEY not in text and ENV["SUPABASE_ANON_KEY"] not in text
 
 
 def test_supabases_newer_api_keys_or_the_legacy_ones() -> None:
     newer = {**without("SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY"),
              "SUPABASE_PUBLISHABLE_KEY": "sb_publishable_0123456789",
              "SUPABASE_SECRET_KEY": "sb_secret_0123456789"}
-    settings = load_settings(CREDITS_API_SETTINGS, newer)
+    settings = load_settings(CreditsApiSettings, newer)
     assert settings.public_key == "sb_publishable_0123456789"
     assert settings.service_key == "sb_secret_0123456789"
     assert "sb_secret_0123456789" not in repr(settings)
-    legacy = load_settings(CREDITS_API_SETTINGS, ENV)
+    legacy = load_settings(CreditsApiSettings, ENV)
     assert (legacy.public_key, legacy.service_key) == (ENV["SUPABASE_ANON_KEY"], SERVICE_KEY)
-    both = load_settings(CREDITS_API_SETTINGS, {**ENV, "SUPABASE_SECRET_KEY": "sb_secret_0123456789"})
+    both = load_settings(CreditsApiSettings, {**ENV, "SUPABASE_SECRET_KEY": "sb_secret_0123456789"})
     assert both.service_key == "sb_secret_0123456789"  # the newer key wins
     with pytest.raises(SettingsError, match="SUPABASE_SECRET_KEY or SUPABASE_SERVICE_ROLE_KEY"):
-        load_settings(CREDITS_API_SETTINGS, without("SUPABASE_SERVICE_ROLE_KEY"))
+        load_settings(CreditsApiSettings, without("SUPABASE_SERVICE_ROLE_KEY"))
+    with pytest.raises(SettingsError, match="SUPABASE_PUBLISHABLE_KEY or SUPABASE_ANON_KEY"):
+        load_settings(CreditsApiSettings, without("SUPABASE_ANON_KEY"))
 
 
 @pytest.mark.parametrize("name", ["SUPABASE_URL", "SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY",
                                   "CORS_ALLOW_ORIGINS"])
 def test_a_missing_setting_is_named(name: str) -> None:
     with pytest.raises(SettingsError, match=name):
-        load_settings(CREDITS_API_SETTINGS, without(name))
+        load_settings(CreditsApiSettings, without(name))
 
 
 @pytest.mark.parametrize("placeholder", ["", "   ", "changeme", "CHANGE_ME", "<your anon key>",
                                          "your-service-role-key", "${SUPABASE_ANON_KEY}", "xxxx"])
 def test_placeholders_count_as_missing_and_are_not_echoed(placeholder: str) -> None:
     with pytest.raises(SettingsError) as raised:
-        load_settings(CREDITS_API_SETTINGS, {**ENV, "SUPABASE_ANON_KEY": placeholder})
+        load_settings(CreditsApiSettings, {**ENV, "SUPABASE_ANON_KEY": placeholder})
     assert "SUPABASE_ANON_KEY" in str(raised.value)
     if placeholder.strip():
         assert placeholder not in str(raised.value)
 
 
-def test_jwt_secret_or_jwks_url() -> None:
-    jwks_only = {**without("SUPABASE_JWT_SECRET"),
-                 "SUPABASE_JWKS_URL": "https://abcd.supabase.co/auth/v1/.well-known/jwks.json"}
-    settings = load_settings(CREDITS_API_SETTINGS, jwks_only)
-    assert settings.supabase_jwt_secret is None and settings.supabase_jwks_url
-    with pytest.raises(SettingsError, match="SUPABASE_JWT_SECRET or SUPABASE_JWKS_URL"):
-        load_settings(CREDITS_API_SETTINGS, without("SUPABASE_JWT_SECRET"))
-    # Each function needs only its own settings: the webhook has no JWT secret, the reset no anon key.
-    load_settings(WEBHOOK_SETTINGS, without("SUPABASE_JWT_SECRET", "SUPABASE_ANON_KEY", "CORS_ALLOW_ORIGINS"))
-    load_settings(MONTHLY_RESET_SETTINGS, without("SUPABASE_JWT_SECRET", "SUPABASE_ANON_KEY",
-                                                  "STRIPE_WEBHOOK_SECRET", "CORS_ALLOW_ORIGINS"))
+def test_each_function_needs_only_its_own_settings() -> None:
+    # The JWT secret is optional (projects on signing keys have none); the JWKS URL has a default.
+    jwks_only = load_settings(CreditsApiSettings, without("SUPABASE_JWT_SECRET"))
+    assert jwks_only.jwt_secret is None
+    custom = load_settings(CreditsApiSettings, {**ENV, "SUPABASE_JWKS_URL": "https://keys.example.com/jwks"})
+    assert custom.signing_keys_url == "https://keys.example.com/jwks"
+    # The webhook has no JWT secret or public key, the reset neither those nor a webhook secret.
+    webhook = load_settings(WebhookSettings, without("SUPABASE_JWT_SECRET", "SUPABASE_ANON_KEY",
+                                                     "CORS_ALLOW_ORIGINS"))
+    assert webhook.stripe_webhook_secret == ENV["STRIPE_WEBHOOK_SECRET"]
+    load_settings(ResetSettings, without("SUPABASE_JWT_SECRET", "SUPABASE_ANON_KEY",
+                                         "STRIPE_WEBHOOK_SECRET", "CORS_ALLOW_ORIGINS"))
     with pytest.raises(SettingsError, match="STRIPE_WEBHOOK_SECRET"):
-        load_settings(WEBHOOK_SETTINGS, without("STRIPE_WEBHOOK_SECRET"))
+        load_settings(WebhookSettings, without("STRIPE_WEBHOOK_SECRET"))
+    # Required fields have no defaults: a settings object cannot exist without them.
+    with pytest.raises(ValueError):
+        WebhookSettings(supabase_url="https://abcd.supabase.co", service_key="k")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(("name", "value"), [
@@ -109,7 +117,8 @@ def test_jwt_secret_or_jwks_url() -> None:
 ])
 def test_unusable_values_are_named_not_shown(name: str, value: str) -> None:
     with pytest.raises(SettingsError) as raised:
-        load_settings(CREDITS_API_SETTINGS, {**ENV, name: value})
+        model = ResetSettings if name == "RESET_BATCH_SIZE" else CreditsApiSettings
+        load_settings(model, {**ENV, name: value})
     assert name in str(raised.value) and value not in str(raised.value)
 
 
@@ -144,25 +153,25 @@ def test_secrets_resolved_from_ssm(ssm: Any) -> None:
         "SUPABASE_JWT_SECRET_PARAM": "/credits/test/supabase-jwt-secret",
         "CORS_ALLOW_ORIGINS": "https://app.example.com",
     }
-    settings = load_settings(CREDITS_API_SETTINGS, env)
+    settings = load_settings(CreditsApiSettings, env)
     assert settings.supabase_url == "https://abcd.supabase.co"
-    assert settings.supabase_service_role_key == SERVICE_KEY  # decrypted
-    assert settings.supabase_jwt_secret == SECRET
-    assert settings.supabase_anon_key == "anon-from-ssm-0123456789"
+    assert settings.service_key == SERVICE_KEY  # decrypted
+    assert settings.jwt_secret == SECRET
+    assert settings.public_key == "anon-from-ssm-0123456789"
 
 
 def test_missing_or_placeholder_ssm_parameter_is_named(ssm: Any) -> None:
     env = {**without("SUPABASE_SERVICE_ROLE_KEY"),
            "SUPABASE_SERVICE_ROLE_KEY_PARAM": "/credits/test/does-not-exist"}
     with pytest.raises(SettingsError) as raised:
-        load_settings(CREDITS_API_SETTINGS, env)
+        load_settings(CreditsApiSettings, env)
     message = str(raised.value)
     assert "SUPABASE_SERVICE_ROLE_KEY" in message and "/credits/test/does-not-exist" in message
 
     put(ssm, "/credits/test/placeholder", "<paste the service role key here>")
     env["SUPABASE_SERVICE_ROLE_KEY_PARAM"] = "/credits/test/placeholder"
     with pytest.raises(SettingsError) as raised:
-        load_settings(CREDITS_API_SETTINGS, env)
+        load_settings(CreditsApiSettings, env)
     assert "SUPABASE_SERVICE_ROLE_KEY" in str(raised.value) and "paste" not in str(raised.value)
 
 
@@ -171,6 +180,7 @@ def test_missing_or_placeholder_ssm_parameter_is_named(ssm: Any) -> None:
 
 def cold_import(module: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
     for name in ("SUPABASE_URL", "SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
+                 "SUPABASE_PUBLISHABLE_KEY", "SUPABASE_SECRET_KEY",
                  "SUPABASE_JWKS_URL", "STRIPE_WEBHOOK_SECRET", "CORS_ALLOW_ORIGINS"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(f"{name}_PARAM", raising=False)
@@ -205,5 +215,5 @@ def test_handler_cold_start_reads_ssm(ssm: Any, monkeypatch: pytest.MonkeyPatch)
         "SUPABASE_JWT_SECRET_PARAM": "/credits/dev/supabase-jwt-secret",
         "CORS_ALLOW_ORIGINS": "https://app.example.com",
     }, monkeypatch)
-    assert module.settings.supabase_jwt_secret == SECRET
-    assert module.settings.supabase_anon_key == "anon-from-ssm-0123456789"
+    assert module.settings.jwt_secret == SECRET
+    assert module.settings.public_key == "anon-from-ssm-0123456789"

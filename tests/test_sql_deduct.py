@@ -496,3 +496,26 @@ def test_null_metadata_is_an_empty_object(database: Db) -> None:
     assert [r["metadata"] for r in database.ledger(account_id)[1:]] == [{}, {}]
     assert database.one("select metadata from public.credit_usage where transaction_id = %s",
                         first["transaction_id"]) == {}
+
+
+# --- a null account: the caller's personal account ---------------------------------
+
+
+def test_a_null_account_is_the_callers_own_for_users_only(database: Db) -> None:
+    caller, account_id = database.new_user()
+    other, other_account = database.new_user()
+    spend = deduct(database, caller, None, p_amount=1)  # type: ignore[arg-type]
+    assert (spend["account_id"], spend["charged"]) == (account_id, 1)
+    hold = database.call("reserve_credits", caller, p_account_id=None, p_idempotency_key=new_key(),
+                         p_amount=1)
+    assert hold["account_id"] == account_id
+    assert database.balance(account_id)["available"] == 1
+    assert database.balance(other_account)["available"] == 3  # nobody else's
+    # The service has no personal account: it must say which.
+    before = snapshot(database, account_id)
+    detail = expect_error(deduct, "22023", "invalid_argument", database, Caller.service(), None, p_amount=1)
+    assert detail.get("argument") == "p_account_id"
+    expect_error(database.call, "22023", "invalid_argument", "reserve_credits", Caller.service(),
+                 p_account_id=None, p_idempotency_key=new_key(), p_amount=1)
+    assert snapshot(database, account_id) == before
+    assert other.user_id != caller.user_id

@@ -592,7 +592,7 @@ def test_rest_unreachable_answers_500_and_a_redelivery_applies_once(
 def test_database_down_answers_500(db_dsn: str, world: World) -> None:
     """A REST layer whose database is gone (PostgREST answers 503): the webhook says 500."""
     gone = psycopg.conninfo.make_conninfo(db_dsn, dbname=f"missing_{uuid.uuid4().hex[:8]}")
-    app = rest.create_app(gone, tokens.LOCAL_JWT_SECRET)
+    app = rest.create_app(gone)
     event = world.event("checkout.session.completed.payment", CREDITS="9")
     with serve.serve_in_thread(app) as url, \
             cold_start("handlers.stripe_webhook", webhook_env(url)) as handler:
