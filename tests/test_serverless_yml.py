@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from deploy.package import load_serverless_yml
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_SETTINGS = ("SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
-                   "STRIPE_WEBHOOK_SECRET")
+                   "SUPABASE_PUBLISHABLE_KEY", "SUPABASE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET")
 HANDLER_ENV = {
     "SUPABASE_URL": "https://abcd.supabase.co",
     "SUPABASE_ANON_KEY": "anon-key-value-0123456789",
@@ -27,7 +28,7 @@ HANDLER_ENV = {
 
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "serverless.yml").read_text())
+    return load_serverless_yml()
 
 
 def import_handler(handler: str, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -118,12 +119,14 @@ def resolve(value: str, config: dict[str, Any]) -> str:
 
 def test_secrets_only_from_this_stages_ssm_with_least_privilege(config: dict[str, Any]) -> None:
     assert "iam" not in config["provider"]  # no shared role: each function has its own statements
-    prefix = "arn:aws:ssm:${aws:region}:${aws:accountId}:parameter"
+    prefix = "arn:aws:ssm:${AWS::Region}:${AWS::AccountId}:parameter"
     for name, function in config["functions"].items():
         env = function_env(config, name)
         for secret in SECRET_SETTINGS:
             assert secret not in env, (name, secret)  # never a value, only a parameter name
+        # An empty parameter name is a setting left off (the legacy JWT secret by default).
         params = {k: resolve(v, config) for k, v in env.items() if k.endswith("_PARAM")}
+        params = {k: v for k, v in params.items() if v}
         assert params, name
         for setting, parameter in params.items():
             assert parameter.startswith("/credits/${sls:stage}/"), (name, setting, parameter)
@@ -132,32 +135,49 @@ def test_secrets_only_from_this_stages_ssm_with_least_privilege(config: dict[str
         actions = {action for s in statements for action in s["Action"]}
         assert actions == {"ssm:GetParameter", "ssm:GetParameters", "kms:Decrypt"}, name
         assert all(s["Effect"] == "Allow" for s in statements)
-        ssm_resources = {r.replace("${self:custom.ssmArn}", prefix + "/credits/${sls:stage}")
-                         for s in statements if "ssm:GetParameter" in s["Action"] for r in s["Resource"]}
+        # ARNs are filled in by CloudFormation (Fn::Sub), never looked up while packaging.
+        ssm_resources = {r["Fn::Sub"] for s in statements if "ssm:GetParameter" in s["Action"]
+                         for r in s["Resource"]}
         # Exactly the parameters this function reads, nothing else.
-        assert ssm_resources == {prefix + p for p in params.values()}, name
+        # (deduct may also read the legacy JWT secret, when a stage names that parameter.)
+        legacy = {prefix + "/credits/${sls:stage}/supabase-jwt-secret"} if name == "deduct" else set()
+        assert ssm_resources == {prefix + p for p in params.values()} | legacy, name
         kms = [s for s in statements if "kms:Decrypt" in s["Action"]]
-        assert len(kms) == 1 and kms[0]["Condition"]["StringEquals"]["kms:ViaService"].startswith("ssm.")
+        assert len(kms) == 1
+        assert kms[0]["Condition"]["StringEquals"]["kms:ViaService"]["Fn::Sub"].startswith("ssm.")
 
 
 def test_each_function_reads_only_what_it_needs(config: dict[str, Any]) -> None:
     def settings(name: str) -> set[str]:
         return {k.removesuffix("_PARAM") for k in function_env(config, name) if k.endswith("_PARAM")}
 
-    assert settings("deduct") == {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_ANON_KEY",
+    # Supabase's current API keys; the legacy JWT secret only where a project still has one.
+    assert settings("deduct") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY", "SUPABASE_PUBLISHABLE_KEY",
                                   "SUPABASE_JWT_SECRET"}
-    assert settings("stripeWebhook") == {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "STRIPE_WEBHOOK_SECRET"}
-    assert settings("monthlyReset") == {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"}
+    assert config["params"]["default"]["jwtSecretParam"] == ""
+    assert settings("stripeWebhook") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"}
+    assert settings("monthlyReset") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY"}
     assert "CORS_ALLOW_ORIGINS" in function_env(config, "deduct")
 
 
 def test_packaging_and_cors(config: dict[str, Any]) -> None:
-    assert "serverless-python-requirements" in config["plugins"]
-    assert config["custom"]["pythonRequirements"]["fileName"] == "requirements.txt"
-    assert (ROOT / "requirements.txt").is_file()
-    patterns = config["package"]["patterns"]
-    assert "functions/**" in patterns and "handlers/**" in patterns and "!**" in patterns
+    # Each function uploads the zip ./dev package built for it; nothing else packs Python.
+    assert config["plugins"] == ["serverless-iam-roles-per-function"]
+    assert config["package"] == {"individually": True}
+    arch = config["provider"]["architecture"]
+    for name, function in config["functions"].items():
+        assert function["package"] == {"artifact": f".build/{arch}/{name}.zip"}, name
+        assert config["custom"]["packages"][name]["requirements"], name
+        assert 0 < config["custom"]["packages"][name]["max_zip_mb"] <= 50, name
+    # Nothing is resolved from AWS while packaging (no credentials needed).
+    text = (ROOT / "serverless.yml").read_text()
+    assert "${aws:" not in text and "${ssm:" not in text and "${cf:" not in text
+    # SnapStart for the HTTP functions.
+    assert config["functions"]["deduct"]["snapStart"] is True
+    assert config["functions"]["stripeWebhook"]["snapStart"] is True
+    assert "snapStart" not in config["functions"]["monthlyReset"]
     cors = config["provider"]["httpApi"]["cors"]
     assert {"Authorization", "Idempotency-Key", "X-License-Key"} <= set(cors["allowedHeaders"])
     assert cors["allowedOrigins"] == ["${param:corsAllowOrigins}"]
     assert function_env(config, "deduct")["CORS_ALLOW_ORIGINS"] == "${param:corsAllowOrigins}"
+    assert "CREDITS_CORS_ALLOW_ORIGINS" in config["params"]["default"]["corsAllowOrigins"]
