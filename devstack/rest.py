@@ -14,7 +14,11 @@ observe it:
   enforced, anything else rejected with 401;
 * ``POST|GET /rest/v1/rpc/<fn>`` with named arguments, one transaction as the
   token's role with ``request.jwt.claims`` set (GET runs read-only);
-* ``GET /rest/v1/<table>`` reads under RLS (see ``devstack.rest_tables``);
+* ``GET /rest/v1/<table>`` reads under RLS (see ``devstack.rest_tables``),
+  with ``Range``/``limit``/``offset`` and ``Prefer: count=exact`` (206 for part
+  of a counted result, 416 past its end);
+* ``POST`` (insert, upsert), ``PATCH`` and ``DELETE`` on tables as the caller's
+  role, ``Prefer: return=representation``; the README lists what is left out;
 * errors as ``{code, message, details, hint}`` with PostgREST's statuses.
 
 Status of a database error (PostgREST's table, as far as our functions reach it):
@@ -129,6 +133,29 @@ def authenticate(request: Request, keys: tokens.LocalKeys) -> tuple[str, dict[st
         raise _unauthorized("PGRST303", "JWT claims validation or parsing failed",
                             "The role claim must be anon, authenticated or service_role")
     return role, claims
+
+
+def parse_prefer(header: str) -> dict[str, str]:
+    """``Prefer: return=representation, count=exact`` -> {"return": "representation", "count": "exact"}."""
+    found: dict[str, str] = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name:
+            found[name.strip().lower()] = value.strip().lower()
+    return found
+
+
+def apply_range_header(query: rest_tables.TableQuery, header: str | None,
+                       params: list[tuple[str, str]]) -> None:
+    """``Range: <first>-<last>`` (items) as offset and limit, unless the query string has them."""
+    if not header or any(k in ("limit", "offset") for k, _ in params):
+        return
+    first, sep, last = header.strip().removeprefix("items=").partition("-")
+    if not sep or not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+        raise RestError(416, "PGRST103", "Requested range not satisfiable",
+                        "The Range header must be <first>-<last> with first <= last")
+    query.offset = int(first)
+    query.limit = int(last) - int(first) + 1 if last else None
 
 
 # --- database errors -------------------------------------------------------------
@@ -370,30 +397,40 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
         args = {k: v for k, v in request.query_params.items() if k not in rest_tables.RESERVED | {"apikey"}}
         return json_response(call(fn, args, role, claims, read_only=True))
 
+    def table_columns(conn: psycopg.Connection, table: str) -> dict[str, str]:
+        if table not in columns_cache:
+            columns = rest_tables.table_columns(conn, table)
+            if not columns:
+                raise RestError(404, "PGRST205",
+                                f"Could not find the table 'public.{table}' in the schema cache")
+            if len(columns_cache) < MAX_CACHED_FUNCTIONS:
+                columns_cache[table] = columns
+            return columns
+        return columns_cache[table]
+
+    def as_role(conn: psycopg.Connection, role: str, claims: dict[str, Any]) -> None:
+        conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+        conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+
     @app.api_route("/rest/v1/{table}", methods=["GET", "HEAD"])
     def read_table(table: str, request: Request) -> Response:
         role, claims = authenticate(request, keys)
         check_profile(request)
         params = [(k, v) for k, v in request.query_params.multi_items() if k != "apikey"]
         with connection(role) as conn:
-            if table not in columns_cache:
-                columns = rest_tables.table_columns(conn, table)
-                if not columns:
-                    raise RestError(404, "PGRST205",
-                                    f"Could not find the table 'public.{table}' in the schema cache")
-                columns_cache[table] = columns
+            columns = table_columns(conn, table)
             try:
-                query = rest_tables.build(table, columns_cache[table], params)
+                query = rest_tables.build(table, columns, params)
             except rest_tables.QueryError as exc:
                 raise RestError(exc.status, exc.code, exc.message, exc.details) from exc
+            apply_range_header(query, request.headers.get("range"), params)
             if max_rows is not None and (query.limit is None or query.limit > max_rows):
                 query.limit = max_rows
             want_count = "count=exact" in request.headers.get("prefer", "")
             try:
                 with conn.transaction():
                     conn.execute("set transaction read only")
-                    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-                    conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+                    as_role(conn, role, claims)
                     rows_text = conn.execute(query.rows_query(), query.params).fetchone()[0]
                     total = None
                     if want_count:
@@ -401,20 +438,90 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
             except psycopg.Error as exc:
                 raise database_error(exc, role) from exc
         rows = json.loads(rows_text)
+        first = query.offset
+        if total is not None and first > 0 and first >= total:
+            raise RestError(416, "PGRST103", "Requested range not satisfiable",
+                            f"An offset of {first} was requested, but there are only {total} rows.",
+                            headers={"Content-Range": f"*/{total}"})
         if SINGLE_OBJECT in request.headers.get("accept", ""):
             if len(rows) != 1:
                 raise RestError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                 f"The result contains {len(rows)} rows")
             return Response(json.dumps(rows[0]), media_type=SINGLE_OBJECT)
-        first = query.offset
         span = f"{first}-{first + len(rows) - 1}" if rows else "*"
         headers = {"Content-Range": f"{span}/{total if total is not None else '*'}"}
-        return Response(rows_text, media_type="application/json", headers=headers)
+        # Part of a known total is 206 Partial Content, as PostgREST answers with a count.
+        status = 206 if total is not None and len(rows) < total else 200
+        body = "" if request.method == "HEAD" else rows_text
+        return Response(body, status_code=status, media_type="application/json", headers=headers)
 
-    @app.api_route("/rest/v1/{table}", methods=["POST", "PATCH", "PUT", "DELETE"])
-    def write_table(table: str, request: Request) -> Response:
+    @app.api_route("/rest/v1/{table}", methods=["POST", "PATCH", "DELETE"])
+    async def write_table(table: str, request: Request) -> Response:
+        role, claims = authenticate(request, keys)
+        check_profile(request)
+        prefer = parse_prefer(request.headers.get("prefer", ""))
+        returning = prefer.get("return") == "representation"
+        params = [(k, v) for k, v in request.query_params.multi_items() if k != "apikey"]
+        body: Any = None
+        if request.method != "DELETE":
+            raw = await request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise RestError(413, "PGRST413", f"The request body is larger than {MAX_BODY_BYTES} bytes")
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                raise RestError(400, "PGRST102", "Empty or invalid json") from exc
+            rows_ok = isinstance(body, dict) or (request.method == "POST" and isinstance(body, list)
+                                                 and all(isinstance(row, dict) for row in body))
+            if not rows_ok or (isinstance(body, list) and not body):
+                raise RestError(400, "PGRST102", "Empty or invalid json",
+                                "Send a JSON object (POST may send an array of objects)")
+        written, count = await run_in_threadpool(
+            write, table, request.method, body, params, prefer, returning, role, claims)
+        if request.method == "POST":
+            media = "application/json" if returning else None
+            return Response(written or "", status_code=201, media_type=media,
+                            headers={"Content-Range": "*/*"})
+        span = f"0-{count - 1}/*" if count else "*/*"
+        if returning:
+            return Response(written or "[]", status_code=200, media_type="application/json",
+                            headers={"Content-Range": span})
+        return Response(status_code=204, headers={"Content-Range": span})
+
+    def write(table: str, method: str, body: Any, params: list[tuple[str, str]],
+              prefer: dict[str, str], returning: bool, role: str,
+              claims: dict[str, Any]) -> tuple[str | None, int]:
+        with connection(role) as conn:
+            columns = table_columns(conn, table)
+            try:
+                if method == "POST":
+                    rows = body if isinstance(body, list) else [body]
+                    resolution = prefer.get("resolution")
+                    on_conflict = None
+                    if resolution in ("merge-duplicates", "ignore-duplicates"):
+                        named = dict(params).get("on_conflict")
+                        on_conflict = named.split(",") if named else rest_tables.primary_key(conn, table)
+                    statement = rest_tables.insert(table, columns, rows, returning=returning,
+                                                   on_conflict=on_conflict,
+                                                   merge=resolution != "ignore-duplicates")
+                elif method == "PATCH":
+                    statement = rest_tables.update(table, columns, body, params, returning=returning)
+                else:
+                    statement = rest_tables.delete(table, columns, params, returning=returning)
+            except rest_tables.QueryError as exc:
+                raise RestError(exc.status, exc.code, exc.message, exc.details) from exc
+            try:
+                with conn.transaction():
+                    as_role(conn, role, claims)
+                    text, count = conn.execute(statement.statement, statement.params).fetchone()
+            except psycopg.Error as exc:
+                raise database_error(exc, role) from exc
+        return text, int(count)
+
+    @app.put("/rest/v1/{table}")
+    def put_table(table: str, request: Request) -> Response:
         authenticate(request, keys)
-        raise RestError(405, "PGRST105", "Table writes are not supported by the local endpoint",
-                        hint="Change data through the contract functions (POST /rest/v1/rpc/<name>)")
+        raise RestError(405, "PGRST117", "PUT is not implemented by the local endpoint",
+                        hint="Upsert with POST and Prefer: resolution=merge-duplicates")
 
     return app

@@ -10,6 +10,7 @@ database's own 22xxx error, as with PostgREST.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,3 +205,112 @@ def build(table: str, columns: Mapping[str, str], params: Sequence[tuple[str, st
         else:
             _filter(query, key, value)
     return query
+
+
+# --- writes: POST (insert, upsert), PATCH (update), DELETE ----------------------------------------
+
+
+def primary_key(conn: psycopg.Connection, table: str) -> list[str]:
+    """The primary key columns of ``public.<table>`` (PostgREST's default ``on_conflict``)."""
+    rows = conn.execute(
+        """
+        select a.attname
+          from pg_index i
+          join pg_class c on c.oid = i.indrelid
+          join pg_namespace n on n.oid = c.relnamespace
+          join pg_attribute a on a.attrelid = c.oid and a.attnum = any(i.indkey)
+         where n.nspname = 'public' and c.relname = %s and i.indisprimary
+         order by array_position(i.indkey::int2[], a.attnum)
+        """,
+        (table,),
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
+@dataclass
+class TableWrite:
+    """One write, rendered as a statement whose single row is (JSON array text of the
+    affected rows or null, how many rows it affected)."""
+
+    statement: sql.Composed
+    params: list[object]
+
+
+def _body_columns(table: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, object]]) -> list[str]:
+    """The columns a body writes; every row must name the same ones (as PostgREST requires)."""
+    names: list[str] = []
+    if any(set(row) != set(rows[0]) for row in rows):
+        raise QueryError("PGRST102", "All object keys must match")
+    for row in rows:
+        for name in row:
+            if name not in columns:
+                raise QueryError("PGRST204",
+                                 f"Could not find the '{name}' column of '{table}' in the schema cache")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _wrapped(write: sql.Composable, returning: bool) -> sql.Composed:
+    result = sql.SQL("coalesce(json_agg(w), '[]')::text") if returning else sql.SQL("null::text")
+    return sql.SQL("with w as ({}) select {}, count(*) from w").format(write, result)
+
+
+def insert(table: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, object]], *,
+           returning: bool, on_conflict: list[str] | None = None, merge: bool = True) -> TableWrite:
+    """``POST /rest/v1/<table>``: rows from a JSON array (or one object); keys a row lacks are null.
+    With ``on_conflict``, an upsert: merge (update the sent columns) or ignore duplicates."""
+    names = _body_columns(table, columns, rows)
+    if not names:
+        raise QueryError("PGRST102", "Empty or invalid json", "The body names no column")
+    target = sql.SQL("{}.{}").format(sql.Identifier("public"), sql.Identifier(table))
+    column_list = sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    conflict = sql.SQL("")
+    if on_conflict is not None:
+        for name in on_conflict:
+            if name not in columns:
+                raise QueryError("42703", f"column {table}.{name} does not exist")
+        keys = sql.SQL(", ").join(sql.Identifier(n) for n in on_conflict)
+        updates = [n for n in names if n not in on_conflict]
+        if merge and updates:
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{} = excluded.{}").format(sql.Identifier(n), sql.Identifier(n)) for n in updates)
+            conflict = sql.SQL(" on conflict ({}) do update set {}").format(keys, assignments)
+        else:
+            conflict = sql.SQL(" on conflict ({}) do nothing").format(keys)
+    write = sql.SQL("insert into {} ({}) select {} from json_populate_recordset(null::{}, {}::json){} "
+                    "returning {}").format(target, column_list, column_list, target, sql.Placeholder(),
+                                           conflict, sql.SQL("*") if returning else sql.SQL("1"))
+    return TableWrite(_wrapped(write, returning), [_json(rows)])
+
+
+def update(table: str, columns: Mapping[str, str], values: Mapping[str, object],
+           params: Sequence[tuple[str, str]], *, returning: bool) -> TableWrite:
+    """``PATCH /rest/v1/<table>?<filters>``: set the body's columns on the matching rows."""
+    names = _body_columns(table, columns, [values])
+    if not names:
+        raise QueryError("PGRST102", "Empty or invalid json", "The body names no column")
+    query = build(table, columns, params)
+    target = sql.SQL("{}.{}").format(sql.Identifier("public"), sql.Identifier(table))
+    column_list = sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    where = sql.SQL(" and ").join(query.where) if query.where else sql.SQL("true")
+    write = sql.SQL("update {} set ({}) = (select {} from json_populate_record(null::{}, {}::json)) "
+                    "where {} returning {}").format(target, column_list, column_list, target,
+                                                    sql.Placeholder(), where,
+                                                    sql.SQL("*") if returning else sql.SQL("1"))
+    return TableWrite(_wrapped(write, returning), [_json(values), *query.params])
+
+
+def delete(table: str, columns: Mapping[str, str], params: Sequence[tuple[str, str]], *,
+           returning: bool) -> TableWrite:
+    """``DELETE /rest/v1/<table>?<filters>``."""
+    query = build(table, columns, params)
+    target = sql.SQL("{}.{}").format(sql.Identifier("public"), sql.Identifier(table))
+    where = sql.SQL(" and ").join(query.where) if query.where else sql.SQL("true")
+    write = sql.SQL("delete from {} where {} returning {}").format(
+        target, where, sql.SQL("*") if returning else sql.SQL("1"))
+    return TableWrite(_wrapped(write, returning), list(query.params))
+
+
+def _json(value: object) -> str:
+    return json.dumps(value)
