@@ -1,7 +1,10 @@
 """`./dev package`: build the zips, let Serverless turn them into a CloudFormation
 template (offline, no AWS credentials), and check both.
 
-    ./dev package [--stage dev] [--region us-east-1]
+    ./dev package [--stage dev] [--region us-east-1] [--param="name=value" ...]
+
+Other options (``--param=...``) are passed on to ``serverless package``; give
+the same ones to ``serverless deploy``.
 
 Then `npx serverless deploy --stage <stage>` (with AWS credentials) uploads
 exactly what was built and checked here.
@@ -39,10 +42,10 @@ def npm_ci() -> None:
         raise package.PackageError(f"npm ci failed:\n{done.stderr[-2000:]}")
 
 
-def serverless_package(stage: str, region: str) -> None:
+def serverless_package(stage: str, region: str, extra: list[str]) -> None:
     say(f"Generating the CloudFormation template (serverless package --stage {stage}) ...")
     env = {**os.environ, **SERVERLESS_ENV}
-    command = ["npx", "--no-install", "serverless", "package", "--stage", stage, "--region", region]
+    command = ["npx", "--no-install", "serverless", "package", "--stage", stage, "--region", region, *extra]
     done = subprocess.run(command, cwd=package.ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise package.PackageError(f"serverless package failed:\n{(done.stdout + done.stderr)[-3000:]}")
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default="dev")
     parser.add_argument("--region", default="us-east-1")
     parser.add_argument("--lock", action="store_true", help="re-pin constraints.txt from requirements.txt")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if any(not option.startswith("--param") for option in extra):
+        parser.error(f"unknown options {' '.join(extra)} (only --param=... is passed on to serverless)")
     if args.lock:
         return package.main(["--lock"])
     if args.stage != "dev" and not os.environ.get("CREDITS_CORS_ALLOW_ORIGINS", "").strip():
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         say("Building one zip per function ...")
         built = package.build()
         npm_ci()
-        serverless_package(args.stage, args.region)
+        serverless_package(args.stage, args.region, extra)
     except package.PackageError as exc:
         say(f"package: {exc}")
         return 1
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0:
         for name, path in built.items():
             print(f"  {name:<14} {path.relative_to(package.ROOT)}")
-        print(f"Ready: npx serverless deploy --stage {args.stage} --region {args.region}")
+        print(f"Ready: npx serverless deploy --stage {args.stage} --region {args.region}"
+              + "".join(f" {option}" for option in extra))
     return status
 
 
