@@ -266,30 +266,25 @@ def main(argv: list[str] | None = None) -> int:
     # The story is the output here: keep the functions' request logs and metrics quiet.
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
-    running = serve.running_stack()
-    if running is not None:
-        print(f"Using the running local stack (./dev start) at {running.rest_url}: the demo adds two users"
-              " to its database and runs next month's reset on it.", flush=True)
-        try:
+    try:
+        running = serve.running_stack()
+        if running is not None:
+            print(f"Using the running local stack (./dev start) at {running.rest_url}: the demo adds two"
+                  " users to its database and runs next month's reset on it.", flush=True)
             Demo(running).run()
-        except DemoError as exc:
-            print(f"\ndemo failed: {exc}", file=sys.stderr)
-            return 1
-        print("\nDone; the users and their ledgers stay in the running stack's database.")
-        return 0
-    with tempfile.TemporaryDirectory(prefix="credits-demo-") as tmp:
-        print("No local stack is running (./dev start); starting a throwaway one on free ports...",
-              flush=True)
-        try:
+            print("\nDone; the users and their ledgers stay in the running stack's database.")
+            return 0
+        with tempfile.TemporaryDirectory(prefix="credits-demo-") as tmp:
+            print("No local stack is running (./dev start); starting a throwaway one on free ports...",
+                  flush=True)
             with serve.run_stack(Path(tmp) / "pgdata", port_base=None, reset_data=True,
                                  keep_data=False) as stack:
                 Demo(stack).run()
-        except DemoError as exc:
-            print(f"\ndemo failed: {exc}", file=sys.stderr)
-            return 1
-    print("\nDone; the demo's database is gone.")
-    return 0
-
+        print("\nDone; the demo's database is gone.")
+        return 0
+    except DemoError as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     raise SystemExit(main())
