@@ -406,9 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    # A plain `kill` stops as cleanly as Ctrl-C (also when run as a background
-    # job, where SIGINT is ignored): the same path, the same "stopped.".
+    # A plain `kill` stops as cleanly as Ctrl-C: the same path, the same "stopped.".
+    # SIGINT is set too: a background job starts with it ignored, and Python keeps
+    # an inherited "ignore", so `kill -INT` would otherwise do nothing.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with run_stack(args.data_dir.resolve(), port_base=args.port_base,
                        reset_data=args.reset_data) as stack:
