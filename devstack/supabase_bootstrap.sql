@@ -39,6 +39,8 @@ create table if not exists auth.users (
   aud text default 'authenticated',
   role text default 'authenticated',
   email text unique,
+  phone text unique default null,
+  is_anonymous boolean not null default false,
   raw_app_meta_data jsonb not null default '{}'::jsonb,
   raw_user_meta_data jsonb not null default '{}'::jsonb,
   created_at timestamptz not null default now(),

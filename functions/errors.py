@@ -118,8 +118,12 @@ def from_database_error(code: str | None, message: str | None, details: Any = No
         if 400 <= status <= 599:
             name = message if message.replace("_", "").isalnum() and message else "error"
             error_cls = ServiceUnavailable if status == 503 else ApiError
-            return error_cls(name.replace("_", " "), status=status, error=name,
-                             detail=_detail_object(details))
+            detail = _detail_object(details)
+            # A rate bound (429) says when to come back: as a header too, the way clients look for it.
+            retry_after = detail.get("retry_after") if status == 429 else None
+            headers = {"Retry-After": str(retry_after)} if isinstance(retry_after, int) else None
+            return error_cls(name.replace("_", " "), status=status, error=name, detail=detail,
+                             headers=headers)
     if code == "22023":
         name = message if message.replace("_", "").isalnum() and message else "invalid_argument"
         return BadRequest("invalid argument", error=name, detail=_detail_object(details))

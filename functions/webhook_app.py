@@ -16,7 +16,14 @@ Answers (Stripe retries every non-2xx answer for up to three days):
   kept in ``stripe_events`` for an operator, and a redelivery (e.g. "Resend"
   in the Stripe dashboard after fixing the cause) tries again.
 - 500 when the event could not be recorded (database or REST layer down,
-  timeout): nothing was applied, and Stripe's retry applies it once.
+  timeout), or when applying it failed transiently (a deadlock, a lock or
+  statement timeout: outcome ``retrying``, counted on the event): nothing was
+  applied, and Stripe's retry applies it once. The fifth transient failure
+  records the event as failed (``transient_repeated``) and answers 200.
+
+Parked events that a delivery unblocks (``ready``) are applied after the
+delivery's transaction, by a second call (``release_stripe_events``); its
+failure never changes the delivery's answer: the schedule releases them later.
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ from functions.stripe_events import normalize
 
 SIGNATURE_TOLERANCE_SECONDS = 300
 MAX_BODY_BYTES = 1_000_000  # Stripe events are far smaller; anything bigger is not one.
-OUTCOMES = ("applied", "duplicate", "ignored", "parked", "failed")
+OUTCOMES = ("applied", "duplicate", "ignored", "parked", "failed", "retrying")
+# Parked events a delivery made ready are applied right after it, in a call of
+# their own (never inside the delivery's transaction); the schedule does the rest.
+RELEASE_AFTER_DELIVERY = 500
 
 
 def _not_recorded(retry_after: str | None) -> JSONResponse:
@@ -140,13 +150,33 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     if outcome not in OUTCOMES:
         logger.error("unexpected answer from handle_stripe_event", extra={"event_id": event_id})
         return _not_recorded(None)
-    log = logger.warning if outcome == "failed" else logger.info
+    log = logger.warning if outcome in ("failed", "retrying") else logger.info
     log("stripe event", extra={
         "event_id": event_id, "event_type": event_type, "outcome": outcome,
-        "reason": result.get("reason"), "unparked": len(result.get("unparked") or []),
+        "reason": result.get("reason"), "ready": int(result.get("ready") or 0),
     })
     count(f"StripeEvent{outcome.capitalize()}")
+    if outcome == "retrying":
+        return JSONResponse(
+            {"error": "event_not_applied",
+             "message": "applying the event failed transiently, deliver it again",
+             "detail": {"event_id": event_id}},
+            status_code=500,
+        )
+    if int(result.get("ready") or 0) > 0:
+        await run_in_threadpool(_release_ready, rpc, event_id)
     return JSONResponse({"received": True, "event_id": event_id, "outcome": outcome})
+
+
+def _release_ready(rpc: Rpc, event_id: str) -> None:
+    """Apply the parked events this delivery made ready; a failure only waits for the schedule."""
+    try:
+        out = rpc.service("release_stripe_events", {"p_limit": RELEASE_AFTER_DELIVERY})
+    except ApiError as exc:
+        logger.warning("parked stripe events left for the schedule",
+                       extra={"event_id": event_id, "status": exc.status, "error": exc.error})
+        return
+    logger.info("parked stripe events released", extra={"event_id": event_id, **(out or {})})
 
 
 def create_app(settings: WebhookSettings, *, rpc: Rpc | None = None) -> FastAPI:

@@ -5,6 +5,7 @@ allowance, and the sign-up bonus."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -263,3 +264,46 @@ def test_a_spend_across_grants_into_the_allowance_takes_every_pool_once(database
     assert (balance["promotional"], balance["subscription"], balance["purchased"]) == (0, 1, 10)
     assert result["balance"] == balance
     assert database.call("reconcile_credit_balances")["mismatches"] == []
+
+
+def _insert_user(database: Db, email: str | None, phone: str | None = None) -> str:
+    user_id = str(uuid.uuid4())
+    database.sql("insert into auth.users (id, email, phone, is_anonymous) values (%s, %s, %s, %s)",
+                 user_id, email, phone, email is None and phone is None)
+    return str(database.one("select id from public.credit_accounts where user_id = %s", user_id))
+
+
+def _bonus(database: Db, account_id: str) -> int:
+    return int(database.balance(account_id)["promotional"])
+
+
+@pytest.mark.usefixtures("signup_bonus")
+def test_the_signup_bonus_is_granted_once_per_email_address(database: Db) -> None:
+    email = f"Someone.{uuid.uuid4().hex[:8]}@Example.test"
+    first = _insert_user(database, email)
+    assert _bonus(database, first) == 10
+    # Deleted, then signed up again with the same address (in other letter case): no second bonus.
+    database.sql("delete from auth.users where id = "
+                 "(select user_id from public.credit_accounts where id = %s)", first)
+    again = _insert_user(database, email.lower())
+    assert _bonus(database, again) == 0
+    assert database.balance(again)["subscription"] == 3  # the free allowance still comes
+    # Another address gets its own bonus; the claims keep no address in the clear.
+    assert _bonus(database, _insert_user(database, f"other.{uuid.uuid4().hex[:8]}@example.test")) == 10
+    assert database.one("select count(*) from private.signup_bonus_claims "
+                        "where position(convert_to(%s, 'UTF8') in identity_hash) > 0", email.lower()) == 0
+
+
+@pytest.mark.usefixtures("signup_bonus")
+def test_an_anonymous_user_gets_the_bonus_when_an_identity_is_first_set(database: Db) -> None:
+    account_id = _insert_user(database, None)
+    assert _bonus(database, account_id) == 0
+    email = f"anon.{uuid.uuid4().hex[:8]}@example.test"
+    database.sql("update auth.users set email = %s, is_anonymous = false "
+                 "where id = (select user_id from public.credit_accounts where id = %s)", email, account_id)
+    assert _bonus(database, account_id) == 10
+    # A phone-only user is one identity too.
+    phone = f"+1555{uuid.uuid4().int % 10**7:07d}"
+    assert _bonus(database, _insert_user(database, None, phone)) == 10
+    database.sql("delete from auth.users where phone = %s", phone)
+    assert _bonus(database, _insert_user(database, None, phone)) == 0

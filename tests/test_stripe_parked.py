@@ -38,19 +38,20 @@ def link(database: Db, customer: str, account_id: str, subscription: str | None 
         "subscription": subscription or f"sub_{uuid.uuid4().hex}", "account_id": account_id})
 
 
-def test_a_large_release_is_bounded_per_call_and_finishes_later(sdb: Db) -> None:
+def test_a_large_release_is_bounded_per_call_and_never_inside_another_delivery(sdb: Db) -> None:
     _, account_id = sdb.new_user()
     customer = f"cus_{uuid.uuid4().hex}"
     assert all(pack(sdb, customer)["outcome"] == "parked" for _ in range(650))
     linked = link(sdb, customer, account_id)
-    assert linked["outcome"] == "applied"
-    assert len(linked["unparked"]) == 500  # one call's budget
-    assert sdb.balance(account_id)["purchased"] == 500
-    # The rest is ready: the next event (any customer's) releases some, the operator's call the rest.
+    # The link applies itself only: what it unblocks is ready, released by calls of its own.
+    assert (linked["outcome"], linked["ready"]) == ("applied", 650)
+    assert sdb.balance(account_id)["purchased"] == 0
     other = pack(sdb, f"cus_{uuid.uuid4().hex}")
-    assert other["outcome"] == "parked" and len(other["unparked"]) == 100
-    released = sdb.call("release_stripe_events", p_limit=1000)
-    assert released == {"released": 50, "remaining": 0}
+    assert (other["outcome"], other["ready"]) == ("parked", 0)
+    assert sdb.balance(account_id)["purchased"] == 0
+    assert sdb.call("release_stripe_events", p_limit=500) == {"released": 500, "remaining": 150}
+    assert sdb.balance(account_id)["purchased"] == 500
+    assert sdb.call("release_stripe_events", p_limit=1000) == {"released": 150, "remaining": 0}
     assert sdb.balance(account_id)["purchased"] == 650
     assert sdb.one("select count(*) from public.stripe_events where customer_id = %s and outcome = 'parked'",
                    customer) == 0
@@ -68,7 +69,8 @@ def test_only_a_subscriptions_newest_parked_update_is_applied(sdb: Db) -> None:
             "subscription": subscription, "customer": customer, "status": "active", "created": now + offset,
             "items": [{"price_id": price, "quantity": 1}]}))
     assert [u["outcome"] for u in updates] == ["parked"] * 3
-    link(sdb, customer, account_id, subscription)
+    assert link(sdb, customer, account_id, subscription)["ready"] == 3
+    sdb.call("release_stripe_events", p_limit=500)  # as the webhook does after the delivery
     outcomes = dict(sdb.sql("select event_id, reason from public.stripe_events where event_id = any(%s)",
                             [u["event_id"] for u in updates]))
     assert sorted(outcomes.values()) == ["subscription_updated", "superseded", "superseded"]
