@@ -25,6 +25,8 @@ from psycopg import sql
 
 from devstack import db
 from tests.catalog_snapshot import differences, snapshot
+from tests.support import Db
+from tests.test_sql_pg15 import pg15  # noqa: F401  (the PostgreSQL 15 cluster, when installed)
 
 MANIFEST = db.ROOT / "supabase" / "released-migrations.json"
 
@@ -59,6 +61,14 @@ def test_schema_chapters_build_the_database_the_migrations_build(
     found = differences(from_migrations, from_schemas)
     assert not found, (f"{len(found)} difference(s) between the migrations and supabase/schemas/:\n"
                        + "\n".join(found))
+
+
+def test_the_chapters_build_the_same_database_on_postgresql_15(pg15: Db) -> None:  # noqa: F811
+    """Supabase still runs PostgreSQL 15; the chapters must apply, and agree, there too."""
+    server = db.with_database(pg15.dsn, "postgres")
+    found = differences(_build(server, "credits_from_migrations", None),
+                        _build(server, "credits_from_schemas", db.SCHEMAS))
+    assert not found, "\n".join(found)
 
 
 def test_the_snapshot_sees_our_objects(from_schemas: dict[str, str]) -> None:

@@ -1,7 +1,7 @@
 -- Setup: the ground every later chapter stands on.
 --
 -- Holds the `private` schema (not exposed by the REST layer), the revocation
--- of Supabase's default grants for everything the migrations create, time-
+-- of Supabase's default grants for everything this SQL creates, time-
 -- ordered ids, the error helpers and the input limits.
 --
 -- Rules enforced here, once for the whole engine:

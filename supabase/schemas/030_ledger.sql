@@ -12,8 +12,9 @@
 --     time), as the contract describes the ledger.
 --   * private.post(): the one way a slow-path call changes a wallet and writes
 --     its row; private.balance_json(): the balance object.
---   * reconcile_credit_balances(): for every account and pool, balance = sum
---     of the ledger; held = what active holds reserve.
+--   * the rule reconcile_credit_balances() (refunds and adjustments chapter)
+--     checks: for every account and pool, balance = sum of the ledger; held =
+--     what active holds reserve.
 --
 -- Rules:
 --   * Nobody updates or deletes a transaction row, not even the owner; a

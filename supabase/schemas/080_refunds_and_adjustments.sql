@@ -1,7 +1,8 @@
 -- Refunds and adjustments: giving back, taking back, correcting (service only).
 --
--- Holds refund_credits, clawback_credits, admin_adjust_credits and the
--- private functions the Stripe chapter shares with them.
+-- Holds refund_credits, clawback_credits, admin_adjust_credits, the private
+-- functions the Stripe chapter shares with them, and
+-- reconcile_credit_balances (every balance against its ledger).
 --
 -- Rules:
 --   * Every one of them appends a row; nothing updates an earlier row. What
