@@ -67,8 +67,9 @@
 -- releases on demand); at most 10,000 events wait per customer.
 
 -- ---------------------------------------------------------------------------
--- The event log. Read by operators (table editor, service_role); written only
--- by the function below. Holds the normalised facts, never the raw body.
+-- The event log and the payments of invoices. Read by operators (table
+-- editor, service_role); written only by this chapter's functions. They hold
+-- the normalised facts, never the raw body.
 -- ---------------------------------------------------------------------------
 
 create table public.stripe_events (
