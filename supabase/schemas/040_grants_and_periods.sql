@@ -1,0 +1,575 @@
+-- Grants and periods: how credits come in and how they run out.
+--
+-- Holds:
+--   * credit_promotions: one row per promotional grant (sign-up bonus,
+--     campaign, rolled-over allowance), with its own expiry;
+--   * the attribution of spent promotional credits to grants, the renewal of
+--     a subscription period (one set-based statement for one account or a
+--     reset batch), opening an account;
+--   * add_purchased_credits, add_subscription_credits,
+--     expire_subscription_credits, grant_promotional_credits.
+--
+-- Rules:
+--   * Promotional credits are spent first, soonest expiry first, then
+--     subscription, then purchased (the split is private.spend_split, in the
+--     holds chapter).
+--   * A spend never walks grant rows: the wallet knows the soonest grant's
+--     free credits (promo_front_*), and consumption is attributed to grants
+--     lazily, in expiry order, whenever grant rows are next needed (a new
+--     grant, an expiry, a hold taking or returning promotional credits).
+--   * Each grant expires on its own date whether or not a job runs: reads
+--     never count expired credits, and the next write to the account writes
+--     the expiry (one ledger row per grant).
+--   * A renewal (a Stripe invoice or the monthly reset) moves up to the plan's
+--     rollover_cap of unused allowance into a promotional grant that expires
+--     at the end of the new period, expires the rest of the free allowance,
+--     and grants the new one. Rolled-over credits are promotional, so they
+--     never roll again. Subscription credits under a hold expire when the hold
+--     ends uncaptured (the wallet's sub_epoch moves on).
+--   * A new user's account starts on `free` with its first month's allowance
+--     and, once, the free plan's signup_bonus as a promotional grant.
+
+create table public.credit_promotions (
+  -- The id of the transaction that granted it.
+  id uuid primary key,
+  account_id uuid not null references public.credit_accounts (id) on delete cascade,
+  amount bigint not null,
+  expires_at timestamptz not null,
+  -- Free credits left as of the last attribution (spends since then are
+  -- attributed in expiry order the next time the rows are needed).
+  remaining bigint not null,
+  expired bigint not null default 0,
+  created_at timestamptz not null default now()
+);
+create index credit_promotions_open_idx on public.credit_promotions (account_id, expires_at, id)
+  where remaining > 0;
+comment on table public.credit_promotions is 'Promotional grants, each with its own expiry.';
+
+alter table public.credit_promotions enable row level security;
+revoke all on public.credit_promotions from anon, authenticated, service_role;
+grant select on public.credit_promotions to authenticated, service_role;
+create policy credit_promotions_read on public.credit_promotions for select to authenticated
+  using (account_id in (select private.readable_account_ids()) or (select private.is_super_admin()));
+
+-- ---------------------------------------------------------------------------
+-- Attribution: the account's free promotional credits (p_free) are what is
+-- left of its open grants after spending took from them soonest-expiry
+-- first. Returns each open grant with the free credits attributed to it.
+-- ---------------------------------------------------------------------------
+
+create function private.promo_attribution(p_account_id uuid, p_free bigint)
+returns table (id uuid, expires_at timestamptz, remaining bigint, attributed bigint)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return query
+  select g.id, g.expires_at, g.remaining,
+         greatest(0, least(g.remaining, g.cum - (g.total - p_free)))::bigint
+    from (select p.id, p.expires_at, p.remaining,
+                 sum(p.remaining) over (order by p.expires_at, p.id) as cum,
+                 sum(p.remaining) over () as total
+            from public.credit_promotions p
+           where p.account_id = p_account_id and p.remaining > 0) g;
+end
+$$;
+
+-- Bring the grant rows up to date with the wallet and refresh the wallet's
+-- soonest-expiry cache. The caller holds the wallet's lock.
+create function private.materialize_promotions(p_wallet public.credit_wallets)
+returns public.credit_wallets
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_wallet public.credit_wallets;
+begin
+  update public.credit_promotions p
+     set remaining = a.attributed
+    from private.promo_attribution(p_wallet.account_id, p_wallet.promotional - p_wallet.held_promotional) a
+   where p.id = a.id and p.remaining <> a.attributed;
+  update public.credit_wallets w
+     set promo_front_at = f.at, promo_front_left = coalesce(f.amount, 0)
+    from (select null::int as one) x
+    left join lateral (
+      select p.expires_at as at, sum(p.remaining)::bigint as amount
+        from public.credit_promotions p
+       where p.account_id = p_wallet.account_id and p.remaining > 0
+       group by p.expires_at order by p.expires_at limit 1) f on true
+   where w.account_id = p_wallet.account_id
+  returning w.* into v_wallet;
+  if (select coalesce(sum(p.remaining), 0) from public.credit_promotions p
+       where p.account_id = p_wallet.account_id and p.remaining > 0)
+     <> v_wallet.promotional - v_wallet.held_promotional then
+    -- More free promotional credits than grants: a bug, never a state to keep.
+    raise exception using errcode = 'XX000', message = 'promotional credits without a grant';
+  end if;
+  return v_wallet;
+end
+$$;
+
+-- A promotional grant (and, for a rollover, the subscription credits it
+-- came from). The caller holds the wallet's lock.
+create function private.add_promotion(
+  p_wallet public.credit_wallets, p_kind private.entry_kind, p_amount bigint, p_expires_at timestamptz,
+  p_origin private.entry_origin, p_key text, p_hash uuid, p_stripe_ref text, p_description text,
+  p_metadata jsonb, p_actor uuid, p_from_subscription bigint default 0)
+returns public.credit_transactions
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_id uuid := private.uuid_v7();
+begin
+  -- Attribute earlier spends before a grant with an earlier expiry joins.
+  perform private.materialize_promotions(p_wallet);
+  insert into public.credit_promotions (id, account_id, amount, expires_at, remaining)
+  values (v_id, p_wallet.account_id, p_amount, p_expires_at, p_amount);
+  return private.post(p_wallet.account_id, p_kind, p_promotional => p_amount,
+                      p_subscription => -p_from_subscription, p_origin => p_origin, p_key => p_key,
+                      p_hash => p_hash, p_ref_id => v_id, p_stripe_ref => p_stripe_ref,
+                      p_description => p_description, p_metadata => p_metadata, p_actor => p_actor,
+                      p_id => v_id);
+end
+$$;
+
+revoke all on function private.promo_attribution(uuid, bigint),
+  private.materialize_promotions(public.credit_wallets),
+  private.add_promotion(public.credit_wallets, private.entry_kind, bigint, timestamptz, private.entry_origin,
+                        text, uuid, text, text, jsonb, uuid, bigint)
+  from public;
+
+-- ---------------------------------------------------------------------------
+-- Renewal: start a subscription period for a set of accounts (one for an
+-- invoice, a batch for the monthly reset), in one statement. The caller holds
+-- the wallets' locks (ascending account id), has swept them, and attributed
+-- promotional spends on those with open grants (private.lock_wallet does
+-- both). Accounts whose period starts after p_start are left alone (a late or
+-- reordered grant changes nothing).
+--
+-- Per account: r = least(rollover cap, free allowance) becomes a promotional
+-- grant expiring at the account's new period end; the rest of the free
+-- allowance expires; the allowance is granted; sub_epoch moves on. Each
+-- account has its own period end (p_ends): the monthly reset ends a month
+-- renewed within a yearly Stripe payment no later than the paid period.
+-- ---------------------------------------------------------------------------
+
+create function private.renew_to(p_accounts uuid[], p_amounts bigint[], p_caps bigint[], p_ends timestamptz[],
+                                 p_start timestamptz, p_origin private.entry_origin, p_key text, p_hash uuid,
+                                 p_stripe_ref text, p_metadata jsonb)
+returns table (account_id uuid, expired bigint, rolled_over bigint, granted bigint, grant_id uuid)
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+  with calc as (
+    -- The caller took the locks before this statement began, so its snapshot
+    -- sees every committed change to these wallets.
+    select w.*, b.amount as new_amount, b.period_end as new_end,
+           least(b.cap, w.subscription - w.held_subscription) as rolled,
+           w.subscription - w.held_subscription - least(b.cap, w.subscription - w.held_subscription) as lapsed,
+           private.uuid_v7() as grant_id, private.uuid_v7() as roll_id, private.uuid_v7() as expire_id
+      from unnest(p_accounts, p_amounts, p_caps, p_ends) as b(account_id, amount, cap, period_end)
+      join public.credit_wallets w on w.account_id = b.account_id
+     where w.period_start is null or w.period_start <= p_start
+  ), renewed as (
+    update public.credit_wallets w
+       set subscription = c.held_subscription + c.new_amount,
+           promotional = c.promotional + c.rolled,
+           -- The rollover grant becomes the soonest expiry unless a grant with free
+           -- credits expires earlier (front_left = 0: no free promotional credits).
+           promo_front_at = case when c.rolled > 0 and (c.promo_front_left = 0 or c.promo_front_at >= c.new_end)
+                                 then c.new_end else c.promo_front_at end,
+           promo_front_left = case when c.rolled = 0 then c.promo_front_left
+                                   when c.promo_front_left = 0 or c.promo_front_at > c.new_end then c.rolled
+                                   when c.promo_front_at = c.new_end then c.promo_front_left + c.rolled
+                                   else c.promo_front_left end,
+           sub_epoch = c.sub_epoch + 1,
+           period_start = p_start,
+           period_end = c.new_end
+      from calc c
+     where w.account_id = c.account_id
+    returning w.*
+  ), promos as (
+    insert into public.credit_promotions (id, account_id, amount, expires_at, remaining)
+    select c.roll_id, c.account_id, c.rolled, c.new_end, c.rolled from calc c where c.rolled > 0
+  ), entries as (
+    insert into public.credit_transactions (
+      id, account_id, kind, origin, idempotency_key, request_hash, promotional, subscription, purchased,
+      promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
+      next_expiry_amount, next_expiry_at, ref_id, stripe_ref, metadata)
+    select e.id, c.account_id, e.kind, e.origin, e.key, e.hash, e.d_promo, e.d_sub, 0,
+           n.promotional, e.sub_after, n.purchased,
+           n.held_promotional + n.held_subscription + n.held_purchased, e.pstart, e.pend,
+           (private.next_expiry(n) ->> 'amount')::bigint, (private.next_expiry(n) ->> 'at')::timestamptz,
+           e.ref_id, p_stripe_ref, coalesce(p_metadata, '{}'::jsonb)
+      from calc c
+      join renewed n on n.account_id = c.account_id
+     cross join lateral (values
+       (1, c.roll_id, 'rollover'::private.entry_kind, 'system'::private.entry_origin, null::text, null::uuid,
+        c.rolled, -c.rolled, c.subscription - c.rolled, c.period_start, c.period_end, c.grant_id),
+       (2, c.expire_id, 'expire', 'system', null, null,
+        0, -c.lapsed, c.held_subscription, c.period_start, c.period_end, c.grant_id),
+       (3, c.grant_id, 'grant', p_origin, p_key, p_hash,
+        0, c.new_amount, n.subscription, p_start, c.new_end, null))
+       as e(ord, id, kind, origin, key, hash, d_promo, d_sub, sub_after, pstart, pend, ref_id)
+     where e.ord = 3 or (e.ord = 1 and c.rolled > 0) or (e.ord = 2 and c.lapsed > 0)
+     order by c.account_id, e.ord
+    returning 1
+  )
+  select c.account_id, c.lapsed, c.rolled, c.new_amount, c.grant_id
+    from calc c
+$$;
+
+-- The same renewal with one period end for every account.
+create function private.renew(p_accounts uuid[], p_amounts bigint[], p_caps bigint[], p_start timestamptz,
+                              p_end timestamptz, p_origin private.entry_origin, p_key text, p_hash uuid,
+                              p_stripe_ref text, p_metadata jsonb)
+returns table (account_id uuid, expired bigint, rolled_over bigint, granted bigint, grant_id uuid)
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return query select * from private.renew_to(p_accounts, p_amounts, p_caps,
+                                              array_fill(p_end, array[cardinality(p_accounts)]), p_start,
+                                              p_origin, p_key, p_hash, p_stripe_ref, p_metadata);
+end
+$$;
+
+revoke all on function
+  private.renew_to(uuid[], bigint[], bigint[], timestamptz[], timestamptz, private.entry_origin, text, uuid, text,
+                   jsonb),
+  private.renew(uuid[], bigint[], bigint[], timestamptz, timestamptz, private.entry_origin, text, uuid, text, jsonb)
+  from public;
+
+-- The period of the month containing p_at (UTC), for accounts the monthly reset renews.
+create function private.month_of(p_at timestamptz, out period_start timestamptz, out period_end timestamptz)
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+  select date_trunc('month', p_at, 'UTC'), date_trunc('month', p_at, 'UTC') + interval '1 month'
+$$;
+revoke all on function private.month_of(timestamptz) from public;
+
+-- ---------------------------------------------------------------------------
+-- Opening accounts: every user and tenant gets one on `free` with its first
+-- month's allowance; a new user also gets the free plan's sign-up bonus.
+-- ---------------------------------------------------------------------------
+
+create function private.open_account(p_user_id uuid, p_tenant_id uuid) returns uuid
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_plan public.credit_plans;
+  v_account_id uuid;
+  v_month record := private.month_of(now());
+  v_wallet public.credit_wallets;
+begin
+  select * into v_plan from public.credit_plans p where p.id = 'free';
+  insert into public.credit_accounts (user_id, tenant_id, plan_id)
+  values (p_user_id, p_tenant_id, 'free')
+  returning id into v_account_id;
+  insert into public.credit_wallets (account_id, period_start, period_end)
+  values (v_account_id, v_month.period_start, v_month.period_end);
+  perform private.post(v_account_id, 'grant', p_subscription => coalesce(v_plan.monthly_credits, 0),
+                       p_origin => 'system', p_metadata => '{"reason": "signup"}'::jsonb);
+  if p_user_id is not null and coalesce(v_plan.signup_bonus, 0) > 0 then
+    select * into v_wallet from public.credit_wallets w where w.account_id = v_account_id;
+    perform private.add_promotion(v_wallet, 'promotion', v_plan.signup_bonus,
+                                  now() + make_interval(days => v_plan.signup_bonus_days), 'system', null, null,
+                                  null, 'sign-up bonus', '{"reason": "signup_bonus"}'::jsonb, null);
+  end if;
+  return v_account_id;
+end
+$$;
+
+create function private.on_auth_user_created() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  perform private.open_account(new.id, null);
+  return new;
+end
+$$;
+
+create trigger on_auth_user_created_open_credit_account
+  after insert on auth.users
+  for each row execute function private.on_auth_user_created();
+
+create function private.on_tenant_created() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  perform private.open_account(null, new.id);
+  return new;
+end
+$$;
+
+create trigger on_tenant_created_open_credit_account
+  after insert on public.tenants
+  for each row execute function private.on_tenant_created();
+
+revoke all on function private.open_account(uuid, uuid), private.on_auth_user_created(),
+  private.on_tenant_created() from public;
+
+-- ---------------------------------------------------------------------------
+-- Granting (service only). Each public function is a thin definer entry
+-- point; the Stripe chapter calls the same private code with origin 'stripe'.
+-- ---------------------------------------------------------------------------
+
+create function private.add_purchased(p_account_id uuid, p_amount integer, p_key text, p_stripe_ref text,
+                                      p_description text, p_metadata jsonb, p_origin private.entry_origin)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_hash uuid;
+  v_entry public.credit_transactions;
+begin
+  perform private.authorize(p_account_id, true);
+  perform private.check_amount('p_amount', p_amount);
+  perform private.check_key(p_key);
+  perform private.check_text('p_stripe_ref', p_stripe_ref, 'stripe_ref');
+  perform private.check_text('p_description', p_description, 'description');
+  perform private.check_metadata(p_metadata);
+  v_hash := private.request_hash('purchase', jsonb_build_array(p_amount, p_stripe_ref, p_description, p_metadata));
+  perform private.lock_wallet(p_account_id);
+  v_entry := private.find_key(p_account_id, p_key, v_hash, p_origin);
+  if v_entry.id is null then
+    v_entry := private.post(p_account_id, 'purchase', p_purchased => p_amount, p_origin => p_origin,
+                            p_key => p_key, p_hash => v_hash, p_stripe_ref => p_stripe_ref,
+                            p_description => p_description, p_metadata => p_metadata);
+    return private.result(v_entry, false);
+  end if;
+  return private.result(v_entry, true);
+end
+$$;
+
+create function private.add_purchased_credits(p_account_id uuid, p_amount integer, p_idempotency_key text,
+                                             p_stripe_ref text default null, p_description text default null,
+                                             p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.add_purchased(p_account_id, p_amount, p_idempotency_key, p_stripe_ref, p_description,
+                                 p_metadata, 'api');
+end
+$$;
+
+create function public.add_purchased_credits(p_account_id uuid, p_amount integer, p_idempotency_key text,
+                                             p_stripe_ref text default null, p_description text default null,
+                                             p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.add_purchased_credits(p_account_id, p_amount, p_idempotency_key, p_stripe_ref, p_description, p_metadata);
+end
+$$;
+comment on function public.add_purchased_credits(uuid, integer, text, text, text, jsonb) is
+  'Service: add purchased credits (never expire). Result {transaction_id, added, replayed, balance}.';
+
+-- Start a subscription period for one account (Stripe invoices, operators).
+create function private.add_subscription(p_account_id uuid, p_amount integer, p_period_start timestamptz,
+                                         p_period_end timestamptz, p_key text, p_stripe_ref text,
+                                         p_metadata jsonb, p_origin private.entry_origin)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_hash uuid;
+  v_wallet public.credit_wallets;
+  v_entry public.credit_transactions;
+  v_cap bigint;
+begin
+  perform private.authorize(p_account_id, true);
+  perform private.check_amount('p_amount', p_amount, 0);
+  perform private.check_key(p_key);
+  perform private.check_text('p_stripe_ref', p_stripe_ref, 'stripe_ref');
+  perform private.check_metadata(p_metadata);
+  if p_period_start is null then
+    perform private.invalid('p_period_start', 'required');
+  end if;
+  if p_period_end is null or p_period_end <= p_period_start then
+    perform private.invalid('p_period_end', 'must be after p_period_start');
+  end if;
+  v_hash := private.request_hash('subscription',
+    jsonb_build_array(p_amount, p_period_start, p_period_end, p_stripe_ref, p_metadata));
+  v_wallet := private.lock_wallet(p_account_id);
+  v_entry := private.find_key(p_account_id, p_key, v_hash, p_origin);
+  if v_entry.id is not null then
+    return private.result(v_entry, true);
+  end if;
+  if v_wallet.period_start is not null and p_period_start < v_wallet.period_start then
+    -- A grant for an older period (a late or reordered event) changes nothing.
+    v_entry := private.post(p_account_id, 'grant', p_origin => p_origin, p_key => p_key, p_hash => v_hash,
+                            p_stripe_ref => p_stripe_ref, p_metadata => p_metadata);
+    return private.result(v_entry, false);
+  end if;
+  select p.rollover_cap into v_cap
+    from public.credit_accounts a join public.credit_plans p on p.id = a.plan_id where a.id = p_account_id;
+  perform private.renew(array[p_account_id], array[p_amount::bigint], array[coalesce(v_cap, 0)],
+                        p_period_start, p_period_end, p_origin, p_key, v_hash, p_stripe_ref, p_metadata);
+  return private.result(private.find_key(p_account_id, p_key, v_hash, p_origin), false);
+end
+$$;
+
+create function private.add_subscription_credits(p_account_id uuid, p_amount integer, p_period_start timestamptz,
+                                                p_period_end timestamptz, p_idempotency_key text,
+                                                p_stripe_ref text default null,
+                                                p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.add_subscription(p_account_id, p_amount, p_period_start, p_period_end, p_idempotency_key,
+                                    p_stripe_ref, p_metadata, 'api');
+end
+$$;
+
+create function public.add_subscription_credits(p_account_id uuid, p_amount integer, p_period_start timestamptz,
+                                                p_period_end timestamptz, p_idempotency_key text,
+                                                p_stripe_ref text default null,
+                                                p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.add_subscription_credits(p_account_id, p_amount, p_period_start, p_period_end, p_idempotency_key, p_stripe_ref, p_metadata);
+end
+$$;
+comment on function public.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb)
+  is 'Service: start a period (roll over, expire the old allowance, grant). {expired, granted, replayed, balance}.';
+
+create function private.expire_subscription_credits(p_account_id uuid, p_idempotency_key text) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_hash uuid := private.request_hash('expire', '[]'::jsonb);
+  v_wallet public.credit_wallets;
+  v_entry public.credit_transactions;
+begin
+  perform private.require_service();
+  perform private.authorize(p_account_id, true);
+  perform private.check_key(p_idempotency_key);
+  v_wallet := private.lock_wallet(p_account_id);
+  v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+  if v_entry.id is not null then
+    return private.result(v_entry, true);
+  end if;
+  -- Held allowance expires when its hold ends uncaptured (the epoch moved on).
+  update public.credit_wallets w set sub_epoch = w.sub_epoch + 1 where w.account_id = p_account_id;
+  v_entry := private.post(p_account_id, 'expire',
+                          p_subscription => -(v_wallet.subscription - v_wallet.held_subscription),
+                          p_key => p_idempotency_key, p_hash => v_hash);
+  return private.result(v_entry, false);
+end
+$$;
+
+create function public.expire_subscription_credits(p_account_id uuid, p_idempotency_key text)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.expire_subscription_credits(p_account_id, p_idempotency_key);
+end
+$$;
+comment on function public.expire_subscription_credits(uuid, text) is
+  'Service: expire the subscription pool now (purchased untouched). {expired, replayed, balance}.';
+
+create function private.grant_promotional(p_account_id uuid, p_amount integer, p_expires_at timestamptz,
+                                          p_key text, p_reason text, p_metadata jsonb, p_stripe_ref text,
+                                          p_origin private.entry_origin)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_hash uuid;
+  v_wallet public.credit_wallets;
+  v_entry public.credit_transactions;
+begin
+  perform private.authorize(p_account_id, true);
+  perform private.check_amount('p_amount', p_amount);
+  perform private.check_key(p_key);
+  perform private.check_text('p_reason', p_reason, 'reason');
+  perform private.check_metadata(p_metadata);
+  if p_expires_at is null or p_expires_at <= now() then
+    perform private.invalid('p_expires_at', 'must be in the future');
+  end if;
+  v_hash := private.request_hash('promotion', jsonb_build_array(p_amount, p_expires_at, p_reason, p_metadata,
+                                                                 p_stripe_ref));
+  v_wallet := private.lock_wallet(p_account_id);
+  v_entry := private.find_key(p_account_id, p_key, v_hash, p_origin);
+  if v_entry.id is not null then
+    return private.result(v_entry, true);
+  end if;
+  v_entry := private.add_promotion(v_wallet, 'promotion', p_amount, p_expires_at, p_origin, p_key, v_hash,
+                                   p_stripe_ref, p_reason, p_metadata, null);
+  return private.result(v_entry, false);
+end
+$$;
+
+create function private.grant_promotional_credits(p_account_id uuid, p_amount integer, p_expires_at timestamptz,
+                                                 p_idempotency_key text, p_reason text default null,
+                                                 p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.grant_promotional(p_account_id, p_amount, p_expires_at, p_idempotency_key, p_reason,
+                                     p_metadata, null, 'api');
+end
+$$;
+
+create function public.grant_promotional_credits(p_account_id uuid, p_amount integer, p_expires_at timestamptz,
+                                                 p_idempotency_key text, p_reason text default null,
+                                                 p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.grant_promotional_credits(p_account_id, p_amount, p_expires_at, p_idempotency_key, p_reason, p_metadata);
+end
+$$;
+comment on function public.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb) is
+  'Service: promotional credits expiring at p_expires_at. {transaction_id, granted, expires_at, replayed, balance}.';
+
+revoke all on function
+  private.add_purchased(uuid, integer, text, text, text, jsonb, private.entry_origin),
+  private.add_subscription(uuid, integer, timestamptz, timestamptz, text, text, jsonb, private.entry_origin),
+  private.grant_promotional(uuid, integer, timestamptz, text, text, jsonb, text, private.entry_origin),
+  public.add_purchased_credits(uuid, integer, text, text, text, jsonb),
+  public.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb),
+  public.expire_subscription_credits(uuid, text),
+  public.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb)
+  from public, anon, authenticated, service_role;
+grant execute on function
+  public.add_purchased_credits(uuid, integer, text, text, text, jsonb),
+  public.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb),
+  public.expire_subscription_credits(uuid, text),
+  public.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb)
+  to service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.add_purchased_credits(uuid, integer, text, text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.add_purchased_credits(uuid, integer, text, text, text, jsonb) to service_role;
+revoke all on function private.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.add_subscription_credits(uuid, integer, timestamptz, timestamptz, text, text, jsonb) to service_role;
+revoke all on function private.expire_subscription_credits(uuid, text) from public, anon, authenticated, service_role;
+grant execute on function private.expire_subscription_credits(uuid, text) to service_role;
+revoke all on function private.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.grant_promotional_credits(uuid, integer, timestamptz, text, text, jsonb) to service_role;

@@ -1,0 +1,613 @@
+-- Holds and the sweep: credits reserved for work in progress, and what
+-- happens to them (and to promotional grants) when time passes.
+--
+-- Holds:
+--   * credit_holds: one row per reservation, remembering which pools its
+--     credits came from (which promotional grants, and which subscription
+--     epoch and period);
+--   * private.spend_split: the spending order (promotional, subscription,
+--     purchased), the one place it is written;
+--   * private.hold_fates: what becomes of a hold's credits when it ends;
+--   * private.lock_wallet: the one lock a call on an account takes, and the
+--     sweep of whatever lapsed (holds past their expiry, promotional grants
+--     past theirs), applied before anything else reads the wallet;
+--   * private.current_wallet: the same sweep, computed for reads without
+--     writing (reads never show expired credits or lapsed holds);
+--   * reserve_credits, capture_hold, release_hold.
+--
+-- Rules:
+--   * Held credits cannot be spent twice: a spend needs the free credits of
+--     the pools (pool - held_pool); expiries, clawbacks and negative
+--     adjustments never take held credits, so a capture never fails.
+--   * A hold keeps the rules of the credits it reserves. When it ends, what it
+--     charged is spent from exactly the pools it reserved (promotional parts
+--     soonest-expiry first, then subscription, then purchased); of what it
+--     releases, a clawback found under it takes its share first, then
+--     promotional credits whose grant expired meanwhile and subscription
+--     credits from an earlier epoch (a renewal or explicit expiry passed)
+--     expire; the rest is free again.
+--   * A hold past its expiry is released by the next write to its account
+--     (reads already leave it out).
+--   * Lock order (no deadlocks): a call locks at most one wallet, first,
+--     before any hold, grant or transaction row of that account. Only the
+--     monthly reset locks several wallets, in ascending account id.
+
+create table public.credit_holds (
+  id uuid primary key default gen_random_uuid(),
+  account_id uuid not null references public.credit_accounts (id) on delete cascade,
+  -- The reserve row in credit_transactions.
+  transaction_id uuid not null,
+  amount bigint not null check (amount > 0),
+  -- Which pools the amount came from (they sum to amount).
+  promotional bigint not null default 0,
+  subscription bigint not null default 0,
+  purchased bigint not null default 0,
+  -- The promotional grants, soonest expiry first: [{"g": grant id, "a": credits, "e": expires at}].
+  promo_parts jsonb not null default '[]'::jsonb,
+  -- The wallet's subscription epoch and period the subscription credits belong to.
+  sub_epoch integer not null,
+  period_start timestamptz,
+  period_end timestamptz,
+  -- Clawbacks that found credits under this hold: [{"pool", "amount", "stripe_ref"}].
+  claims jsonb not null default '[]'::jsonb,
+  status text not null default 'active' check (status in ('active', 'captured', 'released', 'expired')),
+  expires_at timestamptz not null,
+  operation text,
+  metadata jsonb not null default '{}'::jsonb,
+  -- The answer a repeated capture or release replays.
+  result jsonb,
+  created_at timestamptz not null default now(),
+  settled_at timestamptz
+);
+create index credit_holds_active_account_idx on public.credit_holds (account_id, expires_at)
+  where status = 'active';
+
+alter table public.credit_holds enable row level security;
+revoke all on public.credit_holds from anon, authenticated, service_role;
+grant select on public.credit_holds to authenticated, service_role;
+create policy credit_holds_read on public.credit_holds for select to authenticated
+  using (account_id in (select private.readable_account_ids()) or (select private.is_super_admin()));
+
+-- ---------------------------------------------------------------------------
+-- The spending order: take p_cost from the free credits of each pool,
+-- promotional first, then subscription, then purchased (the caller has
+-- checked that they cover it).
+-- ---------------------------------------------------------------------------
+
+-- How many credits each pool gives.
+create type private.split as (promotional bigint, subscription bigint, purchased bigint);
+
+create function private.spend_split(p_promotional bigint, p_subscription bigint, p_purchased bigint,
+                                    p_cost bigint)
+returns private.split
+language plpgsql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_promotional bigint := least(p_promotional, p_cost);
+  v_subscription bigint := least(p_subscription, p_cost - v_promotional);
+begin
+  return row(v_promotional, v_subscription, p_cost - v_promotional - v_subscription)::private.split;
+end
+$$;
+
+-- What becomes of a hold's credits when it ends having charged p_charge:
+-- one row per (pool, grant, fate), fate being spend, clawback, expire or free.
+create function private.hold_fates(p_hold public.credit_holds, p_charge bigint, p_epoch integer,
+                                   p_now timestamptz)
+returns table (f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_charge private.split;
+  v_left bigint;
+  v_part jsonb;
+  v_amount bigint;
+  v_take bigint;
+  v_claim jsonb;
+  v_released bigint;
+  v_pool text;
+begin
+  v_charge := private.spend_split(p_hold.promotional, p_hold.subscription, p_hold.purchased, p_charge);
+  v_left := v_charge.promotional;
+  for v_part in select e from jsonb_array_elements(p_hold.promo_parts) e loop
+    v_amount := (v_part ->> 'a')::bigint;
+    v_take := least(v_amount, v_left);
+    v_left := v_left - v_take;
+    f_pool := 'promotional';
+    f_grant := (v_part ->> 'g')::uuid;
+    f_ref := null;
+    if v_take > 0 then
+      f_amount := v_take; f_fate := 'spend';
+      return next;
+    end if;
+    if v_amount > v_take then
+      f_amount := v_amount - v_take;
+      -- The grant's own date decides (the part keeps a copy only for ordering).
+      f_fate := case when (select p.expires_at from public.credit_promotions p where p.id = f_grant) <= p_now
+                     then 'expire' else 'free' end;
+      return next;
+    end if;
+  end loop;
+  foreach v_pool in array array['subscription', 'purchased'] loop
+    f_pool := v_pool;
+    f_grant := null;
+    f_ref := null;
+    v_take := case v_pool when 'subscription' then v_charge.subscription else v_charge.purchased end;
+    v_released := case v_pool when 'subscription' then p_hold.subscription else p_hold.purchased end - v_take;
+    if v_take > 0 then
+      f_amount := v_take; f_fate := 'spend';
+      return next;
+    end if;
+    for v_claim in select e from jsonb_array_elements(p_hold.claims) e where e ->> 'pool' = v_pool loop
+      v_take := least(v_released, (v_claim ->> 'amount')::bigint);
+      if v_take > 0 then
+        f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref';
+        return next;
+        v_released := v_released - v_take;
+      end if;
+    end loop;
+    f_ref := null;
+    if v_released > 0 then
+      f_amount := v_released;
+      f_fate := case when v_pool = 'subscription' and p_hold.sub_epoch <> p_epoch then 'expire' else 'free' end;
+      return next;
+    end if;
+  end loop;
+end
+$$;
+
+-- Fates collected as JSON (a definer function keeps no scratch table: a
+-- caller could have put a table of that name in pg_temp).
+create function private.fates(p_fates jsonb)
+returns table (f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text)
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return query select * from jsonb_to_recordset(p_fates)
+                 as f(f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text);
+end
+$$;
+
+-- End a hold (locked by the caller, who holds its wallet's lock): charge
+-- p_charge from its pools, apply the fates of the rest, mark it p_status.
+-- Returns the spend row when something was charged.
+create function private.end_hold(p_hold public.credit_holds, p_charge bigint, p_status text,
+                                 p_metadata jsonb default null, p_actor uuid default null)
+returns public.credit_transactions
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_wallet public.credit_wallets;
+  v_spend public.credit_transactions;
+  v_row record;
+  v_sum record;
+  v_fates jsonb;
+begin
+  select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
+  select coalesce(jsonb_agg(to_jsonb(f)), '[]'::jsonb) into v_fates
+    from private.hold_fates(p_hold, p_charge, v_wallet.sub_epoch, now()) f;
+
+  select coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'spend'), 0)::bigint as sp,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'spend'), 0)::bigint as ss,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased' and f.f_fate = 'spend'), 0)::bigint as su,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'expire'), 0)::bigint as ep,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'expire'), 0)::bigint as es,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate = 'free'), 0)::bigint as fp,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate = 'free'), 0)::bigint as fs,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased' and f.f_fate = 'free'), 0)::bigint as fu
+    into v_sum from private.fates(v_fates) f;
+
+  if v_sum.sp + v_sum.ss + v_sum.su > 0 then
+    v_spend := private.post(p_hold.account_id, 'spend', -v_sum.sp, -v_sum.ss, -v_sum.su,
+                            -v_sum.sp, -v_sum.ss, -v_sum.su, p_origin => 'system', p_ref_id => p_hold.id,
+                            p_metadata => p_metadata, p_actor => p_actor,
+                            p_period_start => case when v_sum.ss > 0 then p_hold.period_start end,
+                            p_period_end => case when v_sum.ss > 0 then p_hold.period_end end,
+                            p_operation => p_hold.operation);
+  end if;
+  for v_row in select f.f_pool, f.f_ref, sum(f.f_amount)::bigint as amount from private.fates(v_fates) f
+                where p_hold.claims <> '[]'::jsonb and f.f_fate = 'clawback'
+                group by f.f_pool, f.f_ref order by f.f_pool, f.f_ref loop
+    perform private.post(p_hold.account_id, 'clawback',
+                         p_subscription => case when v_row.f_pool = 'subscription' then -v_row.amount else 0 end,
+                         p_purchased => case when v_row.f_pool = 'purchased' then -v_row.amount else 0 end,
+                         p_held_subscription => case when v_row.f_pool = 'subscription' then -v_row.amount
+                                                     else 0 end,
+                         p_held_purchased => case when v_row.f_pool = 'purchased' then -v_row.amount else 0 end,
+                         p_origin => 'system', p_ref_id => p_hold.id, p_stripe_ref => v_row.f_ref,
+                         p_metadata => jsonb_build_object('reason', 'clawback found under a hold'),
+                         p_period_start => case when v_row.f_pool = 'subscription' then p_hold.period_start end,
+                         p_period_end => case when v_row.f_pool = 'subscription' then p_hold.period_end end);
+  end loop;
+  if v_sum.ep + v_sum.es > 0 then
+    perform private.post(p_hold.account_id, 'expire', -v_sum.ep, -v_sum.es, 0, -v_sum.ep, -v_sum.es, 0,
+                         p_origin => 'system', p_ref_id => p_hold.id,
+                         p_metadata => jsonb_build_object('reason', 'expired while held'),
+                         p_period_start => case when v_sum.es > 0 then p_hold.period_start end,
+                         p_period_end => case when v_sum.es > 0 then p_hold.period_end end);
+  end if;
+  -- The hold ends: what it released is free again, and the next hold to lapse is another.
+  update public.credit_holds h set status = p_status, settled_at = now() where h.id = p_hold.id;
+  if v_sum.fp > 0 then
+      -- Promotional credits go back to their grants (attribute spends first).
+      select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
+      perform private.materialize_promotions(v_wallet);
+      update public.credit_promotions p set remaining = p.remaining + f.amount
+        from (select s.f_grant, sum(s.f_amount) as amount from private.fates(v_fates) s
+               where s.f_pool = 'promotional' and s.f_fate = 'free' group by s.f_grant) f
+       where p.id = f.f_grant;
+  end if;
+  update public.credit_wallets w
+     set held_promotional = w.held_promotional - v_sum.fp,
+         held_subscription = w.held_subscription - v_sum.fs,
+         held_purchased = w.held_purchased - v_sum.fu,
+         next_hold_expiry = (select min(h.expires_at) from public.credit_holds h
+                              where h.account_id = p_hold.account_id and h.status = 'active')
+   where w.account_id = p_hold.account_id
+  returning w.* into v_wallet;
+  if v_sum.fp > 0 then
+    perform private.materialize_promotions(v_wallet);
+  end if;
+  return v_spend;
+end
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The sweep.
+-- ---------------------------------------------------------------------------
+
+-- True when something of this wallet lapsed and the sweep has work to do.
+create function private.sweep_due(p_wallet public.credit_wallets)
+returns boolean
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return coalesce(least(p_wallet.next_hold_expiry, p_wallet.promo_front_at) <= now(), false);
+end
+$$;
+
+-- Lock an account's wallet and apply what lapsed: end expired holds, expire
+-- promotional grants past their date. Every write to an account starts here.
+create function private.lock_wallet(p_account_id uuid) returns public.credit_wallets
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_wallet public.credit_wallets;
+  v_hold public.credit_holds;
+  v_grant record;
+begin
+  select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id for update;
+  if not found then
+    perform private.fail('PT404', 'account_not_found');
+  end if;
+  if not private.sweep_due(v_wallet) then
+    return v_wallet;
+  end if;
+  for v_hold in select * from public.credit_holds h
+                 where h.account_id = p_account_id and h.status = 'active' and h.expires_at <= now()
+                 order by h.expires_at, h.id for update loop
+    perform private.end_hold(v_hold, 0, 'expired');
+  end loop;
+  select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id;
+  v_wallet := private.materialize_promotions(v_wallet);
+  for v_grant in select p.id, p.remaining from public.credit_promotions p
+                  where p.account_id = p_account_id and p.remaining > 0 and p.expires_at <= now()
+                  order by p.expires_at, p.id loop
+    update public.credit_promotions p set remaining = 0, expired = p.expired + v_grant.remaining
+     where p.id = v_grant.id;
+    perform private.post(p_account_id, 'expire', p_promotional => -v_grant.remaining, p_origin => 'system',
+                         p_ref_id => v_grant.id, p_metadata => '{"reason": "promotional grant expired"}'::jsonb);
+  end loop;
+  select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id;
+  return v_wallet;
+end
+$$;
+
+-- The wallet as the sweep would leave it, without writing: for reads. The
+-- same rules (hold_fates, promo_attribution), summed instead of applied.
+create function private.current_wallet(p_wallet public.credit_wallets) returns public.credit_wallets
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_wallet public.credit_wallets := p_wallet;
+  v_fates jsonb;
+  v_sum record;
+  v_front record;
+begin
+  if not private.sweep_due(p_wallet) then
+    return p_wallet;
+  end if;
+  select coalesce(jsonb_agg(to_jsonb(f)), '[]'::jsonb) into v_fates
+    from public.credit_holds h
+   cross join lateral private.hold_fates(h, 0, p_wallet.sub_epoch, now()) f
+   where h.account_id = p_wallet.account_id and h.status = 'active' and h.expires_at <= now();
+  -- Lapsed holds: their parts leave held; what expires or is clawed back leaves the pools.
+  select coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional'), 0) as hp,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription'), 0) as hs,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased'), 0) as hu,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'promotional' and f.f_fate <> 'free'), 0) as gp,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'subscription' and f.f_fate <> 'free'), 0) as gs,
+         coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased' and f.f_fate <> 'free'), 0) as gu
+    into v_sum from private.fates(v_fates) f;
+  -- Promotional grants: the free credits attributed to each, plus what lapsed
+  -- holds give back to it; those past their date expire, the soonest of the
+  -- others is the new front.
+  with back as (
+    select f.f_grant, sum(f.f_amount) as amount from private.fates(v_fates) f
+     where f.f_pool = 'promotional' and f.f_fate = 'free' group by f.f_grant
+  ), grants as (
+    select p.id, p.expires_at, coalesce(a.attributed, 0) + coalesce(b.amount, 0) as free
+      from public.credit_promotions p
+      left join private.promo_attribution(p_wallet.account_id,
+                                          p_wallet.promotional - p_wallet.held_promotional) a on a.id = p.id
+      left join back b on b.f_grant = p.id
+     where p.account_id = p_wallet.account_id and (a.id is not null or b.f_grant is not null)
+  ), front as (
+    select g.expires_at as at from grants g where g.expires_at > now() and g.free > 0
+     order by g.expires_at limit 1
+  )
+  select coalesce((select sum(g.free) from grants g where g.expires_at <= now()), 0)::bigint as expired,
+         (select f.at from front f) as at,
+         coalesce((select sum(g.free) from grants g join front f on g.expires_at = f.at), 0)::bigint as left_at
+    into v_front;
+  v_wallet.held_promotional := v_wallet.held_promotional - v_sum.hp;
+  v_wallet.held_subscription := v_wallet.held_subscription - v_sum.hs;
+  v_wallet.held_purchased := v_wallet.held_purchased - v_sum.hu;
+  v_wallet.promotional := v_wallet.promotional - v_sum.gp - v_front.expired;
+  v_wallet.subscription := v_wallet.subscription - v_sum.gs;
+  v_wallet.purchased := v_wallet.purchased - v_sum.gu;
+  v_wallet.promo_front_at := v_front.at;
+  v_wallet.promo_front_left := v_front.left_at;
+  v_wallet.next_hold_expiry := (select min(h.expires_at) from public.credit_holds h
+                                 where h.account_id = p_wallet.account_id and h.status = 'active'
+                                   and h.expires_at > now());
+  return v_wallet;
+end
+$$;
+
+revoke all on function private.spend_split(bigint, bigint, bigint, bigint), private.fates(jsonb),
+  private.hold_fates(public.credit_holds, bigint, integer, timestamptz),
+  private.end_hold(public.credit_holds, bigint, text, jsonb, uuid),
+  private.sweep_due(public.credit_wallets), private.lock_wallet(uuid),
+  private.current_wallet(public.credit_wallets)
+  from public;
+
+-- ---------------------------------------------------------------------------
+-- Reserve, capture, release.
+-- ---------------------------------------------------------------------------
+
+create function private.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
+                                       p_operation text default null, p_ttl_seconds integer default 900,
+                                       p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_cost bigint;
+  v_hash uuid;
+  v_wallet public.credit_wallets;
+  v_entry public.credit_transactions;
+  v_split private.split;
+  v_parts jsonb := '[]'::jsonb;
+  v_hold uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
+  v_expires timestamptz;
+  v_actor uuid;
+begin
+  v_actor := private.authorize(p_account_id, true);
+  v_cost := private.spend_cost(p_idempotency_key, p_amount, p_operation, null, null, null, p_metadata);
+  if v_cost < 1 then
+    perform private.invalid('p_operation', 'a hold must reserve at least 1 credit');
+  end if;
+  if p_ttl_seconds is null or p_ttl_seconds not between 1 and (private.limits() ->> 'ttl_seconds')::integer then
+    perform private.invalid('p_ttl_seconds', format('must be 1 to %s seconds', private.limits() ->> 'ttl_seconds'));
+  end if;
+  v_hash := private.request_hash('reserve', jsonb_build_array(p_amount, p_operation, p_ttl_seconds, p_metadata));
+  v_expires := now() + make_interval(secs => p_ttl_seconds);
+
+  v_wallet := private.lock_wallet(p_account_id);
+  v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+  if v_entry.id is not null then
+    return private.result(v_entry, true);
+  end if;
+  if private.available(v_wallet) < v_cost then
+    perform private.insufficient(v_cost, private.available(v_wallet));
+  end if;
+  v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
+                                 v_wallet.subscription - v_wallet.held_subscription,
+                                 v_wallet.purchased - v_wallet.held_purchased, v_cost);
+  if v_split.promotional > 0 then
+    -- Which grants: attribute spends first, then take soonest expiry first.
+    perform private.materialize_promotions(v_wallet);
+    with taken as (
+      select g.id, g.expires_at,
+             least(g.remaining, v_split.promotional - (g.cum - g.remaining)) as amount
+        from (select p.id, p.expires_at, p.remaining,
+                     sum(p.remaining) over (order by p.expires_at, p.id) as cum
+                from public.credit_promotions p
+               where p.account_id = p_account_id and p.remaining > 0) g
+       where g.cum - g.remaining < v_split.promotional
+    ), updated as (
+      update public.credit_promotions p set remaining = p.remaining - t.amount
+        from taken t where p.id = t.id
+    )
+    select jsonb_agg(jsonb_build_object('g', t.id, 'a', t.amount, 'e', t.expires_at)
+                     order by t.expires_at, t.id)
+      into v_parts from taken t;
+  end if;
+  insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
+                                   promo_parts, sub_epoch, period_start, period_end, expires_at, operation,
+                                   metadata)
+  values (v_hold, p_account_id, v_tx, v_cost, v_split.promotional, v_split.subscription, v_split.purchased,
+          v_parts, v_wallet.sub_epoch, v_wallet.period_start, v_wallet.period_end, v_expires, p_operation,
+          coalesce(p_metadata, '{}'::jsonb));
+  update public.credit_wallets w
+     set next_hold_expiry = least(coalesce(w.next_hold_expiry, v_expires), v_expires)
+   where w.account_id = p_account_id;
+  v_entry := private.post(p_account_id, 'reserve',
+                          p_held_promotional => v_split.promotional, p_held_subscription => v_split.subscription,
+                          p_held_purchased => v_split.purchased, p_key => p_idempotency_key, p_hash => v_hash,
+                          p_ref_id => v_hold, p_metadata => p_metadata, p_actor => v_actor,
+                          p_operation => p_operation, p_id => v_tx);
+  return private.result(v_entry, false);
+end
+$$;
+
+create function public.reserve_credits(p_account_id uuid, p_idempotency_key text,
+                                       p_amount integer default null,
+                                       p_operation text default null, p_ttl_seconds integer default 900,
+                                       p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.reserve_credits(coalesce(p_account_id, private.personal_account()), p_idempotency_key,
+                                 p_amount, p_operation, p_ttl_seconds, p_metadata);
+end
+$$;
+comment on function public.reserve_credits(uuid, text, integer, text, integer, jsonb) is
+  'Reserve credits for work in progress; a null account is the caller''s own. '
+  '{hold_id, account_id, amount, expires_at, replayed, balance}.';
+
+-- Find a hold and check the caller may spend from its account.
+create function private.hold_account(p_hold_id uuid) returns uuid
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_account_id uuid;
+begin
+  if p_hold_id is null then
+    perform private.invalid('p_hold_id', 'required');
+  end if;
+  select h.account_id into v_account_id from public.credit_holds h where h.id = p_hold_id;
+  if not found then
+    perform private.fail('PT404', 'hold_not_found');
+  end if;
+  perform private.authorize(v_account_id, true);
+  return v_account_id;
+end
+$$;
+
+-- End a hold from the API: capture (p_charge > 0) or release (p_charge = 0).
+create function private.settle_hold(p_hold_id uuid, p_charge integer, p_metadata jsonb, p_capture boolean)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_account_id uuid := private.hold_account(p_hold_id);
+  v_hold public.credit_holds;
+  v_spend public.credit_transactions;
+  v_charge bigint;
+  v_metadata jsonb;
+  v_split private.split;
+  v_result jsonb;
+begin
+  perform private.lock_wallet(v_account_id);
+  select * into v_hold from public.credit_holds h where h.id = p_hold_id for update;
+  if v_hold.status = (case when p_capture then 'captured' else 'released' end) then
+    return v_hold.result || '{"replayed": true}'::jsonb;
+  end if;
+  perform private.check_metadata(p_metadata);
+  if v_hold.status <> 'active' then
+    perform private.fail('PT409', 'hold_not_active', jsonb_build_object('status', v_hold.status));
+  end if;
+  v_charge := 0;
+  if p_capture then
+    if p_charge is not null then
+      perform private.check_amount('p_amount', p_charge);
+      if p_charge > v_hold.amount then
+        perform private.invalid('p_amount', format('must not exceed the held amount (%s)', v_hold.amount));
+      end if;
+    end if;
+    v_charge := coalesce(p_charge, v_hold.amount);
+    v_metadata := v_hold.metadata || coalesce(p_metadata, '{}'::jsonb);
+    perform private.check_metadata(v_metadata, 'p_metadata (merged with the hold''s)');
+  end if;
+  v_spend := private.end_hold(v_hold, v_charge, case when p_capture then 'captured' else 'released' end,
+                              v_metadata, private.actor());
+  if p_capture then
+    v_split := private.spend_split(v_hold.promotional, v_hold.subscription, v_hold.purchased, v_charge);
+    v_result := jsonb_build_object(
+      'transaction_id', v_spend.id, 'hold_id', p_hold_id, 'charged', v_charge,
+      'released', v_hold.amount - v_charge, 'from_promotional', v_split.promotional,
+      'from_subscription', v_split.subscription, 'from_purchased', v_split.purchased, 'replayed', false);
+  else
+    v_result := jsonb_build_object('hold_id', p_hold_id, 'released', v_hold.amount, 'replayed', false);
+  end if;
+  v_result := v_result || jsonb_build_object('balance', private.balance_json(
+    (select w from public.credit_wallets w where w.account_id = v_account_id)));
+  update public.credit_holds h set result = v_result where h.id = p_hold_id;
+  return v_result;
+end
+$$;
+
+create function private.capture_hold(p_hold_id uuid, p_amount integer default null,
+                                    p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.settle_hold(p_hold_id, p_amount, p_metadata, true);
+end
+$$;
+
+create function public.capture_hold(p_hold_id uuid, p_amount integer default null,
+                                    p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.capture_hold(p_hold_id, p_amount, p_metadata);
+end
+$$;
+comment on function public.capture_hold(uuid, integer, jsonb) is
+  'Charge up to the held amount (default all) from the pools the hold reserved; release the rest.';
+
+create function private.release_hold(p_hold_id uuid)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.settle_hold(p_hold_id, null, null, false);
+end
+$$;
+
+create function public.release_hold(p_hold_id uuid)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.release_hold(p_hold_id);
+end
+$$;
+comment on function public.release_hold(uuid) is 'Release a hold: {hold_id, released, replayed, balance}.';
+
+revoke all on function private.hold_account(uuid), private.settle_hold(uuid, integer, jsonb, boolean),
+  public.reserve_credits(uuid, text, integer, text, integer, jsonb), public.capture_hold(uuid, integer, jsonb),
+  public.release_hold(uuid)
+  from public, anon, authenticated, service_role;
+grant execute on function public.reserve_credits(uuid, text, integer, text, integer, jsonb),
+  public.capture_hold(uuid, integer, jsonb), public.release_hold(uuid) to authenticated, service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.reserve_credits(uuid, text, integer, text, integer, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.reserve_credits(uuid, text, integer, text, integer, jsonb) to authenticated, service_role;
+revoke all on function private.capture_hold(uuid, integer, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.capture_hold(uuid, integer, jsonb) to authenticated, service_role;
+revoke all on function private.release_hold(uuid) from public, anon, authenticated, service_role;
+grant execute on function private.release_hold(uuid) to authenticated, service_role;

@@ -1,0 +1,273 @@
+-- Spending: the hot path, and reading a balance.
+--
+-- Holds:
+--   * private.spend_cost: every input check of a spend and its price;
+--   * private.spend: take credits now, one wallet UPDATE and one transaction
+--     row (the usage log and the idempotency record in one);
+--   * deduct_credits, get_credit_balance.
+--
+-- Rules:
+--   * Exactly one of amount and operation decides the cost; with an
+--     operation, tokens add to it at the price's per-1,000 rates (total
+--     rounded up). A cost of 0 is refused unless the price marks the
+--     operation free (then the usage is still recorded, bounded).
+--   * A spend takes free credits in the spending order (private.spend_split)
+--     and never goes below zero; the same key with the same arguments
+--     answers the first result again, other arguments conflict.
+--   * A spend locks its wallet row, decides in memory, writes one transaction
+--     row and updates the wallet (HOT: no index covers a balance). Only
+--     what is unusual does more: a sweep when something lapsed, the replay
+--     lookup when the key was used or the credits do not suffice, the grant
+--     attribution when a spend crosses promotional grants.
+
+-- The price of an operation: flat credits plus per-1,000-token rates, rounded up.
+create function private.operation_cost(p_operation text, p_input_tokens integer, p_output_tokens integer)
+returns bigint
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_price public.credit_prices;
+  v_cost numeric;
+begin
+  select * into v_price from public.credit_prices p where p.operation = p_operation;
+  if not found then
+    perform private.fail('PT404', 'unknown_operation', jsonb_build_object('operation', p_operation));
+  end if;
+  v_cost := ceil(v_price.credits
+                 + coalesce(p_input_tokens, 0) * v_price.credits_per_1k_input_tokens / 1000
+                 + coalesce(p_output_tokens, 0) * v_price.credits_per_1k_output_tokens / 1000);
+  if v_cost > (private.limits() ->> 'amount')::bigint then
+    perform private.invalid('p_operation', format('cost exceeds %s credits', private.limits() ->> 'amount'));
+  end if;
+  if v_cost = 0 and not v_price.free then
+    perform private.invalid('p_operation', 'costs 0 credits and is not marked free in credit_prices');
+  end if;
+  return v_cost::bigint;
+end
+$$;
+
+-- Every input check of a spend or reservation, in the contract's order; the cost.
+create function private.spend_cost(p_key text, p_amount integer, p_operation text, p_model text,
+                                   p_input_tokens integer, p_output_tokens integer, p_metadata jsonb)
+returns bigint
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_limits jsonb := private.limits();
+begin
+  -- The common case in one expression: a plain amount and in-bound inputs.
+  if p_amount between 1 and (v_limits ->> 'amount')::integer and p_operation is null
+     and length(p_key) between 1 and (v_limits ->> 'idempotency_key')::integer
+     and (p_model is null or length(p_model) between 1 and (v_limits ->> 'model')::integer)
+     and coalesce(p_input_tokens, 0) between 0 and (v_limits ->> 'tokens')::integer
+     and coalesce(p_output_tokens, 0) between 0 and (v_limits ->> 'tokens')::integer
+     and (p_metadata is null or (jsonb_typeof(p_metadata) = 'object'
+          and octet_length(p_metadata::text) <= (v_limits ->> 'metadata_bytes')::integer)) then
+    return p_amount;
+  end if;
+  if p_key is null or length(p_key) not between 1 and (v_limits ->> 'idempotency_key')::integer then
+    perform private.check_key(p_key);
+  end if;
+  if p_metadata is not null and (jsonb_typeof(p_metadata) <> 'object'
+                                 or octet_length(p_metadata::text) > (v_limits ->> 'metadata_bytes')::integer) then
+    perform private.check_metadata(p_metadata);
+  end if;
+  if length(p_model) > (v_limits ->> 'model')::integer or length(p_model) = 0 then
+    perform private.check_text('p_model', p_model, 'model');
+  end if;
+  if (p_amount is null) = (p_operation is null) then
+    perform private.invalid('p_amount', 'give exactly one of p_amount and p_operation');
+  end if;
+  if p_input_tokens not between 0 and (v_limits ->> 'tokens')::integer then
+    perform private.invalid('p_input_tokens', format('must be 0 to %s', v_limits ->> 'tokens'));
+  end if;
+  if p_output_tokens not between 0 and (v_limits ->> 'tokens')::integer then
+    perform private.invalid('p_output_tokens', format('must be 0 to %s', v_limits ->> 'tokens'));
+  end if;
+  if p_amount is not null then
+    if p_amount not between 1 and (v_limits ->> 'amount')::integer then
+      perform private.check_amount('p_amount', p_amount);
+    end if;
+    return p_amount;
+  end if;
+  perform private.check_text('p_operation', p_operation, 'operation', true);
+  return private.operation_cost(p_operation, p_input_tokens, p_output_tokens);
+end
+$$;
+
+-- Spend now: check the caller and the arguments, lock the wallet, decide in
+-- memory, write the transaction row (whose unique key is the idempotency
+-- check), then the wallet. The license-key deduct calls this too.
+create function private.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
+                                       p_operation text, p_model text, p_input_tokens integer,
+                                       p_output_tokens integer, p_metadata jsonb)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_actor uuid := private.authorize(p_account_id, true);
+  v_cost bigint := private.spend_cost(p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens,
+                                      p_output_tokens, p_metadata);
+  v_hash uuid := private.request_hash('deduct', jsonb_build_array(p_amount, p_operation, p_model,
+                                                                  p_input_tokens, p_output_tokens, p_metadata));
+  v_wallet public.credit_wallets;
+  v_entry public.credit_transactions;
+  v_split private.split;
+  v_expiry jsonb;
+begin
+  select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id for update;
+  if not found then
+    perform private.fail('PT404', 'account_not_found');
+  end if;
+  if private.sweep_due(v_wallet) then
+    v_wallet := private.lock_wallet(p_account_id);
+  end if;
+  if private.available(v_wallet) < v_cost then
+    -- A replay still answers when the balance could not pay again.
+    v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+    if v_entry.id is not null then
+      return private.result(v_entry, true);
+    end if;
+    perform private.insufficient(v_cost, private.available(v_wallet));
+  end if;
+  v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
+                                 v_wallet.subscription - v_wallet.held_subscription,
+                                 v_wallet.purchased - v_wallet.held_purchased, v_cost);
+  v_wallet.promotional := v_wallet.promotional - v_split.promotional;
+  v_wallet.subscription := v_wallet.subscription - v_split.subscription;
+  v_wallet.purchased := v_wallet.purchased - v_split.purchased;
+  if v_split.promotional > 0 then
+    if v_split.promotional < v_wallet.promo_front_left
+       or v_wallet.promotional = v_wallet.held_promotional then
+      -- The soonest grant covers it (or nothing free is left): no grant row to touch.
+      v_wallet.promo_front_left := greatest(v_wallet.promo_front_left - v_split.promotional, 0);
+    else
+      -- Across grants: write the wallet now and attribute the spend to grants
+      -- (after the replay check, so that nothing is written for a replay).
+      v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+      if v_entry.id is not null then
+        return private.result(v_entry, true);
+      end if;
+      update public.credit_wallets w
+         set promotional = v_wallet.promotional, subscription = v_wallet.subscription,
+             purchased = v_wallet.purchased
+       where w.account_id = p_account_id;
+      v_wallet := private.materialize_promotions(v_wallet);
+    end if;
+  end if;
+  v_expiry := private.next_expiry(v_wallet);
+
+  -- The idempotency check: a key written before is visible now (every write
+  -- of this account's rows holds the wallet's lock, which this call holds).
+  if exists (select from public.credit_transactions t where t.account_id = p_account_id
+                and t.idempotency_key = p_idempotency_key and t.origin = 'api') then
+    return private.result(private.find_key(p_account_id, p_idempotency_key, v_hash), true);
+  end if;
+  insert into public.credit_transactions (
+    account_id, kind, idempotency_key, request_hash, promotional, subscription, purchased,
+    promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
+    next_expiry_amount, next_expiry_at, operation, model, input_tokens, output_tokens, metadata, actor_id)
+  values (
+    p_account_id, 'spend', p_idempotency_key, v_hash, -v_split.promotional, -v_split.subscription, -v_split.purchased,
+    v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
+    v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
+    v_wallet.period_start, v_wallet.period_end, (v_expiry ->> 'amount')::bigint, (v_expiry ->> 'at')::timestamptz,
+    p_operation, p_model, p_input_tokens, p_output_tokens, coalesce(p_metadata, '{}'::jsonb), v_actor)
+  returning * into v_entry;
+  update public.credit_wallets w
+     set promotional = v_wallet.promotional, subscription = v_wallet.subscription,
+         purchased = v_wallet.purchased, promo_front_left = v_wallet.promo_front_left
+   where w.account_id = p_account_id;
+  return private.result(v_entry, false);
+end
+$$;
+
+-- coalesce() evaluates its second argument only for a null account, so the
+-- usual call (an account id) pays nothing for this.
+create function public.deduct_credits(p_account_id uuid, p_idempotency_key text,
+                                      p_amount integer default null,
+                                      p_operation text default null, p_model text default null,
+                                      p_input_tokens integer default null,
+                                      p_output_tokens integer default null,
+                                      p_metadata jsonb default '{}'::jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.deduct_credits(coalesce(p_account_id, private.personal_account()), p_idempotency_key,
+                                p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata);
+end
+$$;
+comment on function public.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) is
+  'Spend now (promotional, then subscription, then purchased); a null account is the caller''s own. '
+  '{transaction_id, account_id, charged, from_promotional, from_subscription, from_purchased, replayed, balance}.';
+
+create function private.get_credit_balance(p_account_id uuid default null) returns jsonb
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_account_id uuid := coalesce(p_account_id, private.personal_account());
+  v_wallet public.credit_wallets;
+begin
+  perform private.authorize(v_account_id, false);
+  select * into v_wallet from public.credit_wallets w where w.account_id = v_account_id;
+  return private.balance_json(private.current_wallet(v_wallet));
+end
+$$;
+
+create function public.get_credit_balance(p_account_id uuid default null)
+returns jsonb
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.get_credit_balance(p_account_id);
+end
+$$;
+comment on function public.get_credit_balance(uuid) is
+  'The balance object of an account (null: the caller''s personal account).';
+
+revoke all on function private.operation_cost(text, integer, integer),
+  private.spend_cost(text, integer, text, text, integer, integer, jsonb),
+  public.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb),
+  public.get_credit_balance(uuid)
+  from public, anon, authenticated, service_role;
+grant execute on function public.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb),
+  public.get_credit_balance(uuid) to authenticated, service_role;
+
+-- Frontend view of balances (security invoker: the caller's RLS applies).
+create view public.credit_balances with (security_invoker = true) as
+select a.id as account_id, a.user_id, a.tenant_id, a.plan_id,
+       (b ->> 'promotional')::bigint as promotional,
+       (b ->> 'subscription')::bigint as subscription,
+       (b ->> 'purchased')::bigint as purchased,
+       (b ->> 'held')::bigint as held,
+       (b ->> 'available')::bigint as available,
+       (b ->> 'total')::bigint as total,
+       (b ->> 'period_start')::timestamptz as period_start,
+       (b ->> 'period_end')::timestamptz as period_end,
+       b -> 'next_expiry' as next_expiry
+  from public.credit_accounts a
+  join public.credit_wallets w on w.account_id = a.id
+ cross join lateral private.balance_json(private.current_wallet(w)) b;
+
+revoke all on public.credit_balances from anon, authenticated, service_role;
+grant select on public.credit_balances to authenticated, service_role;
+-- The view computes as its reader: the balance helpers are pure, or read
+-- holds and grants under the reader's RLS.
+grant execute on function private.balance_json(public.credit_wallets), private.next_expiry(public.credit_wallets),
+  private.current_wallet(public.credit_wallets), private.sweep_due(public.credit_wallets),
+  private.hold_fates(public.credit_holds, bigint, integer, timestamptz), private.fates(jsonb),
+  private.spend_split(bigint, bigint, bigint, bigint), private.promo_attribution(uuid, bigint)
+  to authenticated, service_role;
+
+-- The definer code behind the public entry points.
+revoke all on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) from public, anon, authenticated, service_role;
+grant execute on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) to authenticated, service_role;
+revoke all on function private.get_credit_balance(uuid) from public, anon, authenticated, service_role;
+grant execute on function private.get_credit_balance(uuid) to authenticated, service_role;
