@@ -151,6 +151,8 @@ grant update (plan_id) on public.credit_accounts to service_role;
 --   * next_hold_expiry  the earliest expiry of an active hold;
 --   * promo_front_at /  the soonest expiry among promotional grants with free
 --     promo_front_left  credits left, and how many free credits expire then;
+--   * hold_minute /     the UTC minute of the latest hold creation and how
+--     hold_minute_count many holds were made in it (the bound on creations);
 -- sub_epoch counts subscription expiries (renewals, explicit expiries): a hold
 -- whose subscription credits were reserved in an earlier epoch expires them
 -- when it ends uncaptured.
@@ -173,7 +175,9 @@ create table public.credit_wallets (
   period_end timestamptz,
   next_hold_expiry timestamptz,
   promo_front_at timestamptz,
-  promo_front_left private.credits
+  promo_front_left private.credits,
+  hold_minute timestamptz,
+  hold_minute_count integer not null default 0
   -- Never more held than there is: every path that changes a pool or what is
   -- held takes free credits only, under this row's lock (reconcile checks).
 -- fillfactor 50: the monthly reset rewrites every row of a batch in one

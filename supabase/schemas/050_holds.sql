@@ -28,6 +28,11 @@
 --     expire; the rest is free again.
 --   * A hold past its expiry is released by the next write to its account
 --     (reads already leave it out).
+--   * Bounded writes (private.write_bounds): at most 1,000 active holds and
+--     600 hold creations per UTC minute per account (too_many_holds, 429,
+--     with when to retry), checked after the replay and before the credits;
+--     at most 100 active license keys per account (the license keys
+--     chapter).
 --   * Lock order (no deadlocks): a call locks at most one wallet, first,
 --     before any hold, grant or transaction row of that account. Only the
 --     monthly reset locks several wallets, in ascending account id.
@@ -380,6 +385,49 @@ revoke all on function private.spend_split(bigint, bigint, bigint, bigint), priv
   from public;
 
 -- ---------------------------------------------------------------------------
+-- Bounded writes: nobody can make an account write without limit.
+-- ---------------------------------------------------------------------------
+
+-- The bounds, written once (docs/credits.md lists them).
+create function private.write_bounds()
+returns jsonb
+language plpgsql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return '{"license_keys": 100, "active_holds": 1000, "holds_per_minute": 600}'::jsonb;
+end
+$$;
+
+-- Refuse a new hold over a bound (the caller holds the wallet's lock and has swept it).
+create function private.check_hold_bounds(p_wallet public.credit_wallets) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_per_minute integer := (private.write_bounds() ->> 'holds_per_minute')::integer;
+  v_active integer := (private.write_bounds() ->> 'active_holds')::integer;
+begin
+  if p_wallet.hold_minute = date_trunc('minute', now()) and p_wallet.hold_minute_count >= v_per_minute then
+    perform private.fail('PT429', 'too_many_holds', jsonb_build_object(
+      'limit', v_per_minute,
+      'retry_after', greatest(1, ceil(extract(epoch from date_trunc('minute', now()) + interval '1 minute' - now())))::integer));
+  end if;
+  if p_wallet.next_hold_expiry is not null
+     and (select count(*) from (select 1 from public.credit_holds h
+                                 where h.account_id = p_wallet.account_id and h.status = 'active'
+                                 limit v_active) x) >= v_active then
+    perform private.fail('PT429', 'too_many_holds', jsonb_build_object(
+      'limit', v_active,
+      'retry_after', greatest(1, ceil(extract(epoch from p_wallet.next_hold_expiry - now())))::integer));
+  end if;
+end
+$$;
+
+revoke all on function private.write_bounds(), private.check_hold_bounds(public.credit_wallets)
+  from public, anon, authenticated, service_role;
+
+-- ---------------------------------------------------------------------------
 -- Reserve, capture, release.
 -- ---------------------------------------------------------------------------
 
@@ -418,6 +466,7 @@ begin
   if v_entry.id is not null then
     return private.result(v_entry, true);
   end if;
+  perform private.check_hold_bounds(v_wallet);
   if private.available(v_wallet) < v_cost then
     perform private.insufficient(v_cost, private.available(v_wallet));
   end if;
@@ -450,7 +499,10 @@ begin
           v_parts, v_wallet.sub_epoch, v_wallet.period_start, v_wallet.period_end, v_expires, p_operation,
           coalesce(p_metadata, '{}'::jsonb));
   update public.credit_wallets w
-     set next_hold_expiry = least(coalesce(w.next_hold_expiry, v_expires), v_expires)
+     set next_hold_expiry = least(coalesce(w.next_hold_expiry, v_expires), v_expires),
+         hold_minute = date_trunc('minute', now()),
+         hold_minute_count = case when w.hold_minute = date_trunc('minute', now())
+                                  then w.hold_minute_count + 1 else 1 end
    where w.account_id = p_account_id;
   v_entry := private.post(p_account_id, 'reserve',
                           p_held_promotional => v_split.promotional, p_held_subscription => v_split.subscription,

@@ -11,6 +11,10 @@
 --     checks and the same idempotency space as the account's own deducts;
 --     it runs as service_role, yet no key it passes can touch a Stripe record
 --     (those live in the 'stripe' origin, see the ledger chapter).
+--   * At most 100 active (not revoked, not expired) keys per account
+--     (private.write_bounds): the 101st is invalid_argument.
+--   * A key belongs to the account, not to the person who made it: demoting
+--     or removing its creator revokes nothing (owners see created_by).
 
 create table public.credit_license_keys (
   id uuid primary key default gen_random_uuid(),
@@ -51,6 +55,16 @@ begin
   perform private.check_text('p_name', p_name, 'key_name', true);
   if p_expires_at is not null and p_expires_at <= now() then
     perform private.invalid('p_expires_at', 'must be in the future');
+  end if;
+  -- Serialize key creations of one account so the bound holds under concurrency.
+  perform 1 from public.credit_wallets w where w.account_id = p_account_id for update;
+  if (select count(*) from (select 1 from public.credit_license_keys k
+                             where k.account_id = p_account_id and k.revoked_at is null
+                               and (k.expires_at is null or k.expires_at > now())
+                             limit (private.write_bounds() ->> 'license_keys')::integer) x)
+     >= (private.write_bounds() ->> 'license_keys')::integer then
+    perform private.invalid('p_account_id', format('at most %s active license keys per account',
+                                                   private.write_bounds() ->> 'license_keys'));
   end if;
   insert into public.credit_license_keys (account_id, name, prefix, key_hash, expires_at, created_by)
   values (p_account_id, p_name, left(v_key, 11), sha256(convert_to(v_key, 'UTF8')), p_expires_at, private.actor())

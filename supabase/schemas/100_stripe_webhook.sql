@@ -14,21 +14,26 @@
 --                  change, the invoice that started the period; for a won
 --                  dispute, the dispute); it is applied when an event makes
 --                  that known;
---       failed   - refused for good, so Stripe must not retry it: a contract
---                  error (PTxxx, e.g. account_not_found,
---                  idempotency_conflict), a data or integrity error (22xxx,
---                  23xxx), an event the webhook could not reduce to facts
---                  (it sends {"invalid": reason}), or too many events parked
---                  for one customer; the refusal is stored and nothing of
---                  the event is applied;
+--       failed   - refused for good, so Stripe must not retry it: any error
+--                  while applying it (a contract error such as
+--                  account_not_found, a data or integrity error, a bug),
+--                  with its SQLSTATE and message; an event the webhook could
+--                  not reduce to facts (it sends {"invalid": reason}); too
+--                  many events parked for one customer; or a fifth transient
+--                  failure (transient_repeated). Nothing of it is applied;
+--       retrying - applying it failed transiently (a deadlock, a lock or
+--                  statement timeout): nothing of it is applied, the failure
+--                  is counted, and the webhook answers 500 so Stripe
+--                  delivers it again;
 --     and a repeated delivery of an applied or ignored event answers
---     `duplicate` and changes nothing (parked and failed ones are retried);
+--     `duplicate` and changes nothing (the others are tried again);
 --   * applies it through the contract functions, keyed by the Stripe object
 --     (checkout session, invoice, charge + cumulative refund, dispute), so two
 --     different events about one payment never grant twice.
--- Any other failure (connection, timeout, serialization, a lock timeout, a
--- bug) rolls all of it back and the webhook answers 500, so Stripe delivers
--- again.
+-- One event never blocks another: each is applied in its own subtransaction
+-- (private.stripe_attempt), so whatever goes wrong is recorded on that event
+-- alone. Only a failure of the call itself (the connection) answers 500
+-- without a record.
 --
 -- The flows (one function each, dispatched by private.stripe_apply):
 --   * checkout.session.completed / async_payment_succeeded: a credit pack is
@@ -61,10 +66,13 @@
 -- link arrives" race-free without any lock-ordering rules. With many events
 -- parked on one customer the release stays bounded: it walks them in waves
 -- (each event once per wave, in delivery order), applies only the newest of
--- a subscription's parked updates (the others are `superseded`), releases at
--- most 500 per call and marks the rest ready for the next calls (each webhook
--- call releases up to 100 after its own event; release_stripe_events
--- releases on demand); at most 10,000 events wait per customer.
+-- a subscription's parked updates (the others are `superseded`), and
+-- applies at most p_limit per call. A delivery never applies another event:
+-- the parked events its link unblocks become ready, and
+-- release_stripe_events applies them (the webhook calls it after the
+-- delivery's own transaction, its schedule every 5 minutes), each in its own
+-- subtransaction; a transient failure leaves that one ready and counted. At
+-- most 10,000 events wait per customer.
 
 -- ---------------------------------------------------------------------------
 -- The event log and the payments of invoices. Read by operators (table
@@ -75,7 +83,7 @@
 create table public.stripe_events (
   event_id text primary key check (length(event_id) between 1 and 255),
   type text not null check (length(type) between 1 and 255),
-  outcome text not null check (outcome in ('applied', 'ignored', 'parked', 'failed')),
+  outcome text not null check (outcome in ('applied', 'ignored', 'parked', 'failed', 'retrying')),
   reason text,
   error jsonb,
   account_id uuid references public.credit_accounts (id) on delete set null,
@@ -93,10 +101,12 @@ create table public.stripe_events (
   attempts integer not null default 1,
   first_received_at timestamptz not null default now(),
   last_received_at timestamptz not null default now(),
-  processed_at timestamptz not null default now()
+  processed_at timestamptz not null default now(),
+  -- Transient failures so far (the fifth records it as failed, transient_repeated).
+  transient_failures integer not null default 0
 );
 comment on table public.stripe_events is
-  'Every Stripe event received (normalised), with its outcome: applied, ignored, parked or failed.';
+  'Every Stripe event received (normalised), with its outcome: applied, ignored, parked, failed or retrying.';
 
 create index stripe_events_parked_idx on public.stripe_events using gin (parked_on) where outcome = 'parked';
 create index stripe_events_subscription_idx on public.stripe_events (subscription_id, stripe_created)
@@ -912,9 +922,9 @@ begin
 end
 $$;
 
--- Apply in a subtransaction: a permanent refusal undoes everything the event
--- did and becomes a 'failed' outcome; anything else (connection, timeout,
--- serialization, a lock timeout, a bug) aborts the whole call so Stripe retries.
+-- Apply in a subtransaction: whatever the event did is undone on any error.
+-- A transient failure becomes outcome 'retry' (the caller counts it); any
+-- other error becomes 'failed' with its SQLSTATE, message and detail.
 create function private.stripe_attempt(p_type text, p jsonb) returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -925,14 +935,14 @@ declare
   v_detail text;
 begin
   return private.stripe_apply(p_type, p);
-exception when others then
+exception when others or query_canceled then
   get stacked diagnostics v_state = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
-  if v_state like 'PT%' or left(v_state, 2) in ('22', '23') then
-    return private.stripe_result('failed', v_message)
-           || jsonb_build_object('error', jsonb_build_object('code', v_state, 'message', v_message,
-                                                             'detail', private.stripe_detail(v_detail)));
-  end if;
-  raise;
+  return private.stripe_result(
+           case when v_state in ('40001', '40P01', '55P03', '57014') or left(v_state, 2) in ('08', '53')
+                then 'retry' else 'failed' end,
+           left(v_message, 200))
+         || jsonb_build_object('error', jsonb_build_object('code', v_state, 'message', v_message,
+                                                           'detail', private.stripe_detail(v_detail)));
 end
 $$;
 
@@ -962,11 +972,73 @@ as $$
          processed_at = now()
 $$;
 
+-- How many transient failures make an event failed (`transient_repeated`).
+create function private.stripe_transient_cap() returns integer
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return 5;
+end
+$$;
+
+-- A transient failure of an event: counted on it; the cap-th makes it failed.
+-- Returns the outcome recorded ('retrying', 'parked' for a released event that
+-- waits for the next release, or 'failed').
+create function private.stripe_transient(p_event_id text, p_type text, p jsonb, p_res jsonb, p_delivery boolean)
+returns text
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_failures integer;
+  v_outcome text;
+begin
+  v_failures := coalesce((select e.transient_failures from public.stripe_events e where e.event_id = p_event_id), 0) + 1;
+  if v_failures >= private.stripe_transient_cap() then
+    perform private.stripe_store(p_event_id, p_type, p,
+                                 private.stripe_result('failed', 'transient_repeated')
+                                 || jsonb_build_object('error', p_res -> 'error'), p_delivery);
+    v_outcome := 'failed';
+  elsif p_delivery then
+    perform private.stripe_store(p_event_id, p_type, p,
+                                 private.stripe_result('retrying', 'transient')
+                                 || jsonb_build_object('error', p_res -> 'error'), true);
+    v_outcome := 'retrying';
+  else
+    -- A released event stays parked and ready for the next release.
+    update public.stripe_events e
+       set error = p_res -> 'error', attempts = e.attempts + 1, processed_at = now()
+     where e.event_id = p_event_id;
+    v_outcome := 'parked';
+  end if;
+  update public.stripe_events e set transient_failures = v_failures where e.event_id = p_event_id;
+  return v_outcome;
+end
+$$;
+
+-- Mark the parked events waiting for any of p_keys ready; returns how many.
+create function private.stripe_ready(p_keys text[]) returns integer
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_count integer;
+begin
+  update public.stripe_events e set parked_on = array_append(e.parked_on, 'ready')
+   where e.outcome = 'parked' and e.parked_on && p_keys and not ('ready' = any (e.parked_on));
+  get diagnostics v_count = row_count;
+  return v_count;
+end
+$$;
+
 -- Apply the parked events waiting for any of p_keys, in waves: the events
 -- waiting on the keys, then those waiting on the keys they made known; each
 -- event once per wave, in delivery order. A subscription's older parked
--- updates are superseded by its newest. At most p_budget events are applied;
--- past it, what is left is marked ready for the next calls.
+-- updates are superseded by its newest. Each event is applied in its own
+-- subtransaction: a failure is recorded on it (a transient one leaves it
+-- parked and ready, counted). At most p_budget events are applied; past it,
+-- what is left is marked ready for the next calls.
 create function private.stripe_unpark(p_keys text[], p_budget integer default 500) returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -974,9 +1046,11 @@ as $$
 declare
   v_wave text[] := p_keys;
   v_seen text[] := p_keys;
+  v_tried text[] := '{}';
   v_next text[];
   v_event record;
   v_res jsonb;
+  v_outcome text;
   v_done integer := 0;
   v_out jsonb := '[]'::jsonb;
 begin
@@ -991,22 +1065,26 @@ begin
                       and (n.stripe_created, n.event_id) > (e.stripe_created, e.event_id));
     v_next := '{}';
     for v_event in select e.event_id, e.type, e.payload from public.stripe_events e
-                    where e.outcome = 'parked' and e.parked_on && v_wave
+                    where e.outcome = 'parked' and e.parked_on && v_wave and e.event_id <> all (v_tried)
                     order by e.stripe_created nulls last, e.first_received_at, e.event_id loop
       exit when v_done >= p_budget;
+      v_tried := v_tried || v_event.event_id;
       v_res := private.stripe_attempt(v_event.type, v_event.payload);
-      perform private.stripe_store(v_event.event_id, v_event.type, v_event.payload, v_res, false);
+      if v_res ->> 'outcome' = 'retry' then
+        v_outcome := private.stripe_transient(v_event.event_id, v_event.type, v_event.payload, v_res, false);
+      else
+        perform private.stripe_store(v_event.event_id, v_event.type, v_event.payload, v_res, false);
+        v_outcome := v_res ->> 'outcome';
+      end if;
       v_done := v_done + 1;
-      v_out := v_out || jsonb_build_array(jsonb_build_object('event_id', v_event.event_id,
-                                                             'outcome', v_res ->> 'outcome'));
-      if v_res ->> 'outcome' = 'applied' then
+      v_out := v_out || jsonb_build_array(jsonb_build_object('event_id', v_event.event_id, 'outcome', v_outcome));
+      if v_outcome = 'applied' then
         v_next := v_next || array(select jsonb_array_elements_text(v_res -> 'touched'));
       end if;
     end loop;
     if v_done >= p_budget then
       -- Over this call's budget: what is left waits, ready, for the next calls.
-      update public.stripe_events e set parked_on = array_append(e.parked_on, 'ready')
-       where e.outcome = 'parked' and e.parked_on && (v_wave || v_next) and not ('ready' = any (e.parked_on));
+      perform private.stripe_ready(v_wave || v_next);
       exit;
     end if;
     v_wave := array(select distinct k from unnest(v_next) k where k <> all (v_seen));
@@ -1016,8 +1094,9 @@ begin
 end
 $$;
 
--- Record and apply one event (see the header), then release what it unparked
--- and a little of what earlier releases left ready.
+-- Record and apply one delivered event (see the header). Parked events it
+-- unblocks become ready (`ready` in the answer): release_stripe_events applies
+-- them, never inside this delivery. Outcome 'retrying' asks for a redelivery.
 create function private.handle_stripe_event(p_event_id text, p_type text, p_payload jsonb) returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -1025,7 +1104,8 @@ as $$
 declare
   v_existing public.stripe_events;
   v_res jsonb;
-  v_unparked jsonb := '[]'::jsonb;
+  v_outcome text;
+  v_ready integer := 0;
   v_customer text := private.stripe_text(p_payload, 'customer');
 begin
   perform private.require_service();
@@ -1052,24 +1132,28 @@ begin
   end if;
 
   v_res := private.stripe_attempt(p_type, p_payload);
-  if v_res ->> 'outcome' = 'parked' and v_customer is not null
-     and (select count(*) from public.stripe_events e
-           where e.outcome = 'parked' and e.customer_id = v_customer and e.event_id <> p_event_id)
-         >= private.stripe_parked_cap() then
-    v_res := private.stripe_result('failed', 'too_many_parked')
-             || jsonb_build_object('error', jsonb_build_object('code', 'PT409', 'message', 'too_many_parked',
-                                                               'detail', jsonb_build_object('customer', v_customer)));
+  if v_res ->> 'outcome' = 'retry' then
+    v_outcome := private.stripe_transient(p_event_id, p_type, p_payload, v_res, true);
+    v_res := private.stripe_result(v_outcome, case when v_outcome = 'failed' then 'transient_repeated'
+                                                   else 'transient' end)
+             || jsonb_build_object('error', v_res -> 'error');
+  else
+    if v_res ->> 'outcome' = 'parked' and v_customer is not null
+       and (select count(*) from public.stripe_events e
+             where e.outcome = 'parked' and e.customer_id = v_customer and e.event_id <> p_event_id)
+           >= private.stripe_parked_cap() then
+      v_res := private.stripe_result('failed', 'too_many_parked')
+               || jsonb_build_object('error', jsonb_build_object('code', 'PT409', 'message', 'too_many_parked',
+                                                                 'detail', jsonb_build_object('customer', v_customer)));
+    end if;
+    perform private.stripe_store(p_event_id, p_type, p_payload, v_res, true);
+    if v_res ->> 'outcome' = 'applied' and jsonb_array_length(v_res -> 'touched') > 0 then
+      v_ready := private.stripe_ready(array(select jsonb_array_elements_text(v_res -> 'touched')));
+    end if;
   end if;
-  perform private.stripe_store(p_event_id, p_type, p_payload, v_res, true);
-  if v_res ->> 'outcome' = 'applied' and jsonb_array_length(v_res -> 'touched') > 0 then
-    v_unparked := private.stripe_unpark(array(select jsonb_array_elements_text(v_res -> 'touched')));
-  end if;
-  -- A little of what earlier releases left ready, within this call's share.
-  v_unparked := v_unparked
-                || private.stripe_unpark(array['ready'], greatest(0, least(100, 500 - jsonb_array_length(v_unparked))));
   return jsonb_build_object('event_id', p_event_id, 'type', p_type, 'outcome', v_res ->> 'outcome',
                             'reason', v_res ->> 'reason', 'error', v_res -> 'error' ->> 'message',
-                            'account_id', v_res ->> 'account_id', 'unparked', v_unparked);
+                            'account_id', v_res ->> 'account_id', 'ready', v_ready);
 end
 $$;
 
@@ -1130,6 +1214,9 @@ revoke all on function
   private.stripe_invoice_paid_yearly(jsonb), private.stripe_apply(text, jsonb), private.stripe_attempt(text, jsonb),
   private.stripe_store(text, text, jsonb, jsonb, boolean), private.stripe_unpark(text[], integer)
   from public;
+revoke all on function private.stripe_transient_cap(), private.stripe_ready(text[]),
+  private.stripe_transient(text, text, jsonb, jsonb, boolean)
+  from public, anon, authenticated, service_role;
 revoke all on function private.handle_stripe_event(text, text, jsonb),
   public.handle_stripe_event(text, text, jsonb) from public, anon, authenticated;
 grant execute on function private.handle_stripe_event(text, text, jsonb),
