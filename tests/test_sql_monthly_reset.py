@@ -146,13 +146,16 @@ def test_a_resumed_run_picks_up_where_it_stopped(database: Db) -> None:
     assert all(account_row(database, a)[0] == 3 for a in accounts)
 
 
-def test_accounts_renewed_by_stripe_are_left_alone(database: Db) -> None:
-    statuses = {"active": False, "trialing": False, "past_due": False, "canceled": True, "unpaid": True,
-                "incomplete_expired": True}
+def test_only_active_or_trialing_subscriptions_are_left_to_stripe(database: Db) -> None:
+    """A subscription that does not pay is renewed by the reset, with the free plan's allowance."""
+    database.sql("insert into public.credit_plans (id, monthly_credits, stripe_price_id) "
+                 "values ('paid', 50, 'price_paid')")
+    statuses = {"active": False, "trialing": False, "past_due": True, "canceled": True, "unpaid": True,
+                "incomplete": True, "incomplete_expired": True, "paused": True}
     accounts = {}
     for status, renewed in statuses.items():
         _, account_id = database.new_user()
-        database.sql("update public.credit_accounts set stripe_subscription_id = %s, "
+        database.sql("update public.credit_accounts set stripe_subscription_id = %s, plan_id = 'paid', "
                      "subscription_status = %s where id = %s", f"sub_{uuid.uuid4().hex}", status, account_id)
         accounts[account_id] = renewed
     _, unlinked = database.new_user()  # a status without a subscription is no Stripe renewal
@@ -166,6 +169,8 @@ def test_accounts_renewed_by_stripe_are_left_alone(database: Db) -> None:
     for account_id, renewed in accounts.items():
         if renewed:
             assert account_row(database, account_id)[3] == utc(month_start(1))
+            if account_id != unlinked:  # never the paid plan's 50 for a subscription that does not pay
+                assert account_row(database, account_id)[0] == 3
         else:
             assert snapshot(database, account_id) == before[account_id]
 
@@ -313,7 +318,33 @@ def _stripe_invoice(database: Db, account_id: str, price: str, days: int,
                          p_payload=payload)
 
 
-def test_a_yearly_plan_grants_a_month_at_a_time_within_the_paid_year(database: Db) -> None:
+def _yearly_state(database: Db, account_id: str) -> tuple:
+    return database.one("select stripe_period_start, stripe_paid_through, stripe_quantity, stripe_paid_scale "
+                        "from public.credit_accounts where id = %s", account_id)
+
+
+def _months_pass(database: Db, account_id: str, months: int = 1) -> None:
+    """As if ``months`` had passed for this account: its periods and paid year move back."""
+    shift = f"{months} months"
+    database.sql("update public.credit_wallets set period_start = period_start - %s::interval, "
+                 "period_end = period_end - %s::interval where account_id = %s", shift, shift, account_id)
+    database.sql("update public.credit_accounts "
+                 "set stripe_period_start = stripe_period_start - %s::interval, "
+                 "stripe_paid_through = stripe_paid_through - %s::interval, "
+                 "stripe_paid_until = stripe_paid_until - %s::interval where id = %s",
+                 shift, shift, shift, account_id)
+
+
+def _anniversary(start: dt.datetime, months: int) -> dt.datetime:
+    """``start`` + ``months`` in UTC, the day clipped to the month's end."""
+    start = start.astimezone(dt.UTC)
+    month = start.month - 1 + months
+    year, month = start.year + month // 12, month % 12 + 1
+    last = (dt.date(year + month // 12, month % 12 + 1, 1) - dt.timedelta(days=1)).day
+    return start.replace(year=year, month=month, day=min(start.day, last))
+
+
+def test_a_yearly_plan_renews_on_its_monthly_anniversaries_within_the_paid_year(database: Db) -> None:
     database.sql("insert into public.credit_plans (id, monthly_credits, stripe_price_id) values "
                  "('yearly', 10, 'price_yearly'), ('monthly', 40, 'price_monthly')")
     _, yearly = database.new_user()
@@ -323,17 +354,21 @@ def test_a_yearly_plan_grants_a_month_at_a_time_within_the_paid_year(database: D
     first = database.balance(yearly)
     # The first month of the year, not the year: 10 credits x 2 seats.
     assert first["subscription"] == 20
-    month = dt.datetime.fromisoformat(first["period_end"]) - dt.datetime.fromisoformat(first["period_start"])
-    assert dt.timedelta(days=28) <= month <= dt.timedelta(days=31)
-    # The first month has ended before the next calendar month's reset.
-    database.sql("update public.credit_wallets set period_start = period_start - interval '1 month', "
-                 "period_end = period_end - interval '1 month' where account_id = %s", yearly)
+    start = dt.datetime.fromisoformat(first["period_start"])
+    assert dt.datetime.fromisoformat(first["period_end"]) == _anniversary(start, 1)
+    # A month later (the reset runs daily, with the current month's first day): the next anniversary month.
+    _months_pass(database, yearly)
     database.call("deduct_credits", p_account_id=yearly, p_idempotency_key=new_key(), p_amount=5)
     monthly_before = snapshot(database, monthly)
-    reset(database, month_start(1))
-    assert account_row(database, yearly)[::3] == (20, utc(month_start(1)))
-    assert account_row(database, yearly)[4] == utc(month_start(2))
+    assert reset(database, month_start(0))["processed"] == 1
+    shifted_start = _yearly_state(database, yearly)[0]
+    subscription, _, _, period_start, period_end = account_row(database, yearly)
+    assert subscription == 20
+    assert (period_start, period_end) == (_anniversary(shifted_start, 1), _anniversary(shifted_start, 2))
+    assert period_start <= dt.datetime.now(dt.UTC) < period_end  # an allowance today
     assert snapshot(database, monthly) == monthly_before  # its invoices renew it
+    # Run again the same day: nothing twice.
+    assert reset(database, month_start(0))["processed"] == 0
 
 
 def test_the_reset_never_renews_past_the_paid_period(database: Db) -> None:
@@ -343,13 +378,14 @@ def test_the_reset_never_renews_past_the_paid_period(database: Db) -> None:
     _, ended = database.new_user()
     for account_id in (ending, ended):
         _stripe_invoice(database, account_id, "price_yearly", 365)
-        database.sql("update public.credit_wallets set period_start = period_start - interval '1 month', "
-                     "period_end = period_end - interval '1 month' where account_id = %s", account_id)
-    reaches = utc(month_start(1)) + dt.timedelta(days=10)
+        _months_pass(database, account_id)
+    reaches = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=10)
     database.sql("update public.credit_accounts set stripe_paid_through = %s where id = %s", reaches, ending)
-    database.sql("update public.credit_accounts set stripe_paid_through = %s where id = %s",
-                 utc(month_start(1)), ended)
+    database.sql("update public.credit_accounts set stripe_paid_through = now() - interval '1 day' "
+                 "where id = %s", ended)
     before = snapshot(database, ended)
-    reset(database, month_start(1))
-    assert account_row(database, ending)[3:] == (utc(month_start(1)), reaches)
+    reset(database, month_start(0))
+    assert account_row(database, ending)[4] == reaches  # the month stops where the payment does
+    # The year ended a day ago: its renewal invoice may still come (72 hours), so nothing yet.
     assert snapshot(database, ended) == before
+

@@ -127,6 +127,14 @@ create table public.credit_accounts (
   -- paid for (the monthly reset renews such an account within that period).
   stripe_paid_through timestamptz,
   stripe_quantity integer check (stripe_quantity between 1 and 1000000),
+  -- The yearly period's start (its months run from it), the Stripe reference
+  -- of the payment that paid it, the period's end as paid (stripe_paid_through
+  -- is cut short by a full refund or a dispute), and the share of it a partial
+  -- refund left paid.
+  stripe_period_start timestamptz,
+  stripe_paid_ref text,
+  stripe_paid_until timestamptz,
+  stripe_paid_scale numeric not null default 1 check (stripe_paid_scale between 0 and 1),
   constraint credit_accounts_one_owner check (num_nonnulls(user_id, tenant_id) = 1)
 );
 comment on table public.credit_accounts is

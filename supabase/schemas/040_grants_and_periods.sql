@@ -174,7 +174,10 @@ as $$
            private.uuid_v7() as grant_id, private.uuid_v7() as roll_id, private.uuid_v7() as expire_id
       from unnest(p_accounts, p_amounts, p_caps, p_ends) as b(account_id, amount, cap, period_end)
       join public.credit_wallets w on w.account_id = b.account_id
+     -- Older (ended before the current period began) changes nothing; a period
+     -- that contains now starts even if a later one (a free month) began.
      where w.period_start is null or w.period_start <= p_start
+        or (p_start <= now() and b.period_end > now() and b.period_end > w.period_start)
   ), renewed as (
     update public.credit_wallets w
        set subscription = c.held_subscription + c.new_amount,

@@ -7,14 +7,21 @@
 -- (expired holds, promotional grants), and renews the due ones with
 -- private.renew_to, the same statement an invoice's renewal runs.
 --
--- Which accounts are due (private.reset_due):
---   * accounts without a Stripe subscription that is active, trialing or
---     past_due (free plans, ended subscriptions) whose period starts before
---     p_period_start: the plan's monthly credits for the calendar month;
---   * accounts on a yearly Stripe price (stripe_paid_through is past
---     p_period_start) whose current month has ended: the plan's monthly
---     credits times the paid seats (stripe_quantity), for a month that ends no
---     later than the paid period;
+-- Which accounts are due (private.reset_due), at X = greatest(now(),
+-- p_period_start) (the reset Lambda runs daily, with the current month's
+-- first day):
+--   * accounts whose Stripe subscription is not active or trialing (free
+--     plans, ended, past_due, unpaid, incomplete, paused subscriptions), and
+--     yearly-priced ones whose paid year ended or stopped (a full refund, a
+--     dispute) more than 72 hours ago, whose period starts before
+--     p_period_start: the calendar month, with the plan's monthly credits,
+--     or the free plan's while the subscription is not paying;
+--   * accounts on a yearly Stripe price still paid at X whose current month
+--     has ended: the month of the paid year that contains X, from the
+--     period's anniversary (private.anniversary_month), with the plan's
+--     credits times the seats and the paid share current then, never past
+--     the paid period; its grant carries the year's Stripe reference, so a
+--     refund or dispute of the year reaches it;
 --   * accounts on a monthly Stripe price are renewed by their invoices only.
 --
 -- Rules:
@@ -30,23 +37,75 @@ set search_path = pg_catalog, pg_temp
 as $$
 begin
   return p_account.stripe_subscription_id is not null
-       and coalesce(p_account.subscription_status, '') in ('active', 'trialing', 'past_due');
+       and coalesce(p_account.subscription_status, '') in ('active', 'trialing');
 end
 $$;
 
--- Does the monthly reset of the month starting p_start renew this account?
--- Not renewed by Stripe and on an earlier period; or paid by Stripe for a
--- longer period that reaches past p_start, with its current month ended.
-create function private.reset_due(p_account public.credit_accounts, p_wallet public.credit_wallets,
-                                  p_start timestamptz) returns boolean
-language plpgsql stable
+-- The n-th month of a period starting at p_start that contains p_at:
+-- [p_start + n months, p_start + (n+1) months), computed in UTC from p_start
+-- with the day clipped to the month's end (31 Jan -> 29 Feb -> 31 Mar).
+create function private.anniversary_month(p_start timestamptz, p_at timestamptz,
+                                          out month_start timestamptz, out month_end timestamptz)
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_start timestamp := p_start at time zone 'UTC';
+  v_at timestamp := p_at at time zone 'UTC';
+  v_n integer;
+begin
+  v_n := greatest(0, ((extract(year from v_at) - extract(year from v_start)) * 12
+                      + extract(month from v_at) - extract(month from v_start))::integer);
+  while v_n > 0 and v_start + make_interval(months => v_n) > v_at loop
+    v_n := v_n - 1;
+  end loop;
+  month_start := (v_start + make_interval(months => v_n)) at time zone 'UTC';
+  month_end := (v_start + make_interval(months => v_n + 1)) at time zone 'UTC';
+end
+$$;
+
+-- The allowance the reset grants an account not renewed by Stripe: its plan's,
+-- or the free plan's while its subscription does not pay (a yearly price whose
+-- paid year ended or stopped included).
+create function private.reset_allowance(p_account public.credit_accounts, p_plan public.credit_plans,
+                                        p_free public.credit_plans) returns public.credit_plans
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-  if private.renewed_by_stripe(p_account) then
-    return p_account.stripe_paid_through > p_start and p_wallet.period_end <= p_start;
+  if coalesce(p_account.subscription_status, '') in ('past_due', 'unpaid', 'incomplete', 'incomplete_expired',
+                                                      'paused', 'canceled')
+     or (p_account.subscription_status in ('active', 'trialing') and p_account.stripe_paid_through is not null) then
+    return p_free;
   end if;
-  return p_wallet.period_start is null or p_wallet.period_start < p_start;
+  return p_plan;
+end
+$$;
+
+-- Does the reset of the month starting p_start renew this account (see the
+-- header)? 'anniversary' for a yearly price's next month, 'calendar' for the
+-- calendar month, null for not now.
+create function private.reset_due(p_account public.credit_accounts, p_wallet public.credit_wallets,
+                                  p_start timestamptz) returns text
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_at timestamptz := greatest(now(), p_start);
+begin
+  if private.renewed_by_stripe(p_account) then
+    if p_account.stripe_paid_through is null then
+      return null;  -- a monthly price: its invoices renew it
+    end if;
+    if p_account.stripe_paid_through > v_at then
+      return case when p_wallet.period_end <= v_at then 'anniversary' end;
+    end if;
+    -- The paid year ended or stopped: the next yearly invoice may take up to 72 hours.
+    if coalesce(p_wallet.period_end, '-infinity') + interval '72 hours' > v_at then
+      return null;
+    end if;
+  end if;
+  return case when p_wallet.period_start is null or p_wallet.period_start < p_start then 'calendar' end;
 end
 $$;
 
@@ -68,6 +127,11 @@ declare
   v_caps bigint[];
   v_ends timestamptz[];
   v_result record;
+  v_yearly record;
+  v_month record;
+  v_processed integer := 0;
+  v_expired bigint := 0;
+  v_granted bigint := 0;
 begin
   perform private.require_service();
   if p_period_start is null or extract(day from p_period_start) <> 1 then
@@ -97,7 +161,7 @@ begin
             join public.credit_accounts a on a.id = w.account_id
            where w.account_id > coalesce(p_after, '00000000-0000-0000-0000-000000000000'::uuid)
              and w.account_id <= v_last
-             and (private.reset_due(a, w, v_start) or private.sweep_due(w))
+             and (private.reset_due(a, w, v_start) is not null or private.sweep_due(w))
            order by w.account_id
              for update of w) x;
   -- Sweep what lapsed, and attribute promotional spends where a rollover
@@ -118,29 +182,55 @@ begin
     perform private.materialize_promotions(private.lock_wallet(v_account));
   end loop;
 
-  -- Accounts on a yearly Stripe price get their plan's credits times their
-  -- seats, for a month that never runs past the paid period.
+  -- The calendar month, in one statement for the batch.
   select array_agg(a.id order by a.id),
-         array_agg(p.monthly_credits::bigint
-                   * case when private.renewed_by_stripe(a) then coalesce(a.stripe_quantity, 1) else 1 end
-                   order by a.id),
-         array_agg(p.rollover_cap::bigint order by a.id),
-         array_agg(case when private.renewed_by_stripe(a) then least(v_end, a.stripe_paid_through) else v_end end
-                   order by a.id)
+         array_agg((private.reset_allowance(a, p, f)).monthly_credits::bigint order by a.id),
+         array_agg((private.reset_allowance(a, p, f)).rollover_cap::bigint order by a.id),
+         array_agg(v_end order by a.id)
     into v_ids, v_amounts, v_caps, v_ends
     from public.credit_accounts a
     join public.credit_wallets w on w.account_id = a.id
     join public.credit_plans p on p.id = a.plan_id
-   where a.id = any (v_due) and private.reset_due(a, w, v_start);
+    join public.credit_plans f on f.id = 'free'
+   where a.id = any (v_due) and private.reset_due(a, w, v_start) = 'calendar';
   select count(*)::integer as processed, coalesce(sum(r.expired), 0)::bigint as expired,
          coalesce(sum(r.granted), 0)::bigint as granted
     into v_result
     from private.renew_to(coalesce(v_ids, '{}'), coalesce(v_amounts, '{}'), coalesce(v_caps, '{}'),
                           coalesce(v_ends, '{}'), v_start, 'system', null, null, null,
                           '{"reason": "monthly_reset"}'::jsonb) r;
+  v_processed := v_result.processed;
+  v_expired := v_result.expired;
+  v_granted := v_result.granted;
 
-  return jsonb_build_object('processed', v_result.processed, 'expired', v_result.expired,
-                            'granted', v_result.granted, 'next_after', v_last, 'done', v_scanned < p_batch_size);
+  -- Yearly prices: each account's month from its own anniversary, with the
+  -- plan, seats and paid share current now, never past the paid period; the
+  -- grant carries the year's Stripe reference.
+  for v_yearly in
+    select a.id, a.stripe_period_start, a.stripe_paid_through, a.stripe_paid_ref,
+           floor(p.monthly_credits::numeric * coalesce(a.stripe_quantity, 1) * a.stripe_paid_scale)::bigint
+             as amount, p.rollover_cap::bigint as cap
+      from public.credit_accounts a
+      join public.credit_wallets w on w.account_id = a.id
+      join public.credit_plans p on p.id = a.plan_id
+     where a.id = any (v_due) and private.reset_due(a, w, v_start) = 'anniversary'
+     order by a.id
+  loop
+    v_month := private.anniversary_month(coalesce(v_yearly.stripe_period_start, v_start), greatest(now(), v_start));
+    select count(*)::integer as processed, coalesce(sum(r.expired), 0)::bigint as expired,
+           coalesce(sum(r.granted), 0)::bigint as granted
+      into v_result
+      from private.renew_to(array[v_yearly.id], array[v_yearly.amount], array[v_yearly.cap],
+                            array[least(v_month.month_end, v_yearly.stripe_paid_through)], v_month.month_start,
+                            'system', null, null, v_yearly.stripe_paid_ref,
+                            '{"reason": "yearly_month"}'::jsonb) r;
+    v_processed := v_processed + v_result.processed;
+    v_expired := v_expired + v_result.expired;
+    v_granted := v_granted + v_result.granted;
+  end loop;
+
+  return jsonb_build_object('processed', v_processed, 'expired', v_expired,
+                            'granted', v_granted, 'next_after', v_last, 'done', v_scanned < p_batch_size);
 end
 $$;
 
@@ -159,6 +249,8 @@ comment on function public.run_monthly_reset(date, integer, uuid) is
 
 revoke all on function private.renewed_by_stripe(public.credit_accounts),
   private.reset_due(public.credit_accounts, public.credit_wallets, timestamptz),
+  private.anniversary_month(timestamptz, timestamptz),
+  private.reset_allowance(public.credit_accounts, public.credit_plans, public.credit_plans),
   public.run_monthly_reset(date, integer, uuid) from public, anon, authenticated, service_role;
 grant execute on function public.run_monthly_reset(date, integer, uuid) to service_role;
 

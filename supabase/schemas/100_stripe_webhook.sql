@@ -257,6 +257,47 @@ begin
 end
 $$;
 
+-- The account of a subscription's invoice or event: its customer's account;
+-- if none, the account its metadata names, provided no other customer is
+-- linked to it (the caller links it); else the subscription's; null while
+-- none is known (parked). Metadata naming an account that belongs to another
+-- customer is refused (account_of_another_customer): an invoice acts only on
+-- its own customer's account.
+create function private.stripe_billing_account(p_hint text, p_customer text, p_subscription text) returns uuid
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_id uuid;
+  v_named public.credit_accounts;
+begin
+  if p_customer is not null then
+    select a.id into v_id from public.credit_accounts a where a.stripe_customer_id = p_customer;
+  end if;
+  if p_hint is not null then
+    if p_hint !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
+      perform private.invalid('account_id', 'must be a uuid');
+    end if;
+    select * into v_named from public.credit_accounts a where a.id = p_hint::uuid;
+    if v_named.id is null then
+      perform private.fail('PT404', 'account_not_found', jsonb_build_object('account_id', p_hint));
+    end if;
+    if (v_id is not null and v_id <> v_named.id)
+       or (v_named.stripe_customer_id is not null and v_named.stripe_customer_id is distinct from p_customer) then
+      perform private.fail('PT409', 'account_of_another_customer',
+                           jsonb_build_object('account_id', p_hint, 'customer', p_customer));
+    end if;
+    return v_named.id;
+  end if;
+  if v_id is null and p_subscription is not null then
+    select a.id into v_id from public.credit_accounts a
+     where a.stripe_subscription_id = p_subscription
+       and (a.stripe_customer_id is null or p_customer is null or a.stripe_customer_id = p_customer);
+  end if;
+  return v_id;
+end
+$$;
+
 -- Link a Stripe customer and subscription to an account; returns the keys now
 -- resolvable (for parked events). The customer is recorded when the account
 -- has none and no other account has it. The subscription replaces the
@@ -485,7 +526,7 @@ begin
   v_start := private.stripe_time(v_line, 'period_start');
   v_end := private.stripe_time(v_line, 'period_end');
 
-  v_account := private.stripe_account(v_hint, v_customer, v_subscription);
+  v_account := private.stripe_billing_account(v_hint, v_customer, v_subscription);
   if v_account is null then
     return private.stripe_result('parked', 'account_unknown', null, null, '{}',
                                  private.stripe_wait_keys(v_customer, v_subscription));
@@ -602,6 +643,7 @@ declare
   v_account public.credit_accounts;
   v_account_id uuid;
   v_plan text;
+  v_quantity bigint;
   v_keys text[] := '{}';
 begin
   if v_subscription is null then
@@ -613,7 +655,8 @@ begin
     return private.stripe_result('ignored', 'stale');
   end if;
 
-  v_account_id := private.stripe_account(private.stripe_text(p, 'account_id'), v_customer, v_subscription);
+  v_account_id := private.stripe_billing_account(private.stripe_text(p, 'account_id'), v_customer,
+                                                v_subscription);
   if v_account_id is null then
     return private.stripe_result('parked', 'account_unknown', null, null, '{}',
                                  private.stripe_wait_keys(v_customer, v_subscription));
@@ -639,11 +682,14 @@ begin
                                  jsonb_build_object('plan_id', 'free', 'status', v_status), v_keys);
   end if;
 
-  select pl.id into v_plan
+  select pl.id, private.stripe_int(i.value, 'quantity') into v_plan, v_quantity
     from jsonb_array_elements(case when jsonb_typeof(p -> 'items') = 'array' then p -> 'items'
                                    else '[]'::jsonb end) i
     join public.credit_plans pl on pl.stripe_price_id = i.value ->> 'price_id'
    limit 1;
+  if v_quantity is not null and v_quantity not between 1 and 1000000 then
+    perform private.invalid('quantity', 'must be a whole number from 1 to 1000000');
+  end if;
   -- A subscription that no longer pays puts the account on free, so the monthly
   -- reset (which renews every account Stripe does not) grants free's allowance.
   update public.credit_accounts a
@@ -651,6 +697,8 @@ begin
          plan_id = case when v_status in ('active', 'trialing', 'past_due') then coalesce(v_plan, a.plan_id)
                         when v_status in ('canceled', 'unpaid', 'incomplete_expired', 'paused') then 'free'
                         else a.plan_id end,
+         -- The seats a yearly price renews its next months with.
+         stripe_quantity = coalesce(v_quantity::integer, a.stripe_quantity),
          updated_at = now()
    where a.id = v_account_id
   returning a.plan_id into v_plan;
@@ -752,6 +800,14 @@ begin
   end if;
   v_result := private.clawback(v_ref, 'refund:' || v_charge || ':' || v_refunded,
                                least(v_target, 1000000000)::integer, 'refund', 'stripe');
+  -- A refund of a yearly price's payment: the later months shrink by the
+  -- refunded share; a full refund ends the paid year now.
+  update public.credit_accounts a
+     set stripe_paid_scale = greatest(0, 1 - least(v_refunded, v_amount)::numeric / v_amount),
+         stripe_paid_through = case when v_refunded >= v_amount then least(a.stripe_paid_through, now())
+                                    else a.stripe_paid_through end,
+         updated_at = now()
+   where a.id = (v_result -> 'balance' ->> 'account_id')::uuid and a.stripe_paid_ref = v_ref;
   return private.stripe_result('applied', 'clawed_back', (v_result -> 'balance' ->> 'account_id')::uuid,
                                v_result);
 end
@@ -771,6 +827,10 @@ begin
   if v_dispute is null or v_payment is null then
     perform private.invalid('dispute', 'dispute and charge are required');
   end if;
+  if coalesce(p ->> 'status', '') like 'warning\_%' then
+    -- An inquiry: no money moved yet.
+    return private.stripe_result('ignored', 'dispute_inquiry');
+  end if;
   v_ref := coalesce(private.stripe_grant_ref(v_payment), private.stripe_grant_ref(private.stripe_text(p, 'charge')));
   if v_ref is null then
     return private.stripe_result('parked', 'payment_unknown', null, null, '{}',
@@ -778,6 +838,10 @@ begin
                                                     'payment:' || private.stripe_text(p, 'charge')], null));
   end if;
   v_result := private.clawback(v_ref, 'dispute:' || v_dispute, null, 'dispute', 'stripe');
+  -- A disputed year renews no further month (a won dispute resumes it).
+  update public.credit_accounts a
+     set stripe_paid_through = least(a.stripe_paid_through, now()), updated_at = now()
+   where a.id = (v_result -> 'balance' ->> 'account_id')::uuid and a.stripe_paid_ref = v_ref;
   -- A win that arrived first waits on the dispute.
   return private.stripe_result('applied', 'clawed_back', (v_result -> 'balance' ->> 'account_id')::uuid,
                                v_result, array['dispute:' || v_dispute]);
@@ -840,12 +904,31 @@ begin
                                where e ->> 'stripe_ref' = v_taken.stripe_ref);
     update public.credit_holds h set claims = v_claims where h.id = v_hold.id;
   end loop;
-  v_entry := private.post(v_taken.account_id, 'reinstate',
-                          p_promotional => -v_taken.promotional, p_subscription => -v_taken.subscription,
-                          p_purchased => -v_taken.purchased, p_origin => 'stripe',
-                          p_key => 'reinstate:' || v_dispute, p_hash => v_hash,
-                          p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
-                          p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute));
+  if v_taken.promotional < 0 then
+    -- Promotional credits come back as a grant with the expiry of the one they
+    -- were taken from; past it, they are written back and expired at once.
+    v_entry := private.add_promotion(
+      v_wallet, 'reinstate', -v_taken.promotional,
+      coalesce((select max(g.expires_at) from public.credit_promotions g
+                  join public.credit_transactions t on t.id = g.id
+                 where t.account_id = v_taken.account_id and t.stripe_ref = v_taken.stripe_ref), now()),
+      'stripe', 'reinstate:' || v_dispute, v_hash, v_taken.stripe_ref, null,
+      jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute), null);
+    select * into v_wallet from public.credit_wallets w where w.account_id = v_taken.account_id;
+    perform private.materialize_promotions(v_wallet);
+    perform private.lock_wallet(v_taken.account_id);  -- sweeps it at once if its expiry passed
+  else
+    v_entry := private.post(v_taken.account_id, 'reinstate',
+                            p_promotional => -v_taken.promotional, p_subscription => -v_taken.subscription,
+                            p_purchased => -v_taken.purchased, p_origin => 'stripe',
+                            p_key => 'reinstate:' || v_dispute, p_hash => v_hash,
+                            p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
+                            p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute));
+  end if;
+  -- A won dispute of a yearly price's payment resumes its months.
+  update public.credit_accounts a
+     set stripe_paid_through = a.stripe_paid_until, updated_at = now()
+   where a.id = v_taken.account_id and a.stripe_paid_ref = v_taken.stripe_ref and a.stripe_paid_scale > 0;
   return private.stripe_result('applied', 'reinstated', v_taken.account_id, private.result(v_entry, false));
 end
 $$;
@@ -884,7 +967,15 @@ begin
   end if;
   if v_res ->> 'outcome' = 'applied' and v_res ->> 'reason' = 'period_started' then
     update public.credit_accounts a
-       set stripe_paid_through = v_paid_through, stripe_quantity = coalesce(v_quantity, 1), updated_at = now()
+       set stripe_paid_through = v_paid_through, stripe_paid_until = v_paid_through,
+           stripe_quantity = coalesce(v_quantity, 1), stripe_paid_scale = 1,
+           stripe_period_start = case when v_paid_through is not null
+                                      then (select w.period_start from public.credit_wallets w
+                                             where w.account_id = a.id) end,
+           stripe_paid_ref = case when v_paid_through is not null
+                                  then coalesce(private.stripe_text(p, 'payment_intent'),
+                                                private.stripe_text(p, 'invoice')) end,
+           updated_at = now()
      where a.id = (v_res ->> 'account_id')::uuid;
   end if;
   return v_res;
@@ -1205,6 +1296,7 @@ revoke all on function
   private.stripe_int(jsonb, text), private.stripe_time(jsonb, text), private.stripe_text(jsonb, text),
   private.stripe_detail(text), private.stripe_result(text, text, uuid, jsonb, text[], text[]),
   private.stripe_wait_keys(text, text), private.stripe_parked_cap(), private.stripe_account(text, text, text),
+  private.stripe_billing_account(text, text, text),
   private.stripe_link(uuid, text, text, text, boolean), private.stripe_newer_state(text, timestamptz),
   private.stripe_checkout(text, jsonb), private.stripe_invoice_paid(jsonb),
   private.stripe_plan_change(uuid, text, text, bigint, timestamptz, timestamptz, jsonb, text[]),

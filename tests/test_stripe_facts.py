@@ -1,0 +1,273 @@
+"""Stripe's subscription facts followed, never copied once: signed events ->
+handlers.stripe_webhook -> the local REST endpoint -> PostgreSQL, and the
+reset as its daily job calls it (``run_monthly_reset`` with the current
+month's first day).
+
+The reset walks every account of the session database; the accounts other
+modules left behind are renewed as the job would renew them, and the ledger
+check after the module still holds.
+
+"As if time passed" moves one account's period (and its paid year) back,
+which is the same as moving the clock forward for that account alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.lambda_events import cold_start
+from tests.stripe_support import stripe_id
+from tests.support import Db, new_key
+from tests.test_stripe_webhook import (
+    DAY,
+    Deliver,
+    World,
+    _change,
+    _with_lines,
+    link_subscription,
+    make_deliver,
+    make_world,
+    webhook_env,
+)
+
+
+@pytest.fixture(scope="module")
+def deliver(rest_url: str) -> Iterator[Deliver]:
+    with cold_start("handlers.stripe_webhook", webhook_env(rest_url)) as handler:
+        yield make_deliver(handler)
+
+
+@pytest.fixture
+def world(database: Db) -> World:
+    return make_world(database)
+
+
+def daily_reset(database: Db) -> dict[str, Any]:
+    first = dt.datetime.now(dt.UTC).date().replace(day=1)
+    out: dict[str, Any] = {"processed": 0}
+    after = None
+    while True:
+        step = database.call("run_monthly_reset", p_period_start=first.isoformat(), p_batch_size=100000,
+                             p_after=after)
+        out["processed"] += step["processed"]
+        if step["done"]:
+            return out
+        after = step["next_after"]
+
+
+def time_passes(w: World, interval: str) -> None:
+    """As if ``interval`` had passed for this account alone."""
+    w.db.sql("update public.credit_wallets set period_start = period_start - %s::interval, "
+             "period_end = period_end - %s::interval where account_id = %s", interval, interval, w.account)
+    w.db.sql("update public.credit_accounts set stripe_period_start = stripe_period_start - %s::interval, "
+             "stripe_paid_through = stripe_paid_through - %s::interval, "
+             "stripe_paid_until = stripe_paid_until - %s::interval where id = %s",
+             interval, interval, interval, w.account)
+
+
+def subscription_event(w: World, status: str, *, quantity: int = 1, price: str | None = None,
+                       created: int | None = None) -> dict[str, Any]:
+    event = w.event("customer.subscription.updated.2025-03-31", STATUS=status, PRICE=price or w.plan_price,
+                    CREATED=created or int(time.time()))
+    event["data"]["object"]["items"]["data"][0]["quantity"] = quantity
+    event["data"]["object"]["quantity"] = quantity
+    return event
+
+
+def yearly_invoice(w: World, *, seats: int = 1, invoice: str | None = None) -> dict[str, Any]:
+    event = w.event("invoice.paid.2024-06-20", PERIOD_END=w.period_start + 365 * DAY,
+                    INVOICE=invoice or stripe_id("in"))
+    return _with_lines(event, {"price": w.plan_price, "start": w.period_start,
+                               "end": w.period_start + 365 * DAY, "quantity": seats, "amount": 29000})
+
+
+def refund(w: World, refunded: int, amount: int = 29000) -> dict[str, Any]:
+    return w.event("charge.refunded", AMOUNT=amount, AMOUNT_REFUNDED=refunded, REFUNDED=refunded >= amount,
+                   CHARGE=w.charge)
+
+
+def paid_year(w: World) -> tuple[Any, ...]:
+    return w.db.one("select stripe_paid_through, stripe_paid_until, stripe_quantity, stripe_paid_scale "
+                    "from public.credit_accounts where id = %s", w.account)
+
+
+# --- subscriptions that do not pay ------------------------------------------------------
+
+
+def test_a_past_due_subscription_falls_back_to_the_free_allowance_until_it_pays(
+        deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    assert world.pools() == (100, 0)
+    # The period ended a day ago and the renewal payment failed.
+    time_passes(world, "31 days")
+    assert deliver(subscription_event(world, "past_due")).body["outcome"] == "applied"
+    daily_reset(world.db)
+    balance = world.balance()
+    assert balance["subscription"] == 3  # the free plan's, never the ended period's 100
+    assert dt.datetime.fromisoformat(balance["period_start"]).day == 1
+    # Then the customer pays: the paid period contains now and starts, the free month's credits expire.
+    world.period_start = int(time.time()) - DAY
+    paid = world.event("invoice.paid.2025-03-31", BILLING_REASON="subscription_cycle",
+                       INVOICE=stripe_id("in"), PAYMENT_INTENT=stripe_id("pi"))
+    assert deliver(paid).body["outcome"] == "applied"
+    assert deliver(subscription_event(world, "active")).body["outcome"] == "applied"
+    balance = world.balance()
+    assert balance["subscription"] == 100
+    assert int(dt.datetime.fromisoformat(balance["period_start"]).timestamp()) == world.period_start
+    # Renewed by Stripe again: the reset leaves it alone.
+    before = world.balance()
+    daily_reset(world.db)
+    assert world.balance() == before
+
+
+def test_an_unpaid_checkout_never_gets_the_paid_plan_from_the_reset(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(subscription_event(world, "incomplete")).body["outcome"] == "applied"
+    world.db.sql("update public.credit_accounts set plan_id = %s where id = %s", world.plan, world.account)
+    time_passes(world, "32 days")  # this month's free period is over for this account
+    daily_reset(world.db)
+    assert world.pools() == (3, 0)
+
+
+def test_an_invoice_naming_another_customers_account_changes_nothing(
+        deliver: Deliver, world: World, database: Db) -> None:
+    victim = make_world(database)
+    link_subscription(deliver, victim)
+    assert deliver(victim.event("invoice.paid.2025-03-31", PRICE=victim.big_plan_price)).status == 200
+    assert victim.pools() == (500, 0)
+    before = victim.balance()
+    # An attacker's own (cheaper) subscription whose metadata names the victim's account.
+    attack = world.event("invoice.paid.2025-03-31", SUB_ACCOUNT_ID=victim.account, ACCOUNT_ID=victim.account)
+    reply = deliver(attack)
+    assert (reply.status, reply.body["outcome"]) == (200, "failed")
+    recorded = world.recorded(attack["id"])
+    assert recorded is not None and recorded["error"]["message"] == "account_of_another_customer"
+    assert victim.balance() == before
+
+
+# --- yearly prices: the facts at each renewal --------------------------------------------
+
+
+def test_a_yearly_subscriber_gets_the_seats_current_at_each_renewal(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(yearly_invoice(world, seats=10)).body["outcome"] == "applied"
+    assert world.pools() == (1000, 0)
+    # Down to 1 seat: the next month grants 1 seat's credits, not the 10 the year started with.
+    assert deliver(subscription_event(world, "active", quantity=1)).body["outcome"] == "applied"
+    time_passes(world, "1 month")
+    daily_reset(world.db)
+    assert world.pools() == (100, 0)
+    # Up to 4 seats: the month after grants 4.
+    assert deliver(subscription_event(world, "active", quantity=4)).body["outcome"] == "applied"
+    time_passes(world, "1 month")
+    daily_reset(world.db)
+    assert world.pools() == (400, 0)
+    # An older subscription event never overwrites a newer one.
+    stale = subscription_event(world, "active", quantity=9, created=int(time.time()) - 3600)
+    assert deliver(stale).body["outcome"] == "ignored"
+    assert paid_year(world)[2] == 4
+
+
+def test_a_refunded_year_renews_no_further_month(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(yearly_invoice(world)).body["outcome"] == "applied"
+    time_passes(world, "1 month")
+    daily_reset(world.db)
+    assert world.pools() == (100, 0)
+    # A partial refund (10 %): later months shrink to 90 %.
+    assert deliver(refund(world, 2900)).body["outcome"] == "applied"
+    assert float(paid_year(world)[3]) == 0.9
+    time_passes(world, "1 month")
+    daily_reset(world.db)
+    assert world.pools()[0] == 90
+    # The full refund takes this month's credits and stops the year.
+    assert deliver(refund(world, 29000)).body["outcome"] == "applied"
+    assert world.pools() == (0, 0)
+    time_passes(world, "1 month")
+    daily_reset(world.db)
+    assert world.pools() == (0, 0)  # no paid month; the calendar reset takes over 72 hours after its end
+
+
+def test_a_disputed_year_stops_and_a_won_dispute_resumes_it(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(yearly_invoice(world)).body["outcome"] == "applied"
+    dispute = stripe_id("dp")
+    opened = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=29000)
+    assert deliver(opened).body["outcome"] == "applied"
+    assert world.pools() == (0, 0)
+    time_passes(world, "1 month")
+    daily_reset(world.db)
+    assert world.pools() == (0, 0)  # no paid month while the dispute is open
+    won = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=29000)
+    won["type"] = "charge.dispute.closed"
+    won["data"]["object"]["status"] = "won"
+    assert deliver(won).body["outcome"] == "applied"
+    # Resumed: the next anniversary month is the paid plan's again.
+    time_passes(world, "1 month")
+    daily_reset(world.db)
+    assert world.pools()[0] == 100
+
+
+def test_a_dispute_inquiry_takes_nothing(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    inquiry = world.event("charge.dispute.created", AMOUNT=2900)
+    inquiry["data"]["object"]["status"] = "warning_needs_response"
+    reply = deliver(inquiry)
+    assert (reply.body["outcome"], world.recorded(inquiry["id"])["reason"]) == (  # type: ignore[index]
+        "ignored", "dispute_inquiry")
+    assert world.pools() == (100, 0)
+
+
+# --- a won dispute of a plan-change payment --------------------------------------------------
+
+
+def _plan_change_disputed(deliver: Deliver, w: World, order: list[str]) -> None:
+    link_subscription(deliver, w)
+    assert deliver(w.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    upgrade = _change(w, w.plan_price, w.big_plan_price, left=0.5)
+    payment = stripe_id("pi")
+    upgrade["data"]["object"]["payment_intent"] = payment
+    dispute = stripe_id("dp")
+    events = {"upgrade": upgrade}
+    for name, status, event_type in (("opened", "needs_response", "charge.dispute.created"),
+                                     ("won", "won", "charge.dispute.closed")):
+        event = w.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=2500, PAYMENT_INTENT=payment,
+                        CHARGE=stripe_id("ch"))
+        event["type"] = event_type
+        event["data"]["object"]["status"] = status
+        events[name] = event
+    for name in order:
+        assert deliver(events[name]).status == 200
+
+
+def test_a_won_dispute_of_a_plan_change_gives_back_a_grant_in_every_order(
+        deliver: Deliver, database: Db) -> None:
+    orders = [["upgrade", "opened", "won"], ["upgrade", "won", "opened"], ["won", "upgrade", "opened"],
+              ["opened", "won", "upgrade"], ["won", "opened", "upgrade"], ["opened", "upgrade", "won"]]
+    for order in orders:
+        w, other = make_world(database), make_world(database)
+        _plan_change_disputed(deliver, w, order)
+        # Meanwhile another customer's events flow.
+        assert deliver(other.event("checkout.session.completed.payment", CREDITS="5")).body["outcome"] \
+            == "applied"
+        database.call("release_stripe_events", p_limit=500)
+        balance = w.balance()
+        assert (balance["promotional"], balance["subscription"]) == (200, 100), order
+        # The credits given back belong to a grant: the next promotional attribution works.
+        database.call("grant_promotional_credits", p_account_id=w.account, p_amount=1,
+                      p_expires_at=(dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat(),
+                      p_idempotency_key=new_key())
+        spent = database.call("deduct_credits", p_account_id=w.account, p_idempotency_key=new_key(),
+                              p_amount=150)
+        assert spent["charged"] == 150
+        assert database.one("select count(*) from public.stripe_events where account_id = %s "
+                            "and outcome = 'failed'", w.account) == 0, order
+        assert other.pools() == (3, 5)
+    assert database.call("reconcile_credit_balances")["mismatches"] == []
