@@ -4,7 +4,8 @@
 schedule does (a "Scheduled Event" plus a Lambda context with a time limit) and
 answers with what the handler returned. An optional JSON body
 ``{"period_start": "YYYY-MM-01"}`` is passed in the event's ``detail`` for
-re-running a past month.
+re-running a past month; a period the handler refuses (malformed, or more than
+one month ahead) is answered 400 with its error body.
 
 Only the project's secret key may trigger it (``apikey`` header, or
 ``Authorization: Bearer``): in AWS only the scheduler can invoke the function,
@@ -115,6 +116,8 @@ def create_app(env: Mapping[str, str]) -> FastAPI:
             return JSONResponse({"error": "invalid_argument", "message": "the body must be a JSON object",
                                  "detail": {}}, status_code=400)
         result = await run_in_threadpool(handler, scheduled_event(body), LambdaContext())
-        return JSONResponse(result)
+        # The handler answers a refused period (malformed, or refused by the database) with the
+        # contract's error body instead of failing: the caller's input, so 400.
+        return JSONResponse(result, status_code=400 if "error" in result else 200)
 
     return app

@@ -34,7 +34,7 @@ from functions.errors import ApiError, BadRequest, ServiceUnavailable
 from functions.http import install_error_handlers, install_request_logging
 from functions.observability import count, logger
 from functions.rpc import Rpc, get_rpc
-from functions.settings import WebhookSettings
+from functions.settings import SettingsSource, WebhookSettings, settings_source
 from functions.stripe_events import normalize
 
 SIGNATURE_TOLERANCE_SECONDS = 300
@@ -113,7 +113,7 @@ router = APIRouter()
 
 @router.post("/stripe/webhook")
 async def stripe_webhook(request: Request) -> JSONResponse:
-    settings: WebhookSettings = request.app.state.settings
+    settings: WebhookSettings = request.app.state.settings.get()
     rpc: Rpc = request.app.state.rpc
     # The raw bytes as delivered (Mangum has already undone API Gateway's base64).
     payload = await request.body()
@@ -149,10 +149,13 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     return JSONResponse({"received": True, "event_id": event_id, "outcome": outcome})
 
 
-def create_app(settings: WebhookSettings, *, rpc: Rpc | None = None) -> FastAPI:
+def create_app(settings: WebhookSettings | SettingsSource[WebhookSettings], *,
+               rpc: Rpc | None = None) -> FastAPI:
+    """The webhook app (one per cold start; a ``LiveSettings`` is read per delivery)."""
+    source = settings_source(settings)
     app = FastAPI(title="Credits Stripe webhook", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.settings = settings
-    app.state.rpc = rpc or get_rpc(settings)
+    app.state.settings = source
+    app.state.rpc = rpc or get_rpc(source)
     app.include_router(router)
     install_error_handlers(app)
     install_request_logging(app, "StripeWebhook")
