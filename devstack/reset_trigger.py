@@ -29,9 +29,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from functions.http import install_body_limit
+
 HANDLER = Path(__file__).resolve().parent.parent / "handlers" / "monthly_reset.py"
 # A scheduled Lambda gets up to 15 minutes; the handler stops itself before that.
 TIME_LIMIT_MS = 15 * 60 * 1000
+# The body is at most {"period_start": "YYYY-MM-01"}; larger ones are refused unread.
+MAX_BODY_BYTES = 4096
 
 
 @dataclass
@@ -101,6 +105,7 @@ def create_app(env: Mapping[str, str]) -> FastAPI:
         return bool(presented) and sum(hmac.compare_digest(presented.encode(), k) for k in allowed) > 0
 
     app = FastAPI(title="monthly reset trigger", docs_url=None, redoc_url=None, openapi_url=None)
+    install_body_limit(app, MAX_BODY_BYTES)
 
     @app.post("/monthly-reset")
     async def trigger(request: Request) -> JSONResponse:

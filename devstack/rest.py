@@ -55,15 +55,22 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
 from devstack import db, rest_tables, tokens
+from functions.body_limit import install_body_limit
 
 log = logging.getLogger("devstack.rest")
 
 API_KEY_ROLES = ("anon", "service_role")
 SINGLE_OBJECT = "application/vnd.pgrst.object+json"
-# Request bodies are capped (413 above this), and so is the per-process cache
-# of function signatures.
+# Request bodies are capped (413 above this, refused from Content-Length or as
+# soon as a chunked body passes it, never read whole), and so is the
+# per-process cache of function signatures.
 MAX_BODY_BYTES = 1_048_576
 MAX_CACHED_FUNCTIONS = 256
+
+
+def body_too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"code": "PGRST413", "message": f"The request body is larger than {limit} bytes",
+                         "details": None, "hint": None}, status_code=413)
 
 
 class RestError(Exception):
@@ -314,6 +321,7 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
 
     app = FastAPI(title="local REST", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.pool = pool
+    install_body_limit(app, MAX_BODY_BYTES, body_too_large)
     # Browsers call Supabase's REST layer directly, and it allows any origin.
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
                        expose_headers=["Content-Range"])

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from functions import limits
 from functions.auth import Caller, LicenseKey, TokenVerifier, User, authenticate
 from functions.errors import ApiError, BadRequest, Forbidden
-from functions.http import install_error_handlers, install_request_logging
+from functions.http import install_body_limit, install_error_handlers, install_request_logging
 from functions.observability import count
 from functions.rpc import Rpc, get_rpc
 from functions.settings import CreditsApiSettings, SettingsSource, settings_source
@@ -32,6 +32,9 @@ MAX_METADATA_BYTES = limits.METADATA_BYTES
 MAX_IDEMPOTENCY_KEY = limits.IDEMPOTENCY_KEY
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
+# The largest valid body is metadata at its limit written with \u escapes (6 bytes a character)
+# plus a few short fields; anything over this is refused before it is read.
+MAX_BODY_BYTES = 262_144
 
 Amount = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT)]
 TokenCount = Annotated[StrictInt, Field(ge=0, le=limits.TOKENS)]
@@ -248,6 +251,7 @@ def create_app(settings: CreditsApiSettings | SettingsSource[CreditsApiSettings]
     app.state.verifier = TokenVerifier(source)
     app.include_router(router)
     install_error_handlers(app)
+    install_body_limit(app, MAX_BODY_BYTES)
     install_request_logging(app, "Credits")
     # Added last so it is outermost: error responses carry CORS headers too.
     app.add_middleware(

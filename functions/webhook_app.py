@@ -7,6 +7,7 @@ RPC records and applies it in a single transaction. What the event does, and
 whether it already happened, is the database's decision.
 
 Answers (Stripe retries every non-2xx answer for up to three days):
+- 413 for a body over 1 MB (refused before it is read: no Stripe event is that big).
 - 400 for a missing/invalid signature, a stale timestamp or a body that is not
   an event: nothing is recorded, and a retry of the same bytes cannot succeed.
 - 200 once the event is recorded, whatever the outcome: applied, duplicate,
@@ -31,7 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from functions.errors import ApiError, BadRequest, ServiceUnavailable
-from functions.http import install_error_handlers, install_request_logging
+from functions.http import install_body_limit, install_error_handlers, install_request_logging
 from functions.observability import count, logger
 from functions.rpc import Rpc, get_rpc
 from functions.settings import SettingsSource, WebhookSettings, settings_source
@@ -158,5 +159,6 @@ def create_app(settings: WebhookSettings | SettingsSource[WebhookSettings], *,
     app.state.rpc = rpc or get_rpc(source)
     app.include_router(router)
     install_error_handlers(app)
+    install_body_limit(app, MAX_BODY_BYTES)
     install_request_logging(app, "StripeWebhook")
     return app
