@@ -268,6 +268,16 @@ class _NoTraceback:
                 await response(scope, receive, send)
 
 
+def encodable(value: Any) -> bool:
+    """False when decoded JSON holds text with no UTF-8 form (a lone surrogate from ``\\ud800``),
+    which PostgreSQL refuses and the database driver cannot even send."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_profile(request: Request) -> None:
     """Only ``public`` is exposed (supabase/config.toml); PostgREST refuses any
     other schema asked for with Accept-Profile / Content-Profile."""
@@ -364,6 +374,18 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
             except (db.FunctionNotFound, ValueError) as exc:
                 raise _function_not_found(fn, list(args)) from exc
 
+    def refuse_unencodable(raw: bytes, role: str) -> None:
+        """A body whose JSON decodes to text PostgreSQL cannot hold (a lone UTF-16 surrogate,
+        ``"\\ud800"``): PostgREST hands the body to PostgreSQL as JSON, which refuses it with
+        a 400-class error naming the problem; ask PostgreSQL for exactly that error."""
+        with connection(role) as conn:
+            try:
+                conn.execute("select %s::jsonb", (raw.decode("utf-8"),))
+            except psycopg.Error as exc:
+                raise database_error(exc, role) from exc
+        raise RestError(400, "22P05", "unsupported Unicode escape sequence",
+                        "The body holds text that cannot be stored (a lone UTF-16 surrogate)")
+
     def json_response(payload: Any) -> Response:
         return Response(json.dumps(payload), media_type="application/json")
 
@@ -395,6 +417,8 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
         if not isinstance(args, dict):
             raise RestError(400, "PGRST102", "Empty or invalid json",
                             "The body must be a JSON object of named arguments")
+        if not encodable(args):
+            await run_in_threadpool(refuse_unencodable, raw, role)
         result = await run_in_threadpool(call, fn, args, role, claims, read_only=False)
         return json_response(result)
 
@@ -484,6 +508,8 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
             if not rows_ok or (isinstance(body, list) and not body):
                 raise RestError(400, "PGRST102", "Empty or invalid json",
                                 "Send a JSON object (POST may send an array of objects)")
+            if not encodable(body):
+                await run_in_threadpool(refuse_unencodable, raw, role)
         written, count = await run_in_threadpool(
             write, table, request.method, body, params, prefer, returning, role, claims)
         if request.method == "POST":
