@@ -4,7 +4,8 @@
 schedule does (a "Scheduled Event" plus a Lambda context with a time limit) and
 answers with what the handler returned. An optional JSON body
 ``{"period_start": "YYYY-MM-01"}`` is passed in the event's ``detail`` for
-re-running a past month.
+re-running a past month; a period the handler refuses (malformed, or more than
+one month ahead) is answered 400 with its error body.
 
 Only the project's secret key may trigger it (``apikey`` header, or
 ``Authorization: Bearer``): in AWS only the scheduler can invoke the function,
@@ -28,9 +29,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from functions.http import install_body_limit
+
 HANDLER = Path(__file__).resolve().parent.parent / "handlers" / "monthly_reset.py"
 # A scheduled Lambda gets up to 15 minutes; the handler stops itself before that.
 TIME_LIMIT_MS = 15 * 60 * 1000
+# The body is at most {"period_start": "YYYY-MM-01"}; larger ones are refused unread.
+MAX_BODY_BYTES = 4096
 
 
 @dataclass
@@ -100,6 +105,7 @@ def create_app(env: Mapping[str, str]) -> FastAPI:
         return bool(presented) and sum(hmac.compare_digest(presented.encode(), k) for k in allowed) > 0
 
     app = FastAPI(title="monthly reset trigger", docs_url=None, redoc_url=None, openapi_url=None)
+    install_body_limit(app, MAX_BODY_BYTES)
 
     @app.post("/monthly-reset")
     async def trigger(request: Request) -> JSONResponse:
@@ -115,6 +121,8 @@ def create_app(env: Mapping[str, str]) -> FastAPI:
             return JSONResponse({"error": "invalid_argument", "message": "the body must be a JSON object",
                                  "detail": {}}, status_code=400)
         result = await run_in_threadpool(handler, scheduled_event(body), LambdaContext())
-        return JSONResponse(result)
+        # The handler answers a refused period (malformed, or refused by the database) with the
+        # contract's error body instead of failing: the caller's input, so 400.
+        return JSONResponse(result, status_code=400 if "error" in result else 200)
 
     return app

@@ -55,15 +55,22 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
 from devstack import db, rest_tables, tokens
+from functions.body_limit import install_body_limit
 
 log = logging.getLogger("devstack.rest")
 
 API_KEY_ROLES = ("anon", "service_role")
 SINGLE_OBJECT = "application/vnd.pgrst.object+json"
-# Request bodies are capped (413 above this), and so is the per-process cache
-# of function signatures.
+# Request bodies are capped (413 above this, refused from Content-Length or as
+# soon as a chunked body passes it, never read whole), and so is the
+# per-process cache of function signatures.
 MAX_BODY_BYTES = 1_048_576
 MAX_CACHED_FUNCTIONS = 256
+
+
+def body_too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"code": "PGRST413", "message": f"The request body is larger than {limit} bytes",
+                         "details": None, "hint": None}, status_code=413)
 
 
 class RestError(Exception):
@@ -261,6 +268,16 @@ class _NoTraceback:
                 await response(scope, receive, send)
 
 
+def encodable(value: Any) -> bool:
+    """False when decoded JSON holds text with no UTF-8 form (a lone surrogate from ``\\ud800``),
+    which PostgreSQL refuses and the database driver cannot even send."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_profile(request: Request) -> None:
     """Only ``public`` is exposed (supabase/config.toml); PostgREST refuses any
     other schema asked for with Accept-Profile / Content-Profile."""
@@ -314,6 +331,7 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
 
     app = FastAPI(title="local REST", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.pool = pool
+    install_body_limit(app, MAX_BODY_BYTES, body_too_large)
     # Browsers call Supabase's REST layer directly, and it allows any origin.
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
                        expose_headers=["Content-Range"])
@@ -356,6 +374,18 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
             except (db.FunctionNotFound, ValueError) as exc:
                 raise _function_not_found(fn, list(args)) from exc
 
+    def refuse_unencodable(raw: bytes, role: str) -> None:
+        """A body whose JSON decodes to text PostgreSQL cannot hold (a lone UTF-16 surrogate,
+        ``"\\ud800"``): PostgREST hands the body to PostgreSQL as JSON, which refuses it with
+        a 400-class error naming the problem; ask PostgreSQL for exactly that error."""
+        with connection(role) as conn:
+            try:
+                conn.execute("select %s::jsonb", (raw.decode("utf-8"),))
+            except psycopg.Error as exc:
+                raise database_error(exc, role) from exc
+        raise RestError(400, "22P05", "unsupported Unicode escape sequence",
+                        "The body holds text that cannot be stored (a lone UTF-16 surrogate)")
+
     def json_response(payload: Any) -> Response:
         return Response(json.dumps(payload), media_type="application/json")
 
@@ -387,6 +417,8 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
         if not isinstance(args, dict):
             raise RestError(400, "PGRST102", "Empty or invalid json",
                             "The body must be a JSON object of named arguments")
+        if not encodable(args):
+            await run_in_threadpool(refuse_unencodable, raw, role)
         result = await run_in_threadpool(call, fn, args, role, claims, read_only=False)
         return json_response(result)
 
@@ -476,6 +508,8 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
             if not rows_ok or (isinstance(body, list) and not body):
                 raise RestError(400, "PGRST102", "Empty or invalid json",
                                 "Send a JSON object (POST may send an array of objects)")
+            if not encodable(body):
+                await run_in_threadpool(refuse_unencodable, raw, role)
         written, count = await run_in_threadpool(
             write, table, request.method, body, params, prefer, returning, role, claims)
         if request.method == "POST":

@@ -99,7 +99,6 @@ MAX_PORT_BASE = 65535 - max(FUNCTION_PORT_OFFSETS.values())
 READY = "Ready. Ctrl-C stops everything."
 
 _SEED_USER = re.compile(r"\(\s*'([0-9a-f-]{36})',\s*'([^']+@[^']+)',\s*'(\{[^']*\})'")
-_SEED_KEY = re.compile(r"\bck_demo_[A-Za-z0-9]+\b")
 
 
 @dataclass
@@ -175,10 +174,31 @@ def seed_users(seed: Path = db.SEED) -> list[SeedUser]:
     return [SeedUser(uid, email, json.loads(meta)) for uid, email, meta in found]
 
 
-def seed_license_key(seed: Path = db.SEED) -> str | None:
-    """The demo license key written (as a comment and inside its hash) in the seed."""
-    found = _SEED_KEY.search(seed.read_text()) if seed.exists() else None
-    return found.group(0) if found else None
+# The seed of earlier versions stored a fixed, published demo key; a data directory
+# seeded then gets it revoked (its SHA-256: the key itself is nowhere here).
+_RETIRED_DEMO_KEY_SHA256 = "e8442871ed6a8a3c17efe5e58f028bffc356610989337004bbf583c72d7e2422"
+
+
+def ensure_demo_license_key(dsn: str, key: str, email: str = DEMO_USER_EMAIL) -> bool:
+    """Store this data directory's random demo license key (its hash) for the seeded user's
+    account, as she would have created it; revoke the retired published one. False when
+    the seeded user is not there (a database without the seed)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        owner = conn.execute(
+            "select a.id, u.id from public.credit_accounts a join auth.users u on u.id = a.user_id"
+            " where u.email = %s", (email,)).fetchone()
+        if owner is None:
+            return False
+        conn.execute(
+            "insert into public.credit_license_keys (account_id, name, prefix, key_hash, created_by)"
+            " values (%s, 'Demo server', left(%s, 11), sha256(convert_to(%s, 'UTF8')), %s)"
+            " on conflict (key_hash) do nothing", (owner[0], key, key, owner[1]))
+        conn.execute(
+            "update public.credit_license_keys set revoked_at = now()"
+            " where key_hash = decode(%s, 'hex') and revoked_at is null", (_RETIRED_DEMO_KEY_SHA256,))
+    return True
 
 
 def start_database(data_dir: Path, *, reset_data: bool = False, keep: bool = True,
@@ -267,6 +287,7 @@ def run_stack(data_dir: Path = DATA_DIR, *, port_base: int | None = DEFAULT_PORT
         stack.callback(stop_embedded_server, data_dir)  # registered first, so it runs last
         dsn, report = start_database(data_dir, reset_data=reset_data, keep=keep_data)
         keys = tokens.LocalKeys.load_or_create(keys_file(data_dir))
+        ensure_demo_license_key(dsn, keys.demo_license_key)
         rest_url = stack.enter_context(serve_in_thread(rest.create_app(dsn, keys), port(0)))
         running = Stack(dsn=dsn, rest_url=rest_url, keys=keys, keys_path=keys_file(data_dir),
                         migrations=report)
@@ -277,7 +298,9 @@ def run_stack(data_dir: Path = DATA_DIR, *, port_base: int | None = DEFAULT_PORT
         yield running
 
 
-STATE_FILE = db.ROOT / ".local" / "stack.json"
+# Where `./dev start` (of the default data directory) announces itself to `./dev demo`;
+# DEVSTACK_STATE_FILE moves it (the tests' stacks use their own).
+STATE_FILE = Path(os.environ.get("DEVSTACK_STATE_FILE") or db.ROOT / ".local" / "stack.json")
 
 
 def write_state(stack: Stack, path: Path = STATE_FILE) -> None:
@@ -289,6 +312,18 @@ def write_state(stack: Stack, path: Path = STATE_FILE) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         json.dump(state, out)
+
+
+def clear_state(path: Path = STATE_FILE) -> bool:
+    """Remove the announcement only if it is this process's: another stack's (a
+    `./dev start` still serving) is left alone. True when removed."""
+    try:
+        if int(json.loads(path.read_text())["pid"]) != os.getpid():
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    path.unlink(missing_ok=True)
+    return True
 
 
 def running_stack(path: Path = STATE_FILE) -> Stack | None:
@@ -351,9 +386,9 @@ def banner(stack: Stack) -> str:
         f"  JWT secret (legacy)    {stack.keys.jwt_secret}",
         f"  Stripe webhook secret  {stack.webhook_secret}",
     ]
-    key = seed_license_key()
-    if key:
-        lines.append(f"  demo license key       {key}   (X-License-Key)")
+    if stack.keys.demo_license_key:
+        lines.append(f"  demo license key       {stack.keys.demo_license_key}"
+                     f"   (X-License-Key, {DEMO_USER_EMAIL}'s account)")
     users = seed_users()
     tokens_by_email: dict[str, str] = {}
     if users:
@@ -379,7 +414,7 @@ def shell_exports(stack: Stack, tokens_by_email: Mapping[str, str]) -> list[str]
               "WEBHOOK": stack.webhook_url or "", "RESET": stack.reset_url or "",
               "PUBLISHABLE_KEY": stack.publishable_key, "SECRET_KEY": stack.secret_key,
               "TOKEN": tokens_by_email.get(DEMO_USER_EMAIL, next(iter(tokens_by_email.values()), "")),
-              "LICENSE_KEY": seed_license_key() or ""}
+              "LICENSE_KEY": stack.keys.demo_license_key}
     return [f"    export {name}='{value}'" for name, value in values.items() if value]
 
 
@@ -415,13 +450,17 @@ def main(argv: list[str] | None = None) -> int:
         with run_stack(args.data_dir.resolve(), port_base=args.port_base,
                        reset_data=args.reset_data) as stack:
             print(banner(stack), flush=True)
-            if args.data_dir.resolve() == DATA_DIR.resolve():
+            # Only the default data directory is announced (what `./dev demo` looks for); a
+            # stack of another directory, e.g. the tests', never touches the announcement.
+            announced = args.data_dir.resolve() == DATA_DIR.resolve()
+            if announced:
                 write_state(stack)
             try:
                 while True:
                     time.sleep(3600)
             finally:
-                STATE_FILE.unlink(missing_ok=True)
+                if announced:
+                    clear_state()
     except KeyboardInterrupt:
         pass
     except PortInUse as exc:

@@ -7,9 +7,10 @@ legacy ``anon``/``service_role`` API keys and older user tokens; and the newer
 opaque API keys ``sb_publishable_…`` (acts as ``anon``) and ``sb_secret_…``
 (acts as ``service_role``). ``LocalKeys`` holds the same set, generated at
 random: once per data directory for ``./dev start`` (kept in ``.local/``), once
-per process for the tests. A user's token carries ``sub``, ``role`` and ``aud``
-= ``authenticated``, ``iss`` = ``<SUPABASE_URL>/auth/v1`` and the metadata
-objects, as Supabase Auth issues them.
+per process for the tests; and the seeded user's demo license key, so that
+nothing in the repository can spend from a local stack's accounts. A user's
+token carries ``sub``, ``role`` and ``aud`` = ``authenticated``, ``iss`` =
+``<SUPABASE_URL>/auth/v1`` and the metadata objects, as Supabase Auth issues them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 LEGACY_KEY_TTL = 10 * 365 * 86400
 
 
+def new_demo_license_key() -> str:
+    """A license key as ``create_license_key`` makes them (256 random bits), marked as the demo's."""
+    return f"ck_demo_{secrets.token_hex(32)}"
+
+
 @dataclass(frozen=True)
 class LocalKeys:
     jwt_secret: str       # legacy HS256 secret
@@ -38,6 +44,8 @@ class LocalKeys:
     publishable_key: str  # sb_publishable_…
     secret_key: str       # sb_secret_…
     webhook_secret: str   # whsec_… (the local Stripe endpoint's signing secret)
+    # The seeded user's license key (ck_demo_…); the local stack stores its hash.
+    demo_license_key: str = ""
 
     @classmethod
     def generate(cls) -> LocalKeys:
@@ -47,14 +55,21 @@ class LocalKeys:
         return cls(jwt_secret=secrets.token_urlsafe(40), signing_key=pem, kid=secrets.token_hex(8),
                    publishable_key=f"sb_publishable_{secrets.token_urlsafe(24)}",
                    secret_key=f"sb_secret_{secrets.token_urlsafe(24)}",
-                   webhook_secret=f"whsec_{secrets.token_hex(24)}")
+                   webhook_secret=f"whsec_{secrets.token_hex(24)}",
+                   demo_license_key=new_demo_license_key())
 
     @classmethod
     def load_or_create(cls, path: Path) -> LocalKeys:
-        """The keys kept at ``path`` (readable by the owner only), made on first use."""
+        """The keys kept at ``path`` (readable by the owner only), made on first use; a
+        file from before the demo license key was kept here gets one."""
         if path.exists():
-            return cls(**json.loads(path.read_text()))
-        keys = cls.generate()
+            keys = cls(**json.loads(path.read_text()))
+            if keys.demo_license_key:
+                return keys
+            keys = replace(keys, demo_license_key=new_demo_license_key())
+            path.unlink()
+        else:
+            keys = cls.generate()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:

@@ -13,23 +13,27 @@ checks existence, status and expiry in the same call that spends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 
 from functions.errors import BadRequest, ServiceUnavailable, Unauthorized
-from functions.settings import CreditsApiSettings
+from functions.settings import CreditsApiSettings, SettingsSource, settings_source
 
 AUDIENCE = "authenticated"
 SYMMETRIC_ALGORITHMS = ["HS256"]
 ASYMMETRIC_ALGORITHMS = ["ES256", "RS256"]
 MAX_CREDENTIAL_LENGTH = 8192
-# Keys are cached for KEYS_LIFESPAN_SECONDS; a token naming an unknown kid (a
-# rotation) fetches them again, at most once per REFRESH_COOLDOWN_SECONDS, so
-# a stream of made-up kids cannot turn every request into a fetch.
-KEYS_LIFESPAN_SECONDS = 600
+# The JWKS is used for KEYS_LIFESPAN_SECONDS, then fetched again (a key removed
+# from it stops being trusted within that time); a token naming an unknown kid
+# (a new key) fetches it again at once, at most once per
+# REFRESH_COOLDOWN_SECONDS, so a stream of made-up kids cannot turn every
+# request into a fetch.
+KEYS_LIFESPAN_SECONDS = 600.0
 REFRESH_COOLDOWN_SECONDS = 30.0
 
 
@@ -52,22 +56,70 @@ class LicenseKey:
 Caller = User | LicenseKey
 
 
+class SigningKeys:
+    """The project's JWKS, by ``kid``, fetched again when older than ``lifespan`` seconds or when
+    a token names a ``kid`` it does not have (at most once per ``cooldown`` seconds).
+
+    PyJWT's client fetches; the cache is ours, on ``clock`` (monotonic seconds),
+    because PyJWT's per-kid cache never expires: a key removed from the JWKS
+    would stay trusted until the next cold start.
+    """
+
+    def __init__(self, url: str, *, lifespan: float = KEYS_LIFESPAN_SECONDS,
+                 cooldown: float = REFRESH_COOLDOWN_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url
+        self._client = jwt.PyJWKClient(url, cache_keys=False, cache_jwk_set=False, timeout=5)
+        self._lifespan, self._cooldown, self._clock = lifespan, cooldown, clock
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._lock = threading.Lock()
+
+    def _fetch(self) -> None:
+        # PyJWKClientConnectionError (unreachable) propagates: the caller answers 503.
+        data = self._client.fetch_data()
+        keys: dict[str, jwt.PyJWK] = {}
+        try:
+            found = jwt.PyJWKSet.from_dict(data).keys
+        except jwt.PyJWKSetError:  # no usable key: cached as such, not fetched per request
+            found = []
+        for jwk in found:
+            if jwk.key_id and jwk.public_key_use in (None, "sig"):
+                keys[jwk.key_id] = jwk
+        self._keys, self._fetched_at = keys, self._clock()
+
+    def get(self, kid: str) -> jwt.PyJWK:
+        """The key ``kid`` of the current JWKS; ``jwt.PyJWKClientError`` if there is none."""
+        with self._lock:
+            now = self._clock()
+            if self._fetched_at is None or now - self._fetched_at >= self._lifespan:
+                self._fetch()
+            elif kid not in self._keys and now - self._fetched_at >= self._cooldown:
+                self._fetch()
+            key = self._keys.get(kid)
+        if key is None:
+            raise jwt.PyJWKClientError(f"no signing key {kid[:64]!r} in the JWKS")
+        return key
+
+
 class TokenVerifier:
     """Verifies access tokens; one per cold start.
 
-    Asymmetric tokens (ES256/RS256) are checked against the project's JWKS:
-    PyJWT's client caches the keys and fetches them again when a token names a
-    ``kid`` it does not know (a key rotation). HS256 is accepted only when the
-    legacy shared secret is configured.
+    Asymmetric tokens (ES256/RS256) are checked against the project's JWKS
+    (``SigningKeys``). HS256 is accepted only when the legacy shared secret is
+    configured. The settings are looked up per token, so a rotated secret
+    (``LiveSettings``) applies without a cold start.
     """
 
-    def __init__(self, settings: CreditsApiSettings, *,
-                 refresh_cooldown: float = REFRESH_COOLDOWN_SECONDS) -> None:
-        self._secret = settings.jwt_secret
-        self._issuer = settings.issuer
-        self._jwks = jwt.PyJWKClient(settings.signing_keys_url, cache_keys=True,
-                                     lifespan=KEYS_LIFESPAN_SECONDS, timeout=5,
-                                     cooldown_duration=refresh_cooldown)
+    def __init__(self, settings: CreditsApiSettings | SettingsSource[CreditsApiSettings], *,
+                 refresh_cooldown: float = REFRESH_COOLDOWN_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings_source(settings)
+        self._cooldown, self._clock = refresh_cooldown, clock
+        self._jwks = self._signing_keys(self._settings.get().signing_keys_url)
+
+    def _signing_keys(self, url: str) -> SigningKeys:
+        return SigningKeys(url, cooldown=self._cooldown, clock=self._clock)
 
     def verify(self, token: str) -> dict[str, Any]:
         try:
@@ -75,12 +127,17 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise Unauthorized("invalid access token") from None
         algorithm = header.get("alg")
+        kid = header.get("kid")
+        settings = self._settings.get()
         key: Any
-        if algorithm in SYMMETRIC_ALGORITHMS and self._secret:
-            key, algorithms = self._secret, SYMMETRIC_ALGORITHMS
-        elif algorithm in ASYMMETRIC_ALGORITHMS:
+        if algorithm in SYMMETRIC_ALGORITHMS and settings.jwt_secret:
+            key, algorithms = settings.jwt_secret, SYMMETRIC_ALGORITHMS
+        elif algorithm in ASYMMETRIC_ALGORITHMS and isinstance(kid, str) and kid:
+            jwks = self._jwks
+            if jwks.url != settings.signing_keys_url:
+                jwks = self._jwks = self._signing_keys(settings.signing_keys_url)
             try:
-                key = self._jwks.get_signing_key_from_jwt(token).key
+                key = jwks.get(kid).key
             except jwt.PyJWKClientConnectionError:
                 # Our dependency is down, the token may well be fine: let the client retry.
                 raise ServiceUnavailable("the signing keys could not be fetched") from None
@@ -91,7 +148,7 @@ class TokenVerifier:
             raise Unauthorized("invalid access token")
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, key, algorithms=algorithms, audience=AUDIENCE, issuer=self._issuer,
+                token, key, algorithms=algorithms, audience=AUDIENCE, issuer=settings.issuer,
                 options={"require": ["exp", "sub", "aud", "iss"]}, leeway=10,
             )
         except jwt.ExpiredSignatureError:

@@ -22,16 +22,19 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from functions import limits
 from functions.auth import Caller, LicenseKey, TokenVerifier, User, authenticate
 from functions.errors import ApiError, BadRequest, Forbidden
-from functions.http import install_error_handlers, install_request_logging
+from functions.http import install_body_limit, install_error_handlers, install_request_logging
 from functions.observability import count
 from functions.rpc import Rpc, get_rpc
-from functions.settings import CreditsApiSettings
+from functions.settings import CreditsApiSettings, SettingsSource, settings_source
 
 MAX_AMOUNT = limits.AMOUNT
 MAX_METADATA_BYTES = limits.METADATA_BYTES
 MAX_IDEMPOTENCY_KEY = limits.IDEMPOTENCY_KEY
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
+# The largest valid body is metadata at its limit written with \u escapes (6 bytes a character)
+# plus a few short fields; anything over this is refused before it is read.
+MAX_BODY_BYTES = 262_144
 
 Amount = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT)]
 TokenCount = Annotated[StrictInt, Field(ge=0, le=limits.TOKENS)]
@@ -232,8 +235,10 @@ def release(hold_id: UUID, db: Db, who: UserCaller) -> dict[str, Any]:
     return result
 
 
-def create_app(settings: CreditsApiSettings, *, rpc: Rpc | None = None) -> FastAPI:
-    """The credits app for these settings (one per cold start)."""
+def create_app(settings: CreditsApiSettings | SettingsSource[CreditsApiSettings], *,
+               rpc: Rpc | None = None) -> FastAPI:
+    """The credits app for these settings (one per cold start; a ``LiveSettings`` is read per request)."""
+    source = settings_source(settings)
     app = FastAPI(
         title="Credits API",
         version="1.0.0",
@@ -242,15 +247,16 @@ def create_app(settings: CreditsApiSettings, *, rpc: Rpc | None = None) -> FastA
         docs_url="/credits/docs",
         redoc_url=None,
     )
-    app.state.rpc = rpc or get_rpc(settings)
-    app.state.verifier = TokenVerifier(settings)
+    app.state.rpc = rpc or get_rpc(source)
+    app.state.verifier = TokenVerifier(source)
     app.include_router(router)
     install_error_handlers(app)
+    install_body_limit(app, MAX_BODY_BYTES)
     install_request_logging(app, "Credits")
     # Added last so it is outermost: error responses carry CORS headers too.
     app.add_middleware(
         CORSMiddleware,
-        allow_origins=list(settings.cors_allow_origins),
+        allow_origins=list(source.get().cors_allow_origins),
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-License-Key",
                        "X-Request-Id", "apikey", "x-client-info"],

@@ -25,6 +25,20 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+def body_too_large(limit: int) -> JSONResponse:
+    """413 in the contract's shape (``functions.body_limit`` answers it before reading the body)."""
+    return error_response(ApiError(f"the request body is larger than {limit} bytes", status=413,
+                                   error="payload_too_large", detail={"limit_bytes": limit}))
+
+
+def install_body_limit(app: FastAPI, max_bytes: int) -> None:
+    """Refuse bodies over ``max_bytes`` (413) before reading them. Call it before
+    ``install_request_logging``, so the refusals are logged like any answer."""
+    from functions import body_limit
+
+    body_limit.install_body_limit(app, max_bytes, body_too_large)
+
+
 _STATUS_NAMES = {
     400: "invalid_argument", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",

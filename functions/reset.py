@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
 from typing import Any
 
+from functions.errors import ApiError
 from functions.observability import count, logger
 
 RunBatch = Callable[[Mapping[str, Any]], Mapping[str, Any]]
@@ -102,3 +103,17 @@ def emit(summary: Mapping[str, Any]) -> None:
     count("MonthlyResetExpired", summary["expired"])
     count("MonthlyResetBatches", summary["batches"])
     count("MonthlyResetIncomplete", 0 if summary["done"] else 1)
+
+
+def refusal(exc: Exception) -> dict[str, Any] | None:
+    """The contract's error body when the run was refused for its input (a malformed
+    ``period_start``, or one the database refuses, e.g. more than a month ahead): running
+    it again cannot help, so the handler answers this instead of failing for a retry.
+    None for every other failure."""
+    if isinstance(exc, ValueError):
+        return {"error": "invalid_argument", "message": str(exc), "detail": {"argument": "period_start"}}
+    if isinstance(exc, ApiError) and exc.status in (400, 422):
+        reason = exc.detail.get("reason")
+        message = f"period_start refused: {reason}" if isinstance(reason, str) else exc.message
+        return {"error": exc.error, "message": message, "detail": dict(exc.detail)}
+    return None

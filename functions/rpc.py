@@ -7,9 +7,10 @@ with the same headers ``create_client`` sets: ``apikey`` and
 storage, realtime and edge-function clients, which no function uses and which
 cost ~80 ms of every cold start (docs/benchmarks.md).
 
-One HTTP connection pool and one or two PostgREST clients per cold start: the
-service client (secret key) and, for the credits API, the public one (publishable
-key as ``apikey``). A user's call goes through a per-request client derived from
+One HTTP connection pool per cold start and one or two PostgREST clients per
+value of the keys (rebuilt when a rotated key is read): the service client
+(secret key) and, for the credits API, the public one (publishable key as
+``apikey``). A user's call goes through a per-request client derived from
 the public one with ``schema()`` (it copies the headers and shares the pool),
 then ``auth(token)`` sets *that copy's* Authorization header, so tokens never
 leak between overlapping requests. Every failure is mapped by ``functions.errors``.
@@ -26,7 +27,7 @@ from postgrest import APIError, SyncPostgrestClient
 
 from functions.errors import ApiError, ServiceUnavailable, from_database_error
 from functions.observability import logger
-from functions.settings import CreditsApiSettings, FunctionSettings
+from functions.settings import CreditsApiSettings, FunctionSettings, SettingsSource, settings_source
 
 # Filter operators the ledger read may use (PostgREST names).
 _OPERATORS = {"eq", "neq", "lt", "lte", "gt", "gte"}
@@ -41,25 +42,56 @@ def _client(settings: FunctionSettings, key: str, http: httpx.Client) -> SyncPos
     )
 
 
-class Rpc:
-    """Calls into the database through the REST layer, for one configuration."""
+class Clients:
+    """The PostgREST clients of one settings value (rebuilt when a key rotates)."""
 
-    def __init__(self, settings: FunctionSettings) -> None:
-        timeout = httpx.Timeout(settings.rpc_timeout_seconds, connect=min(5.0, settings.rpc_timeout_seconds))
+    def __init__(self, settings: FunctionSettings, http: httpx.Client) -> None:
+        self.settings = settings
+        self.service = _client(settings, settings.service_key, http)
+        self.public = (_client(settings, settings.public_key, http)
+                       if isinstance(settings, CreditsApiSettings) else None)
+
+
+class Rpc:
+    """Calls into the database through the REST layer, for one configuration.
+
+    The settings are looked up on each call (``LiveSettings`` re-reads rotated
+    secrets); the clients are rebuilt only when they changed, and always share
+    one connection pool.
+    """
+
+    def __init__(self, settings: FunctionSettings | SettingsSource[FunctionSettings]) -> None:
+        self._source = settings_source(settings)
+        first = self._source.get()
+        timeout = httpx.Timeout(first.rpc_timeout_seconds, connect=min(5.0, first.rpc_timeout_seconds))
         self._http = httpx.Client(timeout=timeout, follow_redirects=False,
                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
-        self._service = _client(settings, settings.service_key, self._http)
-        self._public = (_client(settings, settings.public_key, self._http)
-                        if isinstance(settings, CreditsApiSettings) else None)
+        self._clients = Clients(first, self._http)
 
     def close(self) -> None:
         self._http.close()
 
+    def clients(self) -> Clients:
+        current = self._source.get()
+        clients = self._clients
+        if clients.settings is not current and clients.settings != current:
+            clients = self._clients = Clients(current, self._http)
+        return clients
+
+    @property
+    def _service(self) -> SyncPostgrestClient:
+        return self.clients().service
+
+    @property
+    def _public(self) -> SyncPostgrestClient | None:
+        return self.clients().public
+
     def user_client(self, token: str) -> SyncPostgrestClient:
         """A PostgREST client acting as this token's user, sharing only the connection pool."""
-        if self._public is None:
+        public = self._public
+        if public is None:
             raise RuntimeError("user calls need the credits API's settings (a public key)")
-        return self._public.schema("public").auth(token)
+        return public.schema("public").auth(token)
 
     def service(self, fn: str, params: Mapping[str, Any] | None = None) -> Any:
         """Call ``fn`` with the service role."""
@@ -119,11 +151,11 @@ def _execute(name: str, run: Callable[[], Any]) -> Any:
 
 # --- one Rpc per configuration per process (i.e. per cold start) ------------------
 
-_instances: dict[FunctionSettings, Rpc] = {}
+_instances: dict[Any, Rpc] = {}
 _lock = threading.Lock()
 
 
-def get_rpc(settings: FunctionSettings) -> Rpc:
+def get_rpc(settings: FunctionSettings | SettingsSource[FunctionSettings]) -> Rpc:
     with _lock:
         instance = _instances.get(settings)
         if instance is None:
@@ -131,6 +163,7 @@ def get_rpc(settings: FunctionSettings) -> Rpc:
         return instance
 
 
-def service_rpc(settings: FunctionSettings, fn: str, params: Mapping[str, Any] | None = None) -> Any:
+def service_rpc(settings: FunctionSettings | SettingsSource[FunctionSettings], fn: str,
+                params: Mapping[str, Any] | None = None) -> Any:
     """Call contract function ``fn`` with the service role's key; returns its JSON result."""
     return get_rpc(settings).service(fn, params)

@@ -1,10 +1,15 @@
-"""Settings of the Lambda functions, one type per function, read once per cold start.
+"""Settings of the Lambda functions, one type per function.
 
 Each field names the environment variable(s) it comes from; a value may also
 come from SSM Parameter Store when ``<NAME>_PARAM`` names a parameter instead
 (secrets stay out of the function's configuration). Required fields have no
 default: a missing or placeholder value stops the cold start with an error that
 names the setting but never shows a value.
+
+The functions hold their settings in a ``LiveSettings``: read at the cold
+start, read again when older than ``SECRETS_MAX_AGE_SECONDS`` (5 minutes) and
+after each SnapStart restore (a snapshot would otherwise keep the values of the
+deploy forever), so a secret rotated in SSM is picked up without a redeploy.
 
 Supabase issues two generations of API keys; each key field accepts the newer
 name first and the legacy one second (``SUPABASE_SECRET_KEY`` or
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -111,6 +118,12 @@ class ResetSettings(FunctionSettings):
 
 
 S = TypeVar("S", bound=FunctionSettings)
+S_co = TypeVar("S_co", bound=FunctionSettings, covariant=True)
+
+# How long a value read from SSM (or the environment) is used before it is read again.
+SECRETS_MAX_AGE_SECONDS = 300.0
+# After a failed re-read the values in use are kept; the next attempt waits this long.
+RETRY_SECONDS = 30.0
 
 
 def is_placeholder(value: str | None) -> bool:
@@ -118,12 +131,27 @@ def is_placeholder(value: str | None) -> bool:
     return value is None or not value.strip() or bool(_PLACEHOLDER.match(value.strip()))
 
 
-def _from_ssm(setting: str, parameter: str) -> str:
-    # Imported lazily: the local stack and most tests never touch AWS.
-    from aws_lambda_powertools.utilities.parameters import SSMProvider
+_ssm: Any = None
 
+
+def _ssm_provider() -> Any:
+    """One SSM client per process (building a boto3 client costs more than a read)."""
+    global _ssm
+    if _ssm is None:
+        # Imported lazily: the local stack and most tests never touch AWS.
+        from aws_lambda_powertools.utilities.parameters import SSMProvider
+        from botocore.config import Config  # type: ignore[import-untyped]
+
+        # Short timeouts: a re-read runs inside a request or the after-restore hook (10 s budget).
+        _ssm = SSMProvider(boto_config=Config(connect_timeout=2, read_timeout=3,
+                                              retries={"max_attempts": 2, "mode": "standard"}))
+    return _ssm
+
+
+def _from_ssm(setting: str, parameter: str) -> str:
     try:
-        return str(SSMProvider().get(parameter, decrypt=True))
+        # LiveSettings decides when to read again; Powertools' own cache must not answer for it.
+        return str(_ssm_provider().get(parameter, decrypt=True, force_fetch=True))
     except Exception as exc:  # the SDK's errors carry no secret, but keep only their type
         raise SettingsError(
             f"setting {setting}: SSM parameter {parameter} could not be read ({type(exc).__name__})"
@@ -174,3 +202,76 @@ def load_settings(model: type[S], environ: Mapping[str, str] | None = None) -> S
         # pydantic's message would echo the input; name the variable only.
         field = str(exc.errors()[0]["loc"][0]) if exc.errors() else ""
         raise SettingsError(f"invalid setting {names.get(field, field)}") from None
+
+
+class SettingsSource(Protocol[S_co]):
+    """Where an app gets its settings for each request: fixed, or a ``LiveSettings``."""
+
+    def get(self) -> S_co: ...
+
+
+class FixedSettings(Generic[S]):
+    """Settings that never change (tests, the local stack without SSM)."""
+
+    def __init__(self, value: S) -> None:
+        self._value = value
+
+    def get(self) -> S:
+        return self._value
+
+
+class LiveSettings(Generic[S]):
+    """A function's settings, read again when older than ``max_age`` seconds and on ``refresh()``
+    (the SnapStart after-restore hook calls it).
+
+    The first read happens here, so a missing setting still fails the cold start.
+    A later read that fails (SSM unreachable, a parameter deleted) keeps the
+    values in use, logs the setting's name, and is tried again ``RETRY_SECONDS``
+    later. ``clock`` is a monotonic clock in seconds (tests move it forward).
+    """
+
+    def __init__(self, model: type[S], environ: Mapping[str, str] | None = None, *,
+                 max_age: float = SECRETS_MAX_AGE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._model, self._environ, self._max_age = model, environ, max_age
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._value = load_settings(model, environ)
+        self._next_read = clock() + max_age
+
+    def get(self) -> S:
+        if self.clock() < self._next_read:
+            return self._value
+        return self.refresh()
+
+    def refresh(self, *, retry_in: float = RETRY_SECONDS) -> S:
+        """Read every setting again now; on failure keep the values in use and try again
+        ``retry_in`` seconds later (0: at the next ``get()``)."""
+        if not self._lock.acquire(blocking=False):
+            return self._value  # another thread is reading them; its result will be used next
+        try:
+            try:
+                self._value = load_settings(self._model, self._environ)
+                self._next_read = self.clock() + self._max_age
+            except SettingsError as exc:
+                from functions.observability import logger
+
+                # The message names the setting and parameter, never a value.
+                logger.warning("settings could not be read again; the values in use are kept",
+                               extra={"reason": str(exc)})
+                self._next_read = self.clock() + retry_in
+            return self._value
+        finally:
+            self._lock.release()
+
+    def after_restore(self) -> None:
+        """SnapStart resumed a snapshot: read again now, and should that fail, at the next
+        ``get()`` rather than keep the snapshot's values for long."""
+        self.refresh(retry_in=0)
+
+
+def settings_source(settings: S | SettingsSource[S]) -> SettingsSource[S]:
+    """A settings object as a source (fixed), or the source as it is."""
+    if isinstance(settings, FunctionSettings):
+        return FixedSettings(settings)
+    return settings

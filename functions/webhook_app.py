@@ -7,6 +7,7 @@ RPC records and applies it in a single transaction. What the event does, and
 whether it already happened, is the database's decision.
 
 Answers (Stripe retries every non-2xx answer for up to three days):
+- 413 for a body over 1 MB (refused before it is read: no Stripe event is that big).
 - 400 for a missing/invalid signature, a stale timestamp or a body that is not
   an event: nothing is recorded, and a retry of the same bytes cannot succeed.
 - 200 once the event is recorded, whatever the outcome: applied, duplicate,
@@ -38,10 +39,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from functions.errors import ApiError, BadRequest, ServiceUnavailable
-from functions.http import install_error_handlers, install_request_logging
+from functions.http import install_body_limit, install_error_handlers, install_request_logging
 from functions.observability import count, logger
 from functions.rpc import Rpc, get_rpc
-from functions.settings import WebhookSettings
+from functions.settings import SettingsSource, WebhookSettings, settings_source
 from functions.stripe_events import normalize
 
 SIGNATURE_TOLERANCE_SECONDS = 300
@@ -123,7 +124,7 @@ router = APIRouter()
 
 @router.post("/stripe/webhook")
 async def stripe_webhook(request: Request) -> JSONResponse:
-    settings: WebhookSettings = request.app.state.settings
+    settings: WebhookSettings = request.app.state.settings.get()
     rpc: Rpc = request.app.state.rpc
     # The raw bytes as delivered (Mangum has already undone API Gateway's base64).
     payload = await request.body()
@@ -179,11 +180,15 @@ def _release_ready(rpc: Rpc, event_id: str) -> None:
     logger.info("parked stripe events released", extra={"event_id": event_id, **(out or {})})
 
 
-def create_app(settings: WebhookSettings, *, rpc: Rpc | None = None) -> FastAPI:
+def create_app(settings: WebhookSettings | SettingsSource[WebhookSettings], *,
+               rpc: Rpc | None = None) -> FastAPI:
+    """The webhook app (one per cold start; a ``LiveSettings`` is read per delivery)."""
+    source = settings_source(settings)
     app = FastAPI(title="Credits Stripe webhook", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.settings = settings
-    app.state.rpc = rpc or get_rpc(settings)
+    app.state.settings = source
+    app.state.rpc = rpc or get_rpc(source)
     app.include_router(router)
     install_error_handlers(app)
+    install_body_limit(app, MAX_BODY_BYTES)
     install_request_logging(app, "StripeWebhook")
     return app

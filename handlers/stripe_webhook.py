@@ -1,7 +1,9 @@
 """Lambda entry point of the Stripe webhook (API Gateway HTTP API -> Mangum -> FastAPI).
 
-Settings are loaded at import, once per cold start; a missing one (e.g.
-STRIPE_WEBHOOK_SECRET) fails the cold start with an error that names it.
+Settings are loaded at import, at the cold start; a missing one (e.g.
+STRIPE_WEBHOOK_SECRET) fails the cold start with an error that names it. They
+are read again when older than 5 minutes and after each SnapStart restore, so
+a rolled signing secret needs no deploy.
 
 The same function also runs on a schedule (EventBridge, see serverless.yml):
 then it applies the parked events whose link arrived but which the linking
@@ -18,10 +20,12 @@ from mangum import Mangum
 
 from functions.observability import logger, metrics
 from functions.rpc import service_rpc
-from functions.settings import WebhookSettings, load_settings
+from functions.settings import LiveSettings, WebhookSettings
+from functions.snapstart import refresh_after_restore
 from functions.webhook_app import create_app
 
-settings = load_settings(WebhookSettings)
+settings = LiveSettings(WebhookSettings)
+refresh_after_restore(settings)
 app = create_app(settings)
 _asgi = Mangum(app, lifespan="off")
 

@@ -41,12 +41,8 @@ select public.add_purchased_credits(a.id, 1000, 'seed:alice-demo-credits', null,
   from public.credit_accounts a
  where a.user_id = '11111111-1111-4111-8111-111111111111';
 
--- A demo license key for Alice's account. Only its hash is stored, as for
--- real keys; the key itself is printed by `./dev start`:
---   ck_demo_0000000000000000000000000000000000000000000000000000000000
-insert into public.credit_license_keys (account_id, name, prefix, key_hash)
-select a.id, 'Demo server', 'ck_demo_000',
-       sha256(convert_to('ck_demo_0000000000000000000000000000000000000000000000000000000000', 'UTF8'))
-  from public.credit_accounts a
- where a.user_id = '11111111-1111-4111-8111-111111111111'
-on conflict (key_hash) do nothing;
+-- No license key here: anything written in this file is public, and a key in
+-- it would spend Alice's credits on every machine that runs the seed. The local
+-- stack (`./dev start`) stores a random one per data directory (kept with its
+-- other keys in .local/, printed in its banner); with the Supabase CLI, create
+-- one as Alice with `create_license_key`.

@@ -837,6 +837,58 @@ def test_asymmetric_tokens_verified_with_the_projects_jwks() -> None:
         authenticate({"Authorization": f"Bearer {good}"}, unreachable)
 
 
+class Clock:
+    """A monotonic clock the test moves forward (no sleeping); whole seconds, so sums are exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_key_removed_from_the_jwks_stops_being_trusted_within_ten_minutes() -> None:
+    from functions.auth import KEYS_LIFESPAN_SECONDS
+
+    old_key, new_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    with jwks_server([_jwk(old_key.public_key(), "old", "ES256")]) as project:
+        clock = Clock()
+        verifier = TokenVerifier(_api_settings(project.url), clock=clock)
+        claims = {**_claims("user-1"), "iss": f"{project.url}/auth/v1", "exp": int(time.time()) + 3600}
+        old_token = jwt.encode(claims, old_key, algorithm="ES256", headers={"kid": "old"})
+        new_token = jwt.encode(claims, new_key, algorithm="ES256", headers={"kid": "new"})
+
+        def check(token: str) -> str:
+            try:
+                return authenticate({"Authorization": f"Bearer {token}"}, verifier).user_id  # type: ignore[union-attr]
+            except Unauthorized:
+                return "401"
+
+        assert check(old_token) == "user-1" and len(project.fetches) == 1
+        # The project rotates: the new key is published, the old one withdrawn (say, leaked).
+        project.keys[:] = [_jwk(new_key.public_key(), "new", "ES256")]
+        clock.now += 31  # past the cooldown: a token with the new kid fetches at once
+        assert check(new_token) == "user-1" and len(project.fetches) == 2
+        # The old key is gone from the fetched set: refused at once...
+        assert check(old_token) == "401"
+        # ...and with a JWKS fetched before the rotation, within the lifespan at most.
+        with jwks_server([_jwk(old_key.public_key(), "old", "ES256")]) as other:
+            clock2 = Clock()
+            cached = TokenVerifier(_api_settings(other.url), clock=clock2)
+            claims2 = {**claims, "iss": f"{other.url}/auth/v1"}
+            token2 = jwt.encode(claims2, old_key, algorithm="ES256", headers={"kid": "old"})
+            assert authenticate({"Authorization": f"Bearer {token2}"}, cached).user_id == "user-1"  # type: ignore[union-attr]
+            other.keys.clear()
+            clock2.now += KEYS_LIFESPAN_SECONDS - 1
+            assert authenticate({"Authorization": f"Bearer {token2}"}, cached).user_id == "user-1"  # type: ignore[union-attr]
+            assert len(other.fetches) == 1
+            clock2.now += 1
+            with pytest.raises(Unauthorized):
+                authenticate({"Authorization": f"Bearer {token2}"}, cached)
+            assert len(other.fetches) == 2
+            assert KEYS_LIFESPAN_SECONDS == 600
+
+
 def _hmac_token(claims: dict[str, Any], secret: bytes) -> str:
     """An HS256 JWT built by hand (PyJWT itself refuses PEM keys as HMAC secrets)."""
     import base64

@@ -4,6 +4,7 @@ migration tracking it relies on applies each file exactly once."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import queue
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -32,6 +34,8 @@ class Started:
 
     def __init__(self, data_dir: Path, log: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # always its own server
+        # Never the checkout's .local/stack.json: a `./dev start` may be serving beside the tests.
+        env["DEVSTACK_STATE_FILE"] = str(data_dir.parent / "stack.json")
         self._log_path = log
         self._log = log.open("w")
         self.process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
@@ -107,6 +111,12 @@ def _balance(rest_url: str, exports: dict[str, str]) -> dict:
 
 def test_dev_start_serves_keeps_data_and_stops(tmp_path: Path) -> None:
     data_dir = tmp_path / "pgdata"
+    # Another stack (this process stands in for it: alive) announced itself where these stacks
+    # would look; a stack of another data directory must leave that announcement alone.
+    announcement = json.dumps({"pid": os.getpid(), "dsn": "host=/nowhere", "rest_url": "http://127.0.0.1:1",
+                               "keys_path": None, "credits_url": None, "webhook_url": None,
+                               "reset_url": None})
+    (tmp_path / "stack.json").write_text(announcement)
     first = Started(data_dir, tmp_path / "first.log")
     try:
         assert "bootstrapped" in first.database_line and "seeded" in first.database_line
@@ -119,6 +129,7 @@ def test_dev_start_serves_keeps_data_and_stops(tmp_path: Path) -> None:
         keys = tokens.LocalKeys.load_or_create(keys_path)
         assert keys.secret_key == exports["SECRET_KEY"] and keys.secret_key in first.banner
         assert keys.webhook_secret in first.banner and keys.jwt_secret in first.banner
+        assert keys.demo_license_key in first.banner and exports["LICENSE_KEY"] == keys.demo_license_key
         # The banner says how to reach the database and which origins the API allows.
         psql = re.search(r"psql\s+(psql .+)", first.banner)
         assert psql and "credits" in psql.group(1)
@@ -153,8 +164,9 @@ def test_dev_start_serves_keeps_data_and_stops(tmp_path: Path) -> None:
         run_readme_examples(exports)
         code, tail = first.stop()
         assert code == 0 and "stopped." in tail
-        # The embedded PostgreSQL went with it.
+        # The embedded PostgreSQL went with it; the other stack's announcement did not.
         assert not (data_dir / "postmaster.pid").exists()
+        assert (tmp_path / "stack.json").read_text() == announcement
     finally:
         first.kill()
 
@@ -231,14 +243,66 @@ def test_migrations_apply_once_and_are_recorded(pg_server: str) -> None:
             len(files),)
 
 
-def test_seed_users_and_key_are_found() -> None:
+def test_seed_users_are_found_and_no_key_is_in_the_repository() -> None:
     users = {user.email: user for user in serve.seed_users()}
     assert users["alice@example.com"].user_id == ALICE
     assert users["admin@example.com"].app_metadata.get("role") == "super_admin"
-    key = serve.seed_license_key()
-    assert key and key.startswith("ck_demo_")
-    # The printed key is the one whose hash the seed stores.
-    assert f"sha256(convert_to('{key}'" in db.SEED.read_text()
+    # Anything in the seed is public: a license key there would spend Alice's credits anywhere.
+    seed = db.SEED.read_text()
+    assert not re.search(r"\bck_", seed) and "credit_license_keys" not in seed
+
+
+def test_the_demo_license_key_is_random_per_data_directory(pg_server: str, tmp_path: Path) -> None:
+    """The local stack stores its data directory's own key for Alice's account (and revokes the
+    fixed key earlier seeds published); the key spends, a key of another directory does not."""
+    dsn = db.create_database(pg_server, f"demo_key_{uuid.uuid4().hex[:8]}")
+    migrate.apply_pending(dsn)
+    mine = tokens.LocalKeys.load_or_create(tmp_path / "a.keys.json")
+    other = tokens.LocalKeys.load_or_create(tmp_path / "b.keys.json")
+    assert mine.demo_license_key.startswith("ck_demo_") and mine.demo_license_key != other.demo_license_key
+    retired = "ck_demo_" + "0" * 58  # what earlier seeds stored and printed
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("insert into public.credit_license_keys (account_id, name, prefix, key_hash)"
+                     " select id, 'Demo server', 'ck_demo_000', sha256(convert_to(%s, 'UTF8'))"
+                     " from public.credit_accounts where user_id = %s", (retired, ALICE))
+    assert serve.ensure_demo_license_key(dsn, mine.demo_license_key)
+    assert serve.ensure_demo_license_key(dsn, mine.demo_license_key)  # a restart: nothing new
+
+    def spend(key: str) -> Any:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            try:
+                return db.call_function(conn, "deduct_credits_by_license", {
+                    "p_license_key": key, "p_idempotency_key": str(uuid.uuid4()), "p_amount": 1},
+                    role="service_role")
+            except psycopg.Error as exc:
+                return exc.diag.message_primary
+
+    assert spend(retired) == "license_key_inactive"
+    assert spend(other.demo_license_key) == "invalid_license_key"
+    spent = spend(mine.demo_license_key)
+    assert spent["charged"] == 1
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "select k.name, k.created_by::text, a.user_id::text from public.credit_license_keys k"
+            " join public.credit_accounts a on a.id = k.account_id where k.revoked_at is null").fetchall()
+    assert rows == [("Demo server", ALICE, ALICE)]  # one live key, Alice's, as if she made it
+    # A keys file from before the demo key was kept there gets one, and keeps the rest.
+    old_file = tmp_path / "old.keys.json"
+    fields = {k: v for k, v in json.loads((tmp_path / "a.keys.json").read_text()).items()
+              if k != "demo_license_key"}
+    old_file.write_text(json.dumps(fields))
+    upgraded = tokens.LocalKeys.load_or_create(old_file)
+    assert upgraded.secret_key == mine.secret_key and upgraded.demo_license_key.startswith("ck_demo_")
+    assert tokens.LocalKeys.load_or_create(old_file) == upgraded
+    assert old_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_only_the_announcing_process_removes_the_announcement(tmp_path: Path) -> None:
+    path = tmp_path / "stack.json"
+    path.write_text(json.dumps({"pid": os.getppid()}))  # another live process's stack
+    assert serve.clear_state(path) is False and path.exists()
+    path.write_text(json.dumps({"pid": os.getpid()}))
+    assert serve.clear_state(path) is True and not path.exists()
 
 
 def test_banner_names_every_endpoint() -> None:
@@ -282,8 +346,9 @@ def test_local_keys_are_random_per_data_directory(tmp_path: Path) -> None:
     first = tokens.LocalKeys.load_or_create(tmp_path / "a.keys.json")
     assert tokens.LocalKeys.load_or_create(tmp_path / "a.keys.json") == first  # kept
     other = tokens.LocalKeys.load_or_create(tmp_path / "b.keys.json")
-    assert {first.jwt_secret, first.secret_key, first.webhook_secret, first.kid}.isdisjoint(
-        {other.jwt_secret, other.secret_key, other.webhook_secret, other.kid})
+    assert {first.jwt_secret, first.secret_key, first.webhook_secret, first.kid,
+            first.demo_license_key}.isdisjoint(
+        {other.jwt_secret, other.secret_key, other.webhook_secret, other.kid, other.demo_license_key})
     assert first.secret_key.startswith("sb_secret_") and first.publishable_key.startswith("sb_publishable_")
     claims = jwt.decode(first.anon_key(), first.jwt_secret, algorithms=["HS256"])
     assert claims["role"] == "anon" and claims["exp"] > time.time() + 5 * 365 * 86400

@@ -147,10 +147,18 @@ def test_reset_stops_before_the_time_limit_and_resumes(handler: Callable[..., di
 def test_reset_of_an_explicit_month_and_bad_input(handler: Callable[..., dict[str, Any]],
                                                   reset_db: Db) -> None:
     rows = ledger_rows(reset_db)
-    with pytest.raises(ValueError, match="period_start"):
-        handler(scheduled_event(detail={"period_start": "2026-02-15"}), LambdaContext())
-    with pytest.raises(ValueError, match="period_start"):
-        handler({"period_start": 202602}, LambdaContext())
+    # Refused input is answered with the contract's error body (a retry could not succeed).
+    for event in (scheduled_event(detail={"period_start": "2026-02-15"}), {"period_start": 202602}):
+        refused = handler(event, LambdaContext())
+        assert refused == {"error": "invalid_argument",
+                           "message": "period_start must be the first day of a month as YYYY-MM-01",
+                           "detail": {"argument": "period_start"}}
+    # A period the database refuses (more than one month ahead): its reason, not a bare failure.
+    ahead = handler(scheduled_event(detail={"period_start": "2999-01-01"}), LambdaContext())
+    assert ahead["error"] == "invalid_argument" and set(ahead) == {"error", "message", "detail"}
+    assert ahead["detail"] == {"argument": "p_period_start",
+                               "reason": "must not be more than one month ahead of the current UTC month"}
+    assert "one month ahead" in ahead["message"]
     # A month that already passed for every account: nothing to renew.
     past = handler(scheduled_event(detail={"period_start": "2020-01-01"}), LambdaContext())
     assert past["period_start"] == "2020-01-01" and past["granted"] == 0 and past["done"] is True

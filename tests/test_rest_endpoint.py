@@ -248,6 +248,33 @@ def test_client_errors_are_4xx_never_an_outage(http: httpx.Client, database: Db,
     assert database.balance(account) == before
 
 
+@pytest.mark.parametrize("text", ["\\ud800", "a\\udc00b", "\\ud800\\ud800"])
+def test_a_lone_surrogate_is_refused_as_postgrest_would(http: httpx.Client, database: Db,
+                                                        funded: tuple[Caller, str], text: str) -> None:
+    """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``); PostgreSQL cannot hold it. The
+    answer names that problem with a 400-class status: never "function not found", never a 500."""
+    caller, account = funded
+    before = database.balance(account)
+    # Written by hand: json.dumps would escape the backslash of the escape sequence.
+    raw = f'{{"p_account_id": "{account}", "p_idempotency_key": "{text}", "p_amount": 1}}'.encode()
+    headers = {"apikey": ANON, "Authorization": f"Bearer {user_token(caller)}",
+               "Content-Type": "application/json"}
+    reply = http.post("/rpc/deduct_credits", headers=headers, content=raw)
+    assert 400 <= reply.status_code < 500 and reply.status_code != 404, reply.text
+    body = reply.json()
+    assert body["code"] not in ("PGRST202", None) and body["code"].startswith("22"), body
+    assert "Unicode" in body["message"] + (body["details"] or ""), body
+    # The same in a metadata value, and in a table write: the same kind of answer.
+    nested = (f'{{"p_account_id": "{account}", "p_idempotency_key": "k-{uuid.uuid4()}", "p_amount": 1,'
+              f' "p_metadata": {{"n": "{text}"}}}}').encode()
+    assert http.post("/rpc/deduct_credits", headers=headers, content=nested).status_code == 400
+    row = f'{{"operation": "{text}", "credits": 1}}'.encode()
+    written = http.post("/credit_prices", headers={"apikey": SERVICE, "Content-Type": "application/json"},
+                        content=row)
+    assert written.status_code == 400 and written.json()["code"].startswith("22"), written.text
+    assert database.balance(account) == before
+
+
 # Every status rule of the mapping, raised for real by a function in a database of
 # its own (so the shared test database keeps only contract functions).
 RAISE_ERROR_SQL = """

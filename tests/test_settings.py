@@ -1,24 +1,39 @@
 """Settings: from the environment or from SSM Parameter Store (through moto), and a
-missing or placeholder setting fails the cold start naming it, never showing a value."""
+missing or placeholder setting fails the cold start naming it, never showing a value.
+A secret rotated in SSM is used within 5 minutes, and at once after a SnapStart restore."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
+import snapshot_restore_py
 from moto import mock_aws
 
+from devstack import tokens
+from functions import settings as settings_module
 from functions.settings import (
+    RETRY_SECONDS,
+    SECRETS_MAX_AGE_SECONDS,
     CreditsApiSettings,
+    LiveSettings,
     ResetSettings,
     SettingsError,
     WebhookSettings,
     load_settings,
 )
+from tests.lambda_events import LambdaContext, http_event, response_json
+from tests.stripe_support import sign
+from tests.support import Db
+
+ORIGIN = "https://app.example.com"
 
 SECRET = "a-very-secret-jwt-secret-of-sufficient-length"
 SERVICE_KEY = "service-role-key-value-0123456789"
@@ -131,6 +146,7 @@ def ssm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
                         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setattr(settings_module, "_ssm", None)  # the process's SSM client, made inside the mock
     with mock_aws():
         client = boto3.client("ssm", region_name="us-east-1")
         yield client
@@ -215,5 +231,124 @@ def test_handler_cold_start_reads_ssm(ssm: Any, monkeypatch: pytest.MonkeyPatch)
         "SUPABASE_JWT_SECRET_PARAM": "/credits/dev/supabase-jwt-secret",
         "CORS_ALLOW_ORIGINS": "https://app.example.com",
     }, monkeypatch)
-    assert module.settings.jwt_secret == SECRET
-    assert module.settings.public_key == "anon-from-ssm-0123456789"
+    assert module.settings.get().jwt_secret == SECRET
+    assert module.settings.get().public_key == "anon-from-ssm-0123456789"
+
+
+# --- secrets that rotate: read again when older than 5 minutes and after a SnapStart restore ---------
+
+
+class Clock:
+    """A monotonic clock the test moves forward (no sleeping); whole seconds, so sums are exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_live_settings_read_ssm_again_only_when_older_than_five_minutes(
+        ssm: Any, caplog: pytest.LogCaptureFixture) -> None:
+    put(ssm, "/credits/test/stripe-webhook-secret", "whsec_first_0123456789")
+    env = {"SUPABASE_URL": ENV["SUPABASE_URL"], "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+           "STRIPE_WEBHOOK_SECRET_PARAM": "/credits/test/stripe-webhook-secret"}
+    clock = Clock()
+    live = LiveSettings(WebhookSettings, env, clock=clock)
+    assert live.get().stripe_webhook_secret == "whsec_first_0123456789"
+
+    put(ssm, "/credits/test/stripe-webhook-secret", "whsec_second_0123456789")
+    clock.advance(SECRETS_MAX_AGE_SECONDS - 1)
+    assert live.get().stripe_webhook_secret == "whsec_first_0123456789"  # not read again yet
+    clock.advance(1)
+    assert live.get().stripe_webhook_secret == "whsec_second_0123456789"
+
+    # A failed read keeps the values in use, names the parameter (never a value), retries later.
+    ssm.delete_parameter(Name="/credits/test/stripe-webhook-secret")
+    clock.advance(SECRETS_MAX_AGE_SECONDS)
+    assert live.get().stripe_webhook_secret == "whsec_second_0123456789"
+    warned = [r for r in caplog.records if "could not be read again" in r.getMessage()]
+    assert warned and "/credits/test/stripe-webhook-secret" in str(warned[-1].__dict__.get("reason"))
+    assert not any("whsec_" in str(r.__dict__) for r in caplog.records)
+    put(ssm, "/credits/test/stripe-webhook-secret", "whsec_third_0123456789")
+    clock.advance(RETRY_SECONDS - 1)
+    assert live.get().stripe_webhook_secret == "whsec_second_0123456789"
+    clock.advance(1)
+    assert live.get().stripe_webhook_secret == "whsec_third_0123456789"
+
+    # After a restore, a failed read is tried again at the next request, not 30 s later.
+    put(ssm, "/credits/test/stripe-webhook-secret", "<rotating>")  # a placeholder: refused
+    live.after_restore()
+    put(ssm, "/credits/test/stripe-webhook-secret", "whsec_fourth_0123456789")
+    assert live.get().stripe_webhook_secret == "whsec_fourth_0123456789"
+
+
+def test_a_rotated_secret_key_is_used_within_five_minutes_without_a_deploy(
+        ssm: Any, monkeypatch: pytest.MonkeyPatch, rest_url: str, database: Db) -> None:
+    """The old secret key was revoked at Supabase and the new one put in SSM: the warm function
+    keeps failing until its copy is 5 minutes old, then spends with the new one."""
+    caller, account_id = database.new_user()
+    database.fund(account_id, purchased=10)
+    license_key = database.call("create_license_key", caller, p_account_id=account_id,
+                                p_name="rotation")["key"]
+    put(ssm, "/credits/dev/supabase-secret-key", "sb_secret_revoked_0123456789")
+    module = cold_import("handlers.deduct", {
+        "SUPABASE_URL": rest_url, "SUPABASE_PUBLISHABLE_KEY": tokens.publishable_key(),
+        "SUPABASE_SECRET_KEY_PARAM": "/credits/dev/supabase-secret-key", "CORS_ALLOW_ORIGINS": ORIGIN,
+    }, monkeypatch)
+    clock = Clock()
+    module.settings.clock = clock
+    module.settings.refresh()  # as read at the cold start, on this clock
+
+    def spend() -> int:
+        event = http_event("POST", "/credits/deduct", body={"amount": 1},
+                           headers={"x-license-key": license_key, "idempotency-key": str(uuid.uuid4())})
+        return int(module.handler(event, LambdaContext())["statusCode"])
+
+    total = database.balance(account_id)["total"]
+    assert spend() == 401  # the REST layer refuses the revoked key
+    put(ssm, "/credits/dev/supabase-secret-key", tokens.secret_key())
+    clock.advance(SECRETS_MAX_AGE_SECONDS - 1)
+    assert spend() == 401
+    assert database.balance(account_id)["total"] == total
+    clock.advance(1)
+    assert spend() == 200
+    assert database.balance(account_id)["total"] == total - 1
+
+
+def test_the_after_restore_hook_reads_the_secrets_again(
+        ssm: Any, monkeypatch: pytest.MonkeyPatch, rest_url: str) -> None:
+    """SnapStart resumes every new environment from the deploy's memory: the hook the handler
+    registers with the runtime's library makes a rolled webhook secret apply at once."""
+    registry = snapshot_restore_py.get_after_restore()
+    before = len(registry)
+    put(ssm, "/credits/dev/stripe-webhook-secret", "whsec_deployed_0123456789")
+    module = cold_import("handlers.stripe_webhook", {
+        "SUPABASE_URL": rest_url, "SUPABASE_SECRET_KEY": tokens.secret_key(),
+        "STRIPE_WEBHOOK_SECRET_PARAM": "/credits/dev/stripe-webhook-secret",
+    }, monkeypatch)
+    hooks = registry[before:]
+    assert len(hooks) == 1  # registered at import, once
+    module.settings.clock = Clock()  # time stands still: only the hook can read again
+
+    body = json.dumps({"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": "test.rotation",
+                       "api_version": "2024-06-20", "created": int(time.time()), "livemode": False,
+                       "data": {"object": {"object": "balance"}}})
+
+    def deliver(secret: str) -> tuple[int, Any]:
+        event = http_event("POST", "/stripe/webhook", raw_body=body,
+                           headers={"stripe-signature": sign(body, secret),
+                                    "content-type": "application/json"})
+        reply = module.handler(event, LambdaContext())
+        return int(reply["statusCode"]), response_json(reply)
+
+    put(ssm, "/credits/dev/stripe-webhook-secret", "whsec_rolled_0123456789")
+    assert deliver("whsec_rolled_0123456789")[0] == 400  # the snapshot's secret is still in use
+    func, args, kwargs = hooks[0]
+    func(*args, **kwargs)  # what the runtime does after a restore
+    status, answer = deliver("whsec_rolled_0123456789")
+    assert status == 200 and answer["outcome"] == "ignored"
+    assert deliver("whsec_deployed_0123456789")[0] == 400

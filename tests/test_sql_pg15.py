@@ -34,7 +34,6 @@ ALICE = "11111111-1111-4111-8111-111111111111"
 BOB = "22222222-2222-4222-8222-222222222222"
 PLATFORM_ADMIN = "33333333-3333-4333-8333-333333333333"
 ACME = "44444444-4444-4444-8444-444444444444"
-DEMO_KEY = "ck_demo_0000000000000000000000000000000000000000000000000000000000"
 
 
 def _server_command(args: list[str]) -> list[str]:
@@ -128,7 +127,9 @@ def test_spending_paths(pg15: Db) -> None:
     expect_error(lambda: pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="k2",
                                    p_amount=1000), "PT402", "insufficient_credits")
     assert pg15.call("get_credit_balance", caller)["purchased"] == 20 - 1 - 2
-    by_key = pg15.call("deduct_credits_by_license", p_license_key=DEMO_KEY,
+    alices = pg15.call("get_credit_balance", Caller.user(ALICE))["account_id"]
+    key = pg15.call("create_license_key", Caller.user(ALICE), p_account_id=alices, p_name="pg15")["key"]
+    by_key = pg15.call("deduct_credits_by_license", p_license_key=key,
                        p_idempotency_key=str(uuid.uuid4()), p_amount=1)
     assert by_key["charged"] == 1
     ledger = pg15.ledger(account)
