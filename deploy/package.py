@@ -14,16 +14,24 @@ What goes in a function's zip, and nothing else:
   store a recompiled one), next to the sources for readable tracebacks.
 
 boto3 is not shipped: the Lambda runtime provides it (only the SSM settings
-path uses it). Zips are deterministic (sorted entries, fixed timestamps).
+path uses it).
+
+The same commit builds byte-identical zips (same sha256), so a rebuild
+publishes no new Lambda version or SnapStart snapshot: entries are sorted,
+with fixed timestamps, normalised modes and one creator system; bytecode is
+compiled serially, hash-based, and names its sources as Lambda sees them
+(``/var/task/...``), never the temporary build directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import modulefinder
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -46,6 +54,8 @@ PLATFORMS = {
 # Installed by pip as scripts or caches, never imported by a function.
 _DROP_DIRS = {"bin", "__pycache__"}
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+# Where Lambda unpacks a function's zip: the path compiled into its bytecode.
+TASK_ROOT = "/var/task"
 
 
 class PackageError(RuntimeError):
@@ -169,8 +179,17 @@ def stage(function: Function, service: Service, architecture: str, workdir: Path
 
 
 def compile_bytecode(root: Path, python: str) -> None:
-    command = [python, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
-               str(root)]
+    """Hash-based bytecode for every module, as reproducible as the sources.
+
+    ``-s``/``-p`` record each source as ``/var/task/<path>`` (the build
+    directory is temporary, so it would differ between builds); one process
+    compiling in compileall's sorted order leaves nothing to chance; ``-f``
+    never keeps a stale file.
+    """
+    for cache in sorted(root.rglob("__pycache__"), reverse=True):
+        shutil.rmtree(cache)
+    command = [python, "-m", "compileall", "-q", "-f", "-j", "1", "--invalidation-mode", "unchecked-hash",
+               "-s", str(root), "-p", TASK_ROOT, str(root)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     # A few packages carry files for other Python versions that do not compile; those are never imported.
     if done.returncode not in (0, 1):
@@ -183,14 +202,20 @@ def write_zip(root: Path, destination: Path) -> None:
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=_ZIP_TIME)
-            info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
+            info.create_system = 3  # Unix, whatever machine builds it
+            info.external_attr = (stat.S_IFREG | (0o755 if os.access(path, os.X_OK) else 0o644)) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, path.read_bytes(), compresslevel=9)
     tmp.replace(destination)
 
 
-def build(architecture: str | None = None, out: Path = BUILD) -> dict[str, Path]:
-    """Build every function's zip; returns {function: zip path}."""
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(architecture: str | None = None, out: Path = BUILD,
+          only: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Build every function's zip (or those named in ``only``); returns {function: zip path}."""
     service = read_service()
     arch = architecture or service.architecture
     if arch not in PLATFORMS:
@@ -199,14 +224,16 @@ def build(architecture: str | None = None, out: Path = BUILD) -> dict[str, Path]
     built: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="credits-package-") as tmp:
         for function in service.functions:
+            if only is not None and function.name not in only:
+                continue
             print(f"  {function.name}: wheels for {arch} / python{service.python_version} ...",
                   file=sys.stderr, flush=True)
             root = stage(function, service, arch, Path(tmp))
             compile_bytecode(root, python)
             built[function.name] = out / arch / f"{function.name}.zip"
             write_zip(root, built[function.name])
-    manifest = {name: {"zip": str(path.relative_to(out)), "bytes": path.stat().st_size}
-                for name, path in built.items()}
+    manifest = {name: {"zip": str(path.relative_to(out)), "bytes": path.stat().st_size,
+                       "sha256": sha256(path)} for name, path in built.items()}
     (out / arch / "manifest.json").write_text(json.dumps(
         {"architecture": arch, "runtime": service.runtime, "functions": manifest}, indent=1) + "\n")
     return built
@@ -252,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for name, path in built.items():
         print(f"  {name:<14} {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
-              f"  {path.stat().st_size / 1e6:.1f} MB")
+              f"  {path.stat().st_size / 1e6:.1f} MB  sha256 {sha256(path)}")
     return 0
 
 

@@ -68,6 +68,28 @@ def test_bytecode_is_compiled_for_lambdas_python_and_never_invalidated(built: di
             assert int.from_bytes(header[4:8], "little") == 1, compiled
 
 
+def test_the_same_commit_builds_byte_identical_zips(built: dict[str, Path],
+                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A rebuild publishes no new Lambda version: same bytes, whatever the build directory."""
+    again = package.build("x86_64", out=tmp_path_factory.mktemp("rebuild"), only=("monthlyReset",))
+    assert set(again) == {"monthlyReset"}
+    assert package.sha256(again["monthlyReset"]) == package.sha256(built["monthlyReset"])
+    assert again["monthlyReset"].read_bytes() == built["monthlyReset"].read_bytes()
+    manifest = json.loads((built["monthlyReset"].parent / "manifest.json").read_text())
+    assert manifest["functions"]["monthlyReset"]["sha256"] == package.sha256(built["monthlyReset"])
+    tag = "cpython-" + package.read_service().python_version.replace(".", "")
+    with zipfile.ZipFile(built["monthlyReset"]) as archive:
+        # Bytecode names its source where Lambda unpacks it, not the temporary build directory.
+        own = archive.read(f"handlers/__pycache__/monthly_reset.{tag}.pyc")
+        assert b"/var/task/handlers/monthly_reset.py" in own
+        third_party = archive.read(f"httpx/__pycache__/_client.{tag}.pyc")
+        assert b"/var/task/httpx/_client.py" in third_party
+        assert b"credits-package-" not in own + third_party
+        for info in archive.infolist():
+            assert info.date_time == (1980, 1, 1, 0, 0, 0), info.filename
+            assert info.external_attr >> 16 in (0o100644, 0o100755), info.filename
+
+
 def test_the_checks_catch_foreign_native_code_and_oversized_zips(built: dict[str, Path]) -> None:
     problems = checks.check_zip(built["deduct"], "arm64", max_zip_mb=50)
     assert problems and all("built for x86_64, not arm64" in p for p in problems)

@@ -178,6 +178,17 @@ def test_packaging_and_cors(config: dict[str, Any]) -> None:
     assert "snapStart" not in config["functions"]["monthlyReset"]
     cors = config["provider"]["httpApi"]["cors"]
     assert {"Authorization", "Idempotency-Key", "X-License-Key"} <= set(cors["allowedHeaders"])
-    assert cors["allowedOrigins"] == ["${param:corsAllowOrigins}"]
-    assert function_env(config, "deduct")["CORS_ALLOW_ORIGINS"] == "${param:corsAllowOrigins}"
-    assert "CREDITS_CORS_ALLOW_ORIGINS" in config["params"]["default"]["corsAllowOrigins"]
+    # One list for API Gateway and the function alike (tests/test_serverless_template.py reads
+    # what Serverless makes of it); no default outside deploy/cors_origins.js's dev stage.
+    assert config["custom"]["cors"] == "${file(./deploy/cors_origins.js)}"
+    assert cors["allowedOrigins"] == "${self:custom.cors.origins}"
+    assert function_env(config, "deduct")["CORS_ALLOW_ORIGINS"] == "${self:custom.cors.joined}"
+    assert "corsAllowOrigins" not in config["params"]["default"]
+
+
+def test_no_function_reserves_concurrency_by_default(config: dict[str, Any]) -> None:
+    # Reserving needs unreserved concurrency a new account does not have; a stage may ask for it.
+    reserved = {name: f["reservedConcurrency"] for name, f in config["functions"].items()
+                if "reservedConcurrency" in f}
+    assert reserved == {"monthlyReset": "${param:monthlyResetReservedConcurrency, null}"}
+    assert "monthlyResetReservedConcurrency" not in config["params"]["default"]
