@@ -4,7 +4,7 @@
 per period (an account already renewed for the month is skipped), so this loop
 needs no state of its own: it calls batch after batch until the database says
 ``done``, and stops early when the Lambda's remaining time could not fit
-another batch. The next invocation (the schedule retries hourly on the 1st)
+another batch. The next invocation (the schedule retries hourly each morning)
 simply starts from the beginning; already-renewed accounts cost almost nothing.
 """
 

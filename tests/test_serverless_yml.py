@@ -100,8 +100,8 @@ def test_the_webhook_releases_ready_parked_events_on_a_schedule(config: dict[str
 def test_monthly_reset_schedule(config: dict[str, Any]) -> None:
     reset = config["functions"]["monthlyReset"]
     rates = [event["schedule"]["rate"] for event in reset["events"] if "schedule" in event]
-    assert "cron(5 0 1 * ? *)" in rates  # 00:05 UTC on the 1st
-    assert any(re.fullmatch(r"cron\(5 \d+-\d+ 1 \* \? \*\)", rate) for rate in rates)  # retries that day
+    assert "cron(5 0 * * ? *)" in rates  # 00:05 UTC every day (yearly anniversaries, stopped payments)
+    assert any(re.fullmatch(r"cron\(5 \d+-\d+ \* \* \? \*\)", rate) for rate in rates)  # retries each morning
     assert reset["timeout"] == 900
     margin_ms = int(reset["environment"]["RESET_SAFETY_MARGIN_MS"])
     assert margin_ms > int(reset["environment"]["RPC_TIMEOUT_SECONDS"]) * 1000
