@@ -271,3 +271,57 @@ def test_a_won_dispute_of_a_plan_change_gives_back_a_grant_in_every_order(
                             "and outcome = 'failed'", w.account) == 0, order
         assert other.pools() == (3, 5)
     assert database.call("reconcile_credit_balances")["mismatches"] == []
+
+
+# --- a decrease invoiced mid-period takes back what its money bought ----------------------
+
+
+def _proration(w: World, old: str, new: str, *, left: float, credited: int, charged: int) -> dict[str, Any]:
+    end = w.period_start + 30 * DAY
+    changed_at = int(end - left * 30 * DAY)
+    event = w.event("invoice.paid.2025-03-31", BILLING_REASON="subscription_update", INVOICE=stripe_id("in"))
+    span = {"proration": True, "start": changed_at, "end": end}
+    return _with_lines(event, {"price": old, "amount": -credited, **span},
+                       {"price": new, "amount": charged, **span})
+
+
+def test_an_upgrade_then_an_immediate_downgrade_takes_the_upgrade_credits_back(
+        deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    up = _proration(world, world.plan_price, world.big_plan_price, left=0.5, credited=1450, charged=7450)
+    assert deliver(up).body["outcome"] == "applied"
+    assert world.balance()["promotional"] == 200  # (500 - 100) x half the period
+    # Back down at once: the customer gets the upgrade's 7,450 back (and pays for the old plan again).
+    down = _proration(world, world.big_plan_price, world.plan_price, left=0.5, credited=7450, charged=1450)
+    reply = deliver(down)
+    assert reply.body["outcome"] == "applied"
+    assert world.recorded(down["id"])["reason"] == "allowance_lowered"  # type: ignore[index]
+    balance = world.balance()
+    assert (balance["promotional"], balance["subscription"]) == (0, 100)
+    assert deliver(down).body["outcome"] == "duplicate"
+    assert world.balance() == balance
+
+
+def test_a_later_downgrade_takes_back_the_share_its_money_paid_and_never_below_zero(
+        deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    up = _proration(world, world.plan_price, world.big_plan_price, left=0.5, credited=1450, charged=7450)
+    assert deliver(up).body["outcome"] == "applied"
+    # 150 of the 200 upgrade credits are spent (promotional credits go first).
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=new_key(), p_amount=150)
+    # A quarter of the period left: half the upgrade's money comes back, so half its credits (100) should.
+    down = _proration(world, world.big_plan_price, world.plan_price, left=0.25, credited=3725, charged=725)
+    assert deliver(down).body["outcome"] == "applied"
+    result = world.recorded(down["id"])["result"]  # type: ignore[index]
+    assert (result["clawed_back"], result["shortfall"]) == (50, 50)
+    assert world.balance()["promotional"] == 0
+    # A downgrade with no money back takes nothing.
+    world2 = make_world(world.db)
+    link_subscription(deliver, world2)
+    assert deliver(world2.event("invoice.paid.2025-03-31", PRICE=world2.big_plan_price)).body["outcome"] \
+        == "applied"
+    plain = _proration(world2, world2.big_plan_price, world2.plan_price, left=0.5, credited=0, charged=0)
+    assert deliver(plain).body["outcome"] == "ignored"
+    assert world2.pools() == (500, 0)

@@ -876,16 +876,17 @@ def test_toggling_plans_never_beats_the_best_single_plan(deliver: Deliver, world
     _start_period(deliver, world, world.plan_price, 100)
     up = deliver(_change(world, world.plan_price, world.big_plan_price, left=0.5))
     assert up.body["outcome"] == "applied"
+    # Back down: 1,000 of the upgrade's 2,500 come back, so 200 x 1000 / 2500 = 80 of its credits do.
     down = deliver(_change(world, world.big_plan_price, world.plan_price, left=0.4))
-    assert down.body["outcome"] == "ignored"
+    assert down.body["outcome"] == "applied"
     again = deliver(_change(world, world.plan_price, world.big_plan_price, left=0.3))
     assert again.body["outcome"] == "ignored"
     balance = world.balance()
-    assert balance["total"] == 100 + 200 <= 500
+    assert balance["total"] == 100 + 200 - 80 <= 500
     # A seat added later raises the best allowance again: 2 x 500 - 500, a tenth of the period left.
     seats = deliver(_change(world, world.big_plan_price, world.big_plan_price, left=0.1, quantity=2))
     assert seats.body["outcome"] == "applied"
-    assert world.balance()["promotional"] == 200 + 50
+    assert world.balance()["promotional"] == 200 - 80 + 50
 
 
 def test_a_downgrade_grants_nothing_now(deliver: Deliver, world: World) -> None:

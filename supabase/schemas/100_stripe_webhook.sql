@@ -538,10 +538,19 @@ begin
   v_ref := coalesce(private.stripe_text(p, 'payment_intent'), v_invoice);
 
   if v_reason = 'subscription_update' then
-    return private.stripe_plan_change(v_account, v_invoice, v_ref, v_allowance, v_start, v_end,
-                                      jsonb_build_object('invoice', v_invoice, 'subscription', v_subscription,
-                                                         'price_id', v_price, 'quantity', v_quantity),
-                                      v_keys || ('payment:' || v_ref));
+    -- The money of the change: what its positive proration lines charge and
+    -- what its negative ones credit back (both in the invoice's currency).
+    return private.stripe_plan_change(
+      v_account, v_invoice, v_ref, v_allowance, v_start, v_end,
+      jsonb_build_object('invoice', v_invoice, 'subscription', v_subscription, 'price_id', v_price,
+                         'quantity', v_quantity,
+                         'paid', (select coalesce(sum(private.stripe_int(l, 'amount')), 0)
+                                    from jsonb_array_elements(v_lines) l
+                                   where l ->> 'proration' = 'true' and private.stripe_int(l, 'amount') > 0),
+                         'credited', (select coalesce(-sum(private.stripe_int(l, 'amount')), 0)
+                                        from jsonb_array_elements(v_lines) l
+                                       where l ->> 'proration' = 'true' and private.stripe_int(l, 'amount') < 0)),
+      v_keys || ('payment:' || v_ref));
   end if;
 
   v_result := private.add_subscription(
@@ -614,6 +623,9 @@ begin
   v_left := extract(epoch from (least(p_to, v_wallet.period_end) - greatest(p_from, v_wallet.period_start)))
             / nullif(extract(epoch from (v_wallet.period_end - v_wallet.period_start)), 0);
   v_grant := floor(greatest(v_increase, 0) * least(greatest(coalesce(v_left, 0), 0), 1));
+  if v_increase < 0 and (p_metadata ->> 'credited')::bigint > 0 then
+    return private.stripe_plan_decrease(v_wallet, p_invoice, (p_metadata ->> 'credited')::bigint, p_touched);
+  end if;
   if v_grant < 1 or v_wallet.period_end <= now() then
     return private.stripe_result('ignored', case when v_increase > 0 then 'rounds_to_zero' else 'not_an_increase' end,
                                  p_account_id);
@@ -626,6 +638,62 @@ begin
   return private.stripe_result('applied', case when (v_result ->> 'replayed')::boolean then 'already_granted'
                                                else 'allowance_raised' end,
                                p_account_id, v_result, p_touched);
+end
+$$;
+
+-- A decrease invoiced mid-period that credits the customer money back
+-- (p_credited, its negative proration) takes back, from this period's
+-- increase grants, the credits that money had bought: floor(credits they
+-- granted x p_credited / the positive proration paid for them), newest grant
+-- first, never below zero (what was spent is the shortfall). Increases
+-- recorded before the paid amount was kept count for nothing.
+create function private.stripe_plan_decrease(p_wallet public.credit_wallets, p_invoice text, p_credited bigint,
+                                             p_touched text[])
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_granted bigint;
+  v_paid bigint;
+  v_target bigint;
+  v_grant record;
+  v_done bigint;
+  v_take bigint;
+  v_result jsonb;
+  v_taken bigint := 0;
+  v_shortfall bigint := 0;
+begin
+  select coalesce(sum(t.promotional), 0), coalesce(sum((t.metadata ->> 'paid')::bigint), 0)
+    into v_granted, v_paid
+    from public.credit_transactions t
+   where t.account_id = p_wallet.account_id and t.kind = 'promotion' and t.origin = 'stripe'
+     and t.period_start = p_wallet.period_start and t.metadata ? 'allowance'
+     and (t.metadata ->> 'paid')::bigint > 0;
+  if v_paid = 0 then
+    return private.stripe_result('ignored', 'not_an_increase', p_wallet.account_id);
+  end if;
+  v_target := least(v_granted, floor(v_granted::numeric * p_credited / v_paid)::bigint);
+  for v_grant in select t.stripe_ref, sum(t.promotional)::bigint as granted, max(t.seq) as seq
+                   from public.credit_transactions t
+                  where t.account_id = p_wallet.account_id and t.kind = 'promotion' and t.origin = 'stripe'
+                    and t.period_start = p_wallet.period_start and t.metadata ? 'allowance'
+                    and (t.metadata ->> 'paid')::bigint > 0
+                  group by t.stripe_ref order by max(t.seq) desc loop
+    exit when v_taken + v_shortfall >= v_target;
+    select coalesce(-sum(c.promotional + c.subscription + c.purchased), 0) into v_done
+      from public.credit_transactions c
+     where c.account_id = p_wallet.account_id and c.stripe_ref = v_grant.stripe_ref
+       and c.kind in ('clawback', 'reinstate');
+    v_take := least(v_grant.granted - v_done, v_target - v_taken - v_shortfall);
+    continue when v_take <= 0;
+    v_result := private.clawback(v_grant.stripe_ref, 'decrease:' || p_invoice || ':' || v_grant.stripe_ref,
+                                 (v_done + v_take)::integer, 'plan decrease', 'stripe');
+    v_taken := v_taken + (v_result ->> 'clawed_back')::bigint;
+    v_shortfall := v_shortfall + v_take - (v_result ->> 'clawed_back')::bigint;
+  end loop;
+  return private.stripe_result('applied', 'allowance_lowered', p_wallet.account_id,
+                               jsonb_build_object('clawed_back', v_taken, 'shortfall', v_shortfall), p_touched);
 end
 $$;
 
@@ -1300,6 +1368,7 @@ revoke all on function
   private.stripe_link(uuid, text, text, text, boolean), private.stripe_newer_state(text, timestamptz),
   private.stripe_checkout(text, jsonb), private.stripe_invoice_paid(jsonb),
   private.stripe_plan_change(uuid, text, text, bigint, timestamptz, timestamptz, jsonb, text[]),
+  private.stripe_plan_decrease(public.credit_wallets, text, bigint, text[]),
   private.stripe_subscription_changed(text, jsonb), private.stripe_granted(text), private.stripe_grant_ref(text),
   private.stripe_invoice_payment(jsonb), private.stripe_charge_refunded(jsonb),
   private.stripe_dispute_created(jsonb), private.stripe_dispute_won(text, jsonb),
