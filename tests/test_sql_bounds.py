@@ -99,3 +99,24 @@ def test_the_bound_comes_before_the_credits(database: Db) -> None:
     expect_error(reserve, "PT429", "too_many_holds", database, caller, account_id, amount=10)
     forget_this_minute(database, account_id)
     expect_error(reserve, "PT402", "insufficient_credits", database, caller, account_id, amount=10)
+
+
+def test_the_credits_api_answers_429_with_retry_after(rest_url: str, database: Db) -> None:
+    from devstack import tokens
+    from tests.lambda_events import cold_start
+    from tests.test_credits_api import credits_env, make_invoke, snapshot as api_snapshot
+
+    caller, account_id = database.new_user()
+    assert caller.user_id
+    database.sql("update public.credit_wallets set hold_minute = date_trunc('minute', now()), "
+                 "hold_minute_count = 600 where account_id = %s", account_id)
+    before = api_snapshot(database, account_id)
+    with cold_start("handlers.deduct", credits_env(rest_url)) as handler:
+        invoke = make_invoke(handler)
+        reply = invoke("POST", "/credits/holds", token=tokens.user_token(caller.user_id), key=new_key(),
+                       body={"amount": 1})
+    assert reply.status == 429, reply.body
+    assert reply.body["error"] == "too_many_holds" and reply.body["detail"]["limit"] == 600
+    retry_after = reply.raw["headers"].get("retry-after") or reply.raw["headers"].get("Retry-After")
+    assert retry_after == str(reply.body["detail"]["retry_after"])
+    assert api_snapshot(database, account_id) == before
