@@ -104,7 +104,8 @@ def test_the_bound_comes_before_the_credits(database: Db) -> None:
 def test_the_credits_api_answers_429_with_retry_after(rest_url: str, database: Db) -> None:
     from devstack import tokens
     from tests.lambda_events import cold_start
-    from tests.test_credits_api import credits_env, make_invoke, snapshot as api_snapshot
+    from tests.test_credits_api import credits_env, make_invoke
+    from tests.test_credits_api import snapshot as api_snapshot
 
     caller, account_id = database.new_user()
     assert caller.user_id
