@@ -231,6 +231,71 @@ class Mix:
     lock: threading.Lock
     spends: list[str] = field(default_factory=list)     # transaction ids of successful deducts
     payments: list[str] = field(default_factory=list)   # Stripe references of purchases
+    customers: dict[str, str] = field(default_factory=dict)  # account -> its Stripe customer
+    paid: list[str] = field(default_factory=list)       # payment intents of Stripe pack checkouts
+
+
+YEARLY_PRICE = "price_mix_yearly"
+
+
+def stripe_op(rng: random.Random, mix: Mix, conn: psycopg.Connection, op: str, account: str) -> Outcome:
+    """A Stripe event as the webhook records it: a pack, a dispute (won or lost), a yearly invoice."""
+    service = Caller.service()
+    customer = mix.customers[account]
+
+    def event(event_type: str, payload: dict[str, Any]) -> Outcome:
+        out = attempt(conn, op, "handle_stripe_event", service, p_event_id=f"evt_{uuid.uuid4().hex}",
+                      p_type=event_type, p_payload={"customer": customer, **payload})
+        if out.ok and out.result["outcome"] == "failed":
+            return Outcome(op, sqlstate="stripe-failed", message=str(out.result.get("error")))
+        return out
+
+    if op == "stripe_pack":
+        payment = f"pi_{uuid.uuid4().hex}"
+        out = event("checkout.session.completed", {
+            "session": f"cs_{uuid.uuid4().hex}", "mode": "payment", "payment_status": "paid",
+            "credits": rng.randint(1, 10), "payment_intent": payment, "account_id": account})
+        if out.ok:
+            with mix.lock:
+                mix.paid.append(payment)
+        return out
+    if op == "dispute":
+        with mix.lock:
+            payment = rng.choice(mix.paid) if mix.paid else None
+        if payment is None:
+            return Outcome("noop")
+        owner = conn.execute("select customer_id from public.stripe_events where payment_ref = %s limit 1",
+                             (payment,)).fetchone()
+        if owner is not None:
+            customer = owner[0]
+        dispute = f"dp_{uuid.uuid4().hex}"
+        out = event("charge.dispute.created", {
+            "dispute": dispute, "payment_intent": payment, "charge": f"ch_{uuid.uuid4().hex}",
+            "status": "needs_response"})
+        if not out.ok:
+            return out
+        return event("charge.dispute.closed", {"dispute": dispute, "payment_intent": payment,
+                                               "status": rng.choice(["won", "lost"])})
+    # A yearly invoice (some arrive late, their first months over), then a month passes for the
+    # account (its period and paid year move back, under the wallet's lock, wallet first): the
+    # reset in the mix renews the next anniversary month.
+    start = int(time.time()) - rng.choice([0, 40, 70]) * 86400
+    out = event("invoice.paid", {
+        "invoice": f"in_{uuid.uuid4().hex}", "subscription": f"sub_{account}", "account_id": account,
+        "billing_reason": "subscription_create", "created": int(time.time()),
+        "payment_intent": f"pi_{uuid.uuid4().hex}",
+        "lines": [{"price_id": YEARLY_PRICE, "quantity": rng.randint(1, 3), "period_start": start,
+                   "period_end": start + 365 * 86400, "proration": False, "amount": 10000}]})
+    if out.ok:
+        with conn.transaction():
+            conn.execute("update public.credit_wallets set period_start = period_start - interval '1 month', "
+                         "period_end = period_end - interval '1 month' where account_id = %s", (account,))
+            conn.execute("update public.credit_accounts set "
+                         "stripe_period_start = stripe_period_start - interval '1 month', "
+                         "stripe_paid_through = stripe_paid_through - interval '1 month', "
+                         "stripe_paid_until = stripe_paid_until - interval '1 month' "
+                         "where id = %s and stripe_paid_through is not null", (account,))
+    return out
 
 
 def mixed_op(rng: random.Random, mix: Mix, conn: psycopg.Connection, tag: str) -> Outcome:
@@ -239,7 +304,10 @@ def mixed_op(rng: random.Random, mix: Mix, conn: psycopg.Connection, tag: str) -
     spender = rng.choice([service, mix.owners[account]])
     key = f"{tag}-{uuid.uuid4()}"
     op = rng.choice(["deduct", "deduct", "reserve", "reserve", "capture", "release", "purchase",
-                     "subscription", "expire", "adjust", "reset", "promo", "promo", "refund", "clawback"])
+                     "subscription", "expire", "adjust", "reset", "promo", "promo", "refund", "clawback",
+                     "stripe_pack", "dispute", "yearly"])
+    if op in ("stripe_pack", "dispute", "yearly"):
+        return stripe_op(rng, mix, conn, op, account)
     if op == "deduct":
         out = attempt(conn, op, "deduct_credits", spender, p_account_id=account, p_idempotency_key=key,
                       p_amount=rng.randint(1, 6))
@@ -323,6 +391,12 @@ def test_everything_at_once_keeps_the_books(conc: Db) -> None:
     conc.fund(tenant_account, purchased=60)
     owners[tenant_account] = tenant_owner
     mix = Mix(list(owners), owners, [], threading.Lock())
+    conc.sql("insert into public.credit_plans (id, monthly_credits, stripe_price_id) "
+             "values ('mix_yearly', 7, %s) on conflict do nothing", YEARLY_PRICE)
+    for account in owners:
+        mix.customers[account] = f"cus_{uuid.uuid4().hex}"
+        conc.sql("update public.credit_accounts set stripe_customer_id = %s where id = %s",
+                 mix.customers[account], account)
     stop = threading.Event()
     negatives: list[Any] = []
 
@@ -358,7 +432,12 @@ def test_everything_at_once_keeps_the_books(conc: Db) -> None:
     done = Counter(o.op for o in outcomes if o.ok)
     # The mix really mixed: every kind of call succeeded at least once.
     assert {"deduct", "reserve", "capture", "release", "purchase", "subscription", "expire", "adjust",
-            "reset", "promo", "refund", "clawback"} <= set(done), done
+            "reset", "promo", "refund", "clawback", "stripe_pack", "dispute", "yearly"} <= set(done), done
+    # Stripe events really applied: packs granted, disputes took back and gave back, yearly months renewed.
+    assert conc.one("select count(*) from public.credit_transactions where account_id = any(%s::uuid[]) "
+                    "and kind = 'reinstate'", mix.accounts) > 0
+    assert conc.one("select count(*) from public.credit_transactions where account_id = any(%s::uuid[]) "
+                    "and metadata ->> 'reason' = 'yearly_month'", mix.accounts) > 0
     assert negatives == []
     # Promotional grants really lapsed during the run and their expiries were written.
     assert conc.one("select count(*) from public.credit_ledger where account_id = any(%s::uuid[]) "
@@ -434,11 +513,18 @@ def test_parallel_resets_of_one_period_renew_each_account_once(conc: Db) -> None
     period = _month(1)
     before_period = "w.period_start < %s::timestamp at time zone 'UTC'"
     accounts = "public.credit_accounts a join public.credit_wallets w on w.account_id = a.id"
+    # Accounts Stripe renews (active or trialing) are left alone, but for yearly prices still
+    # paid whose current month has ended (renewed from their anniversary).
     due_ids = {r[0] for r in conc.sql(
         f"select a.id from {accounts} where {before_period} and not (stripe_subscription_id is not null "
-        "and coalesce(subscription_status, '') in ('active', 'trialing', 'past_due'))", period)}
-    due = len(due_ids)
-    assert due > 0
+        "and coalesce(subscription_status, '') in ('active', 'trialing'))", period)}
+    anniversaries = {r[0] for r in conc.sql(
+        f"select a.id from {accounts} where stripe_subscription_id is not null "
+        "and subscription_status in ('active', 'trialing') "
+        "and stripe_paid_through > greatest(now(), %s::timestamp at time zone 'UTC') "
+        "and w.period_end <= greatest(now(), %s::timestamp at time zone 'UTC')", period, period)}
+    due = len(due_ids) + len(anniversaries)
+    assert due_ids
 
     def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
         done: list[Outcome] = []
@@ -461,7 +547,53 @@ def test_parallel_resets_of_one_period_renew_each_account_once(conc: Db) -> None
                       "and metadata ->> 'reason' = 'monthly_reset' "
                       "group by account_id", period)
     grants = [(a, n) for a, n in grants if a in due_ids]
-    assert len(grants) == due and all(n == 1 for _, n in grants)
+    assert len(grants) == len(due_ids) and all(n == 1 for _, n in grants)
+    # Each yearly price renewed once, to its month that contains greatest(now, the period's start).
+    for account in anniversaries:
+        assert conc.one("select period_start <= at and at < period_end from public.credit_wallets, "
+                        "greatest(now(), %s::timestamp at time zone 'UTC') at where account_id = %s",
+                        period, account)
     assert conc.one(f"select count(*) from {accounts} where {before_period} "
                     "and stripe_subscription_id is null", period) == 0
+    assert_books_balance(conc)
+
+
+def test_subscription_invoices_and_spends_on_one_account_never_deadlock(conc: Db) -> None:
+    """A subscription invoice locks the wallet before the account row, as a spend does (a spend's
+    ledger row share-locks the account row through its foreign key)."""
+    owner, account = conc.new_user()
+    conc.fund(account, purchased=500)
+    conc.sql("insert into public.credit_plans (id, monthly_credits, stripe_price_id) "
+             "values ('lock_order', 0, 'price_lock_order') on conflict do nothing")
+    customer, subscription = f"cus_{uuid.uuid4().hex}", f"sub_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+
+    def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
+        done = []
+        for n in range(12):
+            if i % 2:
+                payload = {"invoice": f"in_{uuid.uuid4().hex}", "customer": customer,
+                           "subscription": subscription, "account_id": account,
+                           "billing_reason": "subscription_cycle", "created": start,
+                           "lines": [{"price_id": "price_lock_order", "quantity": 1, "period_start": start,
+                                      "period_end": start + 30 * 86400, "proration": False, "amount": 0}]}
+                done.append(attempt(conn, "invoice", "handle_stripe_event", Caller.service(),
+                                    p_event_id=f"evt_{uuid.uuid4().hex}", p_type="invoice.paid",
+                                    p_payload=payload))
+            else:
+                # A hold's row share-locks the account row (its foreign key), after the wallet.
+                done.append(attempt(conn, "reserve", "reserve_credits", owner, p_account_id=account,
+                                    p_idempotency_key=f"d{i}-{n}", p_amount=1))
+        return done
+
+    outcomes = run_parallel(conc.dsn, work)
+    assert_no_unexpected_errors(outcomes)  # a deadlock shows here as 40P01
+    assert all(o.ok for o in outcomes), Counter((o.op, o.sqlstate) for o in outcomes if not o.ok)
+    assert all(o.result["outcome"] == "applied" for o in outcomes if o.op == "invoice")
+    holds = sum(1 for o in outcomes if o.op == "reserve")
+    assert holds == (THREADS + 1) // 2 * 12
+    expired = -conc.one("select coalesce(sum(amount), 0) from public.credit_ledger "
+                        "where account_id = %s and type = 'expire'", account)
+    balance = conc.balance(account)
+    assert (balance["total"], balance["held"]) == (3 + 500 - expired, holds)
     assert_books_balance(conc)

@@ -381,8 +381,8 @@ def test_the_reset_never_renews_past_the_paid_period(database: Db) -> None:
         _months_pass(database, account_id)
     reaches = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=10)
     database.sql("update public.credit_accounts set stripe_paid_through = %s where id = %s", reaches, ending)
-    database.sql("update public.credit_accounts set stripe_paid_through = now() - interval '1 day' "
-                 "where id = %s", ended)
+    database.sql("update public.credit_accounts set stripe_paid_through = now() - interval '1 day', "
+                 "stripe_paid_until = now() - interval '1 day' where id = %s", ended)
     before = snapshot(database, ended)
     reset(database, month_start(0))
     assert account_row(database, ending)[4] == reaches  # the month stops where the payment does

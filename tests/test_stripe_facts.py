@@ -191,7 +191,7 @@ def test_a_refunded_year_renews_no_further_month(deliver: Deliver, world: World)
     assert world.pools() == (0, 0)
     time_passes(world, "1 month")
     daily_reset(world.db)
-    assert world.pools() == (0, 0)  # no paid month; the calendar reset takes over 72 hours after its end
+    assert world.pools() == (3, 0)  # no paid month: the free plan's calendar month, at once
 
 
 def test_a_disputed_year_stops_and_a_won_dispute_resumes_it(deliver: Deliver, world: World) -> None:
@@ -203,7 +203,7 @@ def test_a_disputed_year_stops_and_a_won_dispute_resumes_it(deliver: Deliver, wo
     assert world.pools() == (0, 0)
     time_passes(world, "1 month")
     daily_reset(world.db)
-    assert world.pools() == (0, 0)  # no paid month while the dispute is open
+    assert world.pools() == (3, 0)  # no paid month while the dispute is open: the free plan's
     won = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=29000)
     won["type"] = "charge.dispute.closed"
     won["data"]["object"]["status"] = "won"

@@ -12,8 +12,9 @@
 -- first day):
 --   * accounts whose Stripe subscription is not active or trialing (free
 --     plans, ended, past_due, unpaid, incomplete, paused subscriptions), and
---     yearly-priced ones whose paid year ended or stopped (a full refund, a
---     dispute) more than 72 hours ago, whose period starts before
+--     yearly-priced ones whose paid year ended more than 72 hours ago (its
+--     renewal invoice did not come) or was stopped (a full refund, a
+--     dispute), whose period starts before
 --     p_period_start: the calendar month, with the plan's monthly credits,
 --     or the free plan's while the subscription is not paying;
 --   * accounts on a yearly Stripe price still paid at X whose current month
@@ -100,8 +101,10 @@ begin
     if p_account.stripe_paid_through > v_at then
       return case when p_wallet.period_end <= v_at then 'anniversary' end;
     end if;
-    -- The paid year ended or stopped: the next yearly invoice may take up to 72 hours.
-    if coalesce(p_wallet.period_end, '-infinity') + interval '72 hours' > v_at then
+    -- The paid year ended as paid: its renewal invoice may take up to 72 hours. (A year
+    -- stopped by a refund or a dispute falls back to the calendar month at once.)
+    if p_account.stripe_paid_through >= p_account.stripe_paid_until
+       and p_account.stripe_paid_through + interval '72 hours' > v_at then
       return null;
     end if;
   end if;

@@ -317,6 +317,9 @@ declare
   v_other uuid;
   v_keys text[] := '{}';
 begin
+  -- The wallet first, as every call on an account locks it (a spend locks the
+  -- wallet, then its ledger row's foreign key share-locks this account row).
+  perform 1 from public.credit_wallets w where w.account_id = p_account_id for update;
   select * into v_account from public.credit_accounts a where a.id = p_account_id for update;
   if p_replace and p_subscription is not null
      and v_account.stripe_subscription_id is not null
@@ -729,6 +732,7 @@ begin
     return private.stripe_result('parked', 'account_unknown', null, null, '{}',
                                  private.stripe_wait_keys(v_customer, v_subscription));
   end if;
+  perform 1 from public.credit_wallets w where w.account_id = v_account_id for update;  -- the wallet first
   select * into v_account from public.credit_accounts a where a.id = v_account_id for update;
   if v_account.stripe_subscription_id is distinct from v_subscription then
     -- The account moved on to another subscription: this one no longer decides its plan.
@@ -1001,15 +1005,20 @@ begin
 end
 $$;
 
--- invoice.paid: a period longer than a month starts with its first month.
+-- invoice.paid: a period longer than a month (a yearly price) starts with
+-- its month that contains now (its first month, unless the invoice arrives
+-- late), from the period's anniversary; the account records the year's
+-- start, end, seats and payment for the monthly renewals (the reset chapter).
 create function private.stripe_invoice_paid_yearly(p jsonb) returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_reason text := private.stripe_text(p, 'billing_reason');
+  v_year_start timestamptz;
   v_paid_through timestamptz;
   v_quantity bigint;
+  v_month record;
   v_lines jsonb;
   v_res jsonb;
 begin
@@ -1017,32 +1026,30 @@ begin
      or jsonb_typeof(p -> 'lines') is distinct from 'array' then
     return private.stripe_invoice_paid(p);
   end if;
-  -- The yearly plan line's end, and its first month in its place.
-  select max(private.stripe_time(l, 'period_end')), max(private.stripe_int(l, 'quantity'))
-    into v_paid_through, v_quantity
+  -- The yearly plan line's period, and its current month in its place.
+  select min(private.stripe_time(l, 'period_start')), max(private.stripe_time(l, 'period_end')),
+         max(private.stripe_int(l, 'quantity'))
+    into v_year_start, v_paid_through, v_quantity
     from jsonb_array_elements(p -> 'lines') l
    where private.stripe_time(l, 'period_end') > private.stripe_time(l, 'period_start') + interval '32 days';
   if v_paid_through is null then
-    v_res := private.stripe_invoice_paid(p);
-  else
-    select jsonb_agg(case when private.stripe_time(l, 'period_end')
-                                > private.stripe_time(l, 'period_start') + interval '32 days'
-                          then l || jsonb_build_object('period_end', extract(epoch from
-                                  private.stripe_time(l, 'period_start') + interval '1 month')::bigint)
-                          else l end)
-      into v_lines from jsonb_array_elements(p -> 'lines') l;
-    v_res := private.stripe_invoice_paid(p || jsonb_build_object('lines', v_lines));
+    return private.stripe_invoice_paid(p);
   end if;
+  v_month := private.anniversary_month(v_year_start, least(greatest(now(), v_year_start),
+                                                           v_paid_through - interval '1 second'));
+  select jsonb_agg(case when private.stripe_time(l, 'period_end')
+                              > private.stripe_time(l, 'period_start') + interval '32 days'
+                        then l || jsonb_build_object(
+                               'period_start', extract(epoch from v_month.month_start)::bigint,
+                               'period_end', extract(epoch from least(v_month.month_end, v_paid_through))::bigint)
+                        else l end)
+    into v_lines from jsonb_array_elements(p -> 'lines') l;
+  v_res := private.stripe_invoice_paid(p || jsonb_build_object('lines', v_lines));
   if v_res ->> 'outcome' = 'applied' and v_res ->> 'reason' = 'period_started' then
     update public.credit_accounts a
        set stripe_paid_through = v_paid_through, stripe_paid_until = v_paid_through,
-           stripe_quantity = coalesce(v_quantity, 1), stripe_paid_scale = 1,
-           stripe_period_start = case when v_paid_through is not null
-                                      then (select w.period_start from public.credit_wallets w
-                                             where w.account_id = a.id) end,
-           stripe_paid_ref = case when v_paid_through is not null
-                                  then coalesce(private.stripe_text(p, 'payment_intent'),
-                                                private.stripe_text(p, 'invoice')) end,
+           stripe_quantity = coalesce(v_quantity, 1), stripe_paid_scale = 1, stripe_period_start = v_year_start,
+           stripe_paid_ref = coalesce(private.stripe_text(p, 'payment_intent'), private.stripe_text(p, 'invoice')),
            updated_at = now()
      where a.id = (v_res ->> 'account_id')::uuid;
   end if;
