@@ -336,11 +336,6 @@ def test_after_the_year_and_the_grace_the_free_plans_calendar_month(walk: Walk) 
         assert all(s.subscription == FREE for s in later), account.name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "run_monthly_reset: an account whose Stripe subscription is still active after its paid year ended "
-    "waits 72 hours after each period's end (private.reset_due measures the grace from the wallet's "
-    "period end, not from the paid year's), so its calendar months after the fallback are renewed on "
-    "the 4th, not the 1st"))
 def test_after_the_fallback_each_calendar_month_is_renewed_on_the_first(walk: Walk) -> None:
     for account in walk.accounts:
         if account.start is None:
