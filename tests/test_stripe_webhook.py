@@ -700,17 +700,19 @@ def test_only_the_service_role_may_record_events_or_read_the_log(database: Db, w
     assert world.recorded(args["p_event_id"]) is None
 
 
-def test_a_subscription_linked_to_another_account_is_refused(
+def test_an_invoice_acts_on_its_customers_account_whatever_its_metadata_names(
         deliver: Deliver, world: World, database: Db) -> None:
     link_subscription(deliver, world)
     _, other_account = database.new_user()
     event = world.event("invoice.paid.2025-03-31", SUB_ACCOUNT_ID=other_account)
     reply = deliver(event)
-    assert (reply.status, reply.body["outcome"]) == (200, "failed")
-    # The invoice's customer is this world's: metadata naming another account is refused.
-    assert world.recorded(event["id"])["error"]["message"] == "account_of_another_customer"
+    assert (reply.status, reply.body["outcome"]) == (200, "applied")
+    # The invoice's customer is this world's: its account gets the period, the named one nothing.
     assert database.balance(other_account)["subscription"] == 3
-    assert world.pools() == (3, 0)
+    assert world.pools() == (100, 0)
+    # A subscription already linked to this account is never moved by another account's metadata.
+    assert database.one("select stripe_subscription_id from public.credit_accounts where id = %s",
+                        other_account) is None
 
 
 def test_no_key_a_license_holder_chooses_can_block_a_stripe_grant_or_refund(

@@ -258,11 +258,10 @@ end
 $$;
 
 -- The account of a subscription's invoice or event: its customer's account;
--- if none, the account its metadata names, provided no other customer is
--- linked to it (the caller links it); else the subscription's; null while
--- none is known (parked). Metadata naming an account that belongs to another
--- customer is refused (account_of_another_customer): an invoice acts only on
--- its own customer's account.
+-- if none, the account its metadata names (the caller links it); else the
+-- subscription's; null while none is known (parked). Metadata naming an
+-- account linked to another customer is refused (account_of_another_customer):
+-- an invoice acts only on its own customer's account.
 create function private.stripe_billing_account(p_hint text, p_customer text, p_subscription text) returns uuid
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
@@ -282,12 +281,11 @@ begin
     if v_named.id is null then
       perform private.fail('PT404', 'account_not_found', jsonb_build_object('account_id', p_hint));
     end if;
-    if (v_id is not null and v_id <> v_named.id)
-       or (v_named.stripe_customer_id is not null and v_named.stripe_customer_id is distinct from p_customer) then
+    if v_named.stripe_customer_id is not null and v_named.stripe_customer_id is distinct from p_customer then
       perform private.fail('PT409', 'account_of_another_customer',
                            jsonb_build_object('account_id', p_hint, 'customer', p_customer));
     end if;
-    return v_named.id;
+    return coalesce(v_id, v_named.id);
   end if;
   if v_id is null and p_subscription is not null then
     select a.id into v_id from public.credit_accounts a
