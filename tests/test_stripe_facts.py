@@ -325,3 +325,105 @@ def test_a_later_downgrade_takes_back_the_share_its_money_paid_and_never_below_z
     plain = _proration(world2, world2.big_plan_price, world2.plan_price, left=0.5, credited=0, charged=0)
     assert deliver(plain).body["outcome"] == "ignored"
     assert world2.pools() == (500, 0)
+
+
+# --- clawbacks take the payment's own credits ----------------------------------------------
+
+
+def test_a_refund_of_an_earlier_periods_invoice_never_takes_the_current_allowance(
+        deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    december = world.event("invoice.paid.2024-06-20", PAYMENT_INTENT=stripe_id("pi"), INVOICE=stripe_id("in"))
+    assert deliver(december).body["outcome"] == "applied"
+    january = world.event("invoice.paid.2024-06-20", PAYMENT_INTENT=stripe_id("pi"), INVOICE=stripe_id("in"),
+                          BILLING_REASON="subscription_cycle", CHARGE=stripe_id("ch"),
+                          PERIOD_START=world.period_start + 30 * DAY,
+                          PERIOD_END=world.period_start + 60 * DAY)
+    assert deliver(january).body["outcome"] == "applied"
+    assert world.pools() == (100, 0)
+    # December's payment refunded in full: its credits expired with December; January's were paid by another.
+    refund_december = world.event("charge.refunded", AMOUNT=2900, AMOUNT_REFUNDED=2900, REFUNDED=True,
+                                  PAYMENT_INTENT=december["data"]["object"]["payment_intent"],
+                                  CHARGE=stripe_id("ch"))
+    assert deliver(refund_december).body["outcome"] == "applied"
+    result = world.recorded(refund_december["id"])["result"]  # type: ignore[index]
+    assert (result["clawed_back"], result["shortfall"]) == (0, 100)
+    assert world.pools() == (100, 0)
+
+
+def _upgrade_with_its_payment(deliver: Deliver, w: World) -> str:
+    link_subscription(deliver, w)
+    assert deliver(w.event("invoice.paid.2024-06-20")).body["outcome"] == "applied"
+    upgrade = _change(w, w.plan_price, w.big_plan_price, left=0.5, version="2024-06-20")
+    payment = stripe_id("pi")
+    upgrade["data"]["object"]["payment_intent"] = payment
+    assert deliver(upgrade).body["outcome"] == "applied"
+    assert w.balance()["promotional"] == 200
+    return payment
+
+
+def test_a_hold_never_shields_plan_change_credits_from_their_refund(deliver: Deliver, world: World) -> None:
+    payment = _upgrade_with_its_payment(deliver, world)
+    hold = world.db.call("reserve_credits", p_account_id=world.account, p_idempotency_key=new_key(),
+                         p_amount=200)
+    refund_upgrade = world.event("charge.refunded", AMOUNT=2500, AMOUNT_REFUNDED=2500, REFUNDED=True,
+                                 PAYMENT_INTENT=payment, CHARGE=stripe_id("ch"))
+    assert deliver(refund_upgrade).body["outcome"] == "applied"
+    result = world.recorded(refund_upgrade["id"])["result"]  # type: ignore[index]
+    assert (result["clawed_back"], result["pending"], result["shortfall"]) == (0, 200, 0)
+    # The hold ends uncaptured: the refunded credits go, they are not free again.
+    world.db.call("release_hold", p_hold_id=hold["hold_id"])
+    balance = world.balance()
+    assert (balance["promotional"], balance["subscription"], balance["held"]) == (0, 100, 0)
+
+
+def test_a_dispute_won_after_its_hold_ended_gives_back_what_the_hold_paid(
+        deliver: Deliver, world: World) -> None:
+    payment = _upgrade_with_its_payment(deliver, world)
+    hold = world.db.call("reserve_credits", p_account_id=world.account, p_idempotency_key=new_key(),
+                         p_amount=150)
+    dispute = stripe_id("dp")
+    opened = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=2500, PAYMENT_INTENT=payment,
+                         CHARGE=stripe_id("ch"))
+    assert deliver(opened).body["outcome"] == "applied"
+    assert world.balance()["promotional"] == 150  # 50 free taken at once, 150 claimed on the hold
+    world.db.call("release_hold", p_hold_id=hold["hold_id"])
+    assert world.balance()["promotional"] == 0
+    won = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=2500, PAYMENT_INTENT=payment,
+                      CHARGE=stripe_id("ch"))
+    won["type"] = "charge.dispute.closed"
+    won["data"]["object"]["status"] = "won"
+    assert deliver(won).body["outcome"] == "applied"
+    assert world.balance()["promotional"] == 200  # all of it, as a grant
+    spent = world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=new_key(),
+                          p_amount=250)
+    assert (spent["from_promotional"], spent["from_subscription"]) == (200, 50)
+
+
+def test_a_stripe_renewal_with_rollover_never_moves_past_spends_onto_the_rollover_grant(
+        deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2024-06-20")).body["outcome"] == "applied"
+    world.db.sql("update public.credit_plans set rollover_cap = 50 where id = %s", world.plan)
+    # A promotion that outlives the next period; 5 of it are spent (promotional credits go first).
+    world.db.call("grant_promotional_credits", p_account_id=world.account, p_amount=10,
+                  p_expires_at=(dt.datetime.now(dt.UTC) + dt.timedelta(days=90)).isoformat(),
+                  p_idempotency_key=new_key())
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=new_key(), p_amount=5)
+    # The next period: 50 unused allowance credits roll over into a grant expiring with it.
+    renewal = world.event("invoice.paid.2024-06-20", INVOICE=stripe_id("in"), PAYMENT_INTENT=stripe_id("pi"),
+                          BILLING_REASON="subscription_cycle", PERIOD_START=world.period_start + 30 * DAY,
+                          PERIOD_END=world.period_start + 60 * DAY)
+    assert deliver(renewal).body["outcome"] == "applied"
+    balance = world.balance()
+    assert (balance["promotional"], balance["subscription"]) == (5 + 50, 100)
+    # The rollover grant's end comes: its 50 expire, the promotion keeps its own 5.
+    world.db.sql("update public.credit_promotions set expires_at = now() - interval '1 second' "
+                 "where account_id = %s and amount = 50", world.account)
+    world.db.sql("update public.credit_wallets set promo_front_at = now() - interval '1 second' "
+                 "where account_id = %s", world.account)
+    assert world.balance()["promotional"] == 5
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=new_key(), p_amount=1)
+    expired = -world.db.one("select coalesce(sum(amount), 0) from public.credit_ledger where account_id = %s "
+                            "and pool = 'promotional' and type = 'expire'", world.account)
+    assert (expired, world.balance()["promotional"]) == (50, 4)

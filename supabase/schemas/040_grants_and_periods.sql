@@ -483,14 +483,25 @@ begin
   if v_entry.id is not null then
     return private.result(v_entry, true);
   end if;
-  if v_wallet.period_start is not null and p_period_start < v_wallet.period_start then
-    -- A grant for an older period (a late or reordered event) changes nothing.
+  if v_wallet.period_start is not null and p_period_start < v_wallet.period_start
+     and not (p_period_start <= now() and p_period_end > now() and p_period_end > v_wallet.period_start
+              and not exists (select 1 from public.credit_transactions t
+                               where t.account_id = p_account_id and t.kind = 'grant' and t.origin <> 'system'
+                                 and t.period_start = v_wallet.period_start)) then
+    -- A grant for an older period (a late or reordered event) changes nothing; one
+    -- whose period contains now starts it even if a later free period (the
+    -- reset's) began, never over a later paid one.
     v_entry := private.post(p_account_id, 'grant', p_origin => p_origin, p_key => p_key, p_hash => v_hash,
                             p_stripe_ref => p_stripe_ref, p_metadata => p_metadata);
     return private.result(v_entry, false);
   end if;
   select p.rollover_cap into v_cap
     from public.credit_accounts a join public.credit_plans p on p.id = a.plan_id where a.id = p_account_id;
+  if v_cap > 0 then
+    -- Attribute earlier promotional spends before the rollover grant joins the
+    -- grants: they were spent from the grants that existed then.
+    v_wallet := private.materialize_promotions(v_wallet);
+  end if;
   perform private.renew(array[p_account_id], array[p_amount::bigint], array[coalesce(v_cap, 0)],
                         p_period_start, p_period_end, p_origin, p_key, v_hash, p_stripe_ref, p_metadata);
   return private.result(private.find_key(p_account_id, p_key, v_hash, p_origin), false);

@@ -53,7 +53,8 @@ create table public.credit_holds (
   sub_epoch integer not null,
   period_start timestamptz,
   period_end timestamptz,
-  -- Clawbacks that found credits under this hold: [{"pool", "amount", "stripe_ref"}].
+  -- Clawbacks that found credits under this hold: [{"pool", "amount", "stripe_ref"}]
+  -- (promotional ones also name the grant, "g").
   claims jsonb not null default '[]'::jsonb,
   status text not null default 'active' check (status in ('active', 'captured', 'released', 'expired')),
   expires_at timestamptz not null,
@@ -97,10 +98,11 @@ end
 $$;
 
 -- What becomes of a hold's credits when it ends having charged p_charge:
--- one row per (pool, grant, fate), fate being spend, clawback, expire or free.
+-- one row per (pool, grant, fate), fate being spend, clawback, expire or free
+-- (a clawback's row names its payment, f_ref, and the clawback's key, f_key).
 create function private.hold_fates(p_hold public.credit_holds, p_charge bigint, p_epoch integer,
                                    p_now timestamptz)
-returns table (f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text)
+returns table (f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text, f_key text)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
@@ -127,8 +129,21 @@ begin
       f_amount := v_take; f_fate := 'spend';
       return next;
     end if;
-    if v_amount > v_take then
-      f_amount := v_amount - v_take;
+    v_released := v_amount - v_take;
+    -- A clawback that found this grant's credits under the hold takes its share first.
+    for v_claim in select e from jsonb_array_elements(p_hold.claims) e
+                    where e ->> 'pool' = 'promotional' and e ->> 'g' = v_part ->> 'g' loop
+      v_take := least(v_released, (v_claim ->> 'amount')::bigint);
+      if v_take > 0 then
+        f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref'; f_key := v_claim ->> 'key';
+        return next;
+        v_released := v_released - v_take;
+      end if;
+    end loop;
+    f_ref := null;
+    f_key := null;
+    if v_released > 0 then
+      f_amount := v_released;
       -- The grant's own date decides (the part keeps a copy only for ordering).
       f_fate := case when (select p.expires_at from public.credit_promotions p where p.id = f_grant) <= p_now
                      then 'expire' else 'free' end;
@@ -148,12 +163,13 @@ begin
     for v_claim in select e from jsonb_array_elements(p_hold.claims) e where e ->> 'pool' = v_pool loop
       v_take := least(v_released, (v_claim ->> 'amount')::bigint);
       if v_take > 0 then
-        f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref';
+        f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref'; f_key := v_claim ->> 'key';
         return next;
         v_released := v_released - v_take;
       end if;
     end loop;
     f_ref := null;
+    f_key := null;
     if v_released > 0 then
       f_amount := v_released;
       f_fate := case when v_pool = 'subscription' and p_hold.sub_epoch <> p_epoch then 'expire' else 'free' end;
@@ -166,13 +182,13 @@ $$;
 -- Fates collected as JSON (a definer function keeps no scratch table: a
 -- caller could have put a table of that name in pg_temp).
 create function private.fates(p_fates jsonb)
-returns table (f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text)
+returns table (f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text, f_key text)
 language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
   return query select * from jsonb_to_recordset(p_fates)
-                 as f(f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text);
+                 as f(f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text, f_key text);
 end
 $$;
 
@@ -214,17 +230,22 @@ begin
                             p_period_end => case when v_sum.ss > 0 then p_hold.period_end end,
                             p_operation => p_hold.operation);
   end if;
-  for v_row in select f.f_pool, f.f_ref, sum(f.f_amount)::bigint as amount from private.fates(v_fates) f
+  -- One clawback row per claim's payment and key (a won dispute gives back what its claims took).
+  for v_row in select f.f_pool, f.f_ref, f.f_key, sum(f.f_amount)::bigint as amount from private.fates(v_fates) f
                 where p_hold.claims <> '[]'::jsonb and f.f_fate = 'clawback'
-                group by f.f_pool, f.f_ref order by f.f_pool, f.f_ref loop
+                group by f.f_pool, f.f_ref, f.f_key order by f.f_pool, f.f_ref, f.f_key loop
     perform private.post(p_hold.account_id, 'clawback',
+                         p_promotional => case when v_row.f_pool = 'promotional' then -v_row.amount else 0 end,
                          p_subscription => case when v_row.f_pool = 'subscription' then -v_row.amount else 0 end,
                          p_purchased => case when v_row.f_pool = 'purchased' then -v_row.amount else 0 end,
+                         p_held_promotional => case when v_row.f_pool = 'promotional' then -v_row.amount
+                                                    else 0 end,
                          p_held_subscription => case when v_row.f_pool = 'subscription' then -v_row.amount
                                                      else 0 end,
                          p_held_purchased => case when v_row.f_pool = 'purchased' then -v_row.amount else 0 end,
                          p_origin => 'system', p_ref_id => p_hold.id, p_stripe_ref => v_row.f_ref,
-                         p_metadata => jsonb_build_object('reason', 'clawback found under a hold'),
+                         p_metadata => jsonb_strip_nulls(jsonb_build_object(
+                                         'reason', 'clawback found under a hold', 'claim', v_row.f_key)),
                          p_period_start => case when v_row.f_pool = 'subscription' then p_hold.period_start end,
                          p_period_end => case when v_row.f_pool = 'subscription' then p_hold.period_end end);
   end loop;

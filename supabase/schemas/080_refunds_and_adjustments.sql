@@ -10,13 +10,18 @@
 --     what was clawed back of a payment, the sum of its clawback rows.
 --   * A refund gives back (part of) a spend into the purchased pool, never
 --     more than was spent minus earlier refunds.
---   * A clawback takes back what a Stripe payment granted, from the pool it
---     granted into, never below zero and never from held credits now: what
---     active holds reserve of that pool is claimed on the holds and taken
---     when each ends (if it is captured, those credits were spent). What is
---     neither free nor held is the shortfall. The amount is cumulative per
---     payment (Stripe reports refunds so), so only what was not yet taken or
---     claimed is taken now.
+--   * A clawback takes back what a Stripe payment granted, from what is left
+--     of its own grants, never below zero and never from held credits now:
+--     of its promotional grants, what they have left (spends took the
+--     soonest-expiring first); of a subscription grant, only while its period
+--     is the current one (an earlier period's credits expired at the
+--     renewal); purchased credits from the pool. What active holds reserve of
+--     those credits (per grant for promotional ones, of the current period
+--     for subscription ones) is claimed on the holds and taken when each ends
+--     (if it is captured, those credits were spent). What is neither free nor
+--     held is the shortfall. The amount is cumulative per payment (Stripe
+--     reports refunds so), so only what was not yet taken or claimed is taken
+--     now.
 --   * An adjustment changes one pool by a signed amount; a decrease takes
 --     free credits only (insufficient_credits otherwise); promotional credits
 --     are only decreased here (they are granted with an expiry, by
@@ -116,6 +121,8 @@ declare
   v_claimed bigint := 0;
   v_hold record;
   v_claim bigint;
+  v_promos uuid[] := '{}';
+  v_part jsonb;
 begin
   perform private.require_service();
   perform private.check_key(p_key);
@@ -145,26 +152,70 @@ begin
    where h.account_id = v_grants.account_id and h.status = 'active' and c ->> 'stripe_ref' = p_stripe_ref;
   v_outstanding := greatest(least(coalesce(p_amount, v_grants.granted), v_grants.granted) - v_done, 0);
 
-  v_free := case v_grants.pool when 'promotional' then v_wallet.promotional - v_wallet.held_promotional
-                               when 'subscription' then v_wallet.subscription - v_wallet.held_subscription
-                               else v_wallet.purchased - v_wallet.held_purchased end;
+  -- What is left of the payment's own grants, never another's.
+  if v_grants.pool = 'promotional' then
+    -- Its promotional grants, as attributed now (spends took the soonest-expiring first).
+    v_wallet := private.materialize_promotions(v_wallet);
+    select coalesce(array_agg(g.id), '{}'), coalesce(sum(g.remaining), 0) into v_promos, v_free
+      from public.credit_promotions g
+      join public.credit_transactions t on t.id = g.id and t.account_id = g.account_id
+     where g.account_id = v_grants.account_id and t.stripe_ref = p_stripe_ref;
+  elsif v_grants.pool = 'subscription' then
+    -- Only a grant of the current period is still there: an earlier period's expired at its renewal.
+    v_free := least(v_wallet.subscription - v_wallet.held_subscription,
+                    (select coalesce(sum(t.subscription), 0) from public.credit_transactions t
+                      where t.account_id = v_grants.account_id and t.stripe_ref = p_stripe_ref
+                        and t.kind = 'grant' and t.period_start = v_wallet.period_start));
+  else
+    v_free := v_wallet.purchased - v_wallet.held_purchased;
+  end if;
   v_take := least(v_outstanding, v_free);
-  -- What active holds reserve of that pool is claimed, soonest-ending hold first.
-  if v_outstanding > v_take and v_grants.pool <> 'promotional' then
-    for v_hold in select h.id,
-                         case v_grants.pool when 'subscription' then h.subscription else h.purchased end
-                         - coalesce((select sum((c ->> 'amount')::bigint) from jsonb_array_elements(h.claims) c
-                                      where c ->> 'pool' = v_grants.pool), 0) as claimable
+  if v_grants.pool = 'promotional' and v_take > 0 then
+    -- From those grants, soonest expiry first.
+    update public.credit_promotions p set remaining = p.remaining - t.amount
+      from (select g.id, least(g.remaining, v_take - (g.cum - g.remaining)) as amount
+              from (select q.id, q.remaining,
+                           sum(q.remaining) over (order by q.expires_at, q.id) as cum
+                      from public.credit_promotions q
+                     where q.id = any (v_promos) and q.remaining > 0) g
+             where g.cum - g.remaining < v_take) t
+     where p.id = t.id;
+  end if;
+  -- What active holds reserve of those credits is claimed, soonest-ending hold first.
+  if v_outstanding > v_take then
+    for v_hold in select h.id, h.subscription, h.purchased, h.promo_parts, h.claims, h.period_start, h.sub_epoch
                     from public.credit_holds h
                    where h.account_id = v_grants.account_id and h.status = 'active'
                    order by h.expires_at, h.id loop
-      v_claim := least(v_hold.claimable, v_outstanding - v_take - v_claimed);
-      continue when v_claim <= 0;
-      update public.credit_holds h
-         set claims = h.claims || jsonb_build_array(jsonb_build_object(
-               'pool', v_grants.pool, 'amount', v_claim, 'stripe_ref', p_stripe_ref))
-       where h.id = v_hold.id;
-      v_claimed := v_claimed + v_claim;
+      exit when v_outstanding - v_take - v_claimed <= 0;
+      if v_grants.pool = 'promotional' then
+        -- Per grant: the part of each of the payment's grants this hold reserves, less earlier claims.
+        for v_part in select e from jsonb_array_elements(v_hold.promo_parts) e
+                       where (e ->> 'g')::uuid = any (v_promos) loop
+          v_claim := least((v_part ->> 'a')::bigint
+                           - coalesce((select sum((c ->> 'amount')::bigint) from jsonb_array_elements(v_hold.claims) c
+                                        where c ->> 'pool' = 'promotional' and c ->> 'g' = v_part ->> 'g'), 0),
+                           v_outstanding - v_take - v_claimed);
+          continue when v_claim <= 0;
+          v_hold.claims := v_hold.claims || jsonb_build_array(jsonb_build_object(
+            'pool', 'promotional', 'g', v_part ->> 'g', 'amount', v_claim, 'stripe_ref', p_stripe_ref,
+            'key', p_key));
+          v_claimed := v_claimed + v_claim;
+        end loop;
+      else
+        continue when v_grants.pool = 'subscription'
+                      and (v_hold.period_start is distinct from v_wallet.period_start
+                           or v_hold.sub_epoch <> v_wallet.sub_epoch);
+        v_claim := least(case v_grants.pool when 'subscription' then v_hold.subscription else v_hold.purchased end
+                         - coalesce((select sum((c ->> 'amount')::bigint) from jsonb_array_elements(v_hold.claims) c
+                                      where c ->> 'pool' = v_grants.pool), 0),
+                         v_outstanding - v_take - v_claimed);
+        continue when v_claim <= 0;
+        v_hold.claims := v_hold.claims || jsonb_build_array(jsonb_build_object(
+          'pool', v_grants.pool, 'amount', v_claim, 'stripe_ref', p_stripe_ref, 'key', p_key));
+        v_claimed := v_claimed + v_claim;
+      end if;
+      update public.credit_holds h set claims = v_hold.claims where h.id = v_hold.id;
     end loop;
   end if;
   v_entry := private.post(
@@ -176,6 +227,11 @@ begin
     p_description => p_reason,
     p_metadata => jsonb_build_object('reason', p_reason),
     p_outcome => jsonb_build_object('pending', v_claimed, 'shortfall', v_outstanding - v_take - v_claimed));
+  if v_grants.pool = 'promotional' and v_take > 0 then
+    -- The wallet's soonest-expiry cache follows the grants.
+    perform private.materialize_promotions(
+      (select w from public.credit_wallets w where w.account_id = v_grants.account_id));
+  end if;
   return private.result(v_entry, false);
 end
 $$;

@@ -933,6 +933,7 @@ declare
   v_hash uuid;
   v_hold record;
   v_claims jsonb;
+  v_held_back record;
 begin
   if v_dispute is null then
     perform private.invalid('dispute', 'missing');
@@ -974,11 +975,19 @@ begin
                                where e ->> 'stripe_ref' = v_taken.stripe_ref);
     update public.credit_holds h set claims = v_claims where h.id = v_hold.id;
   end loop;
-  if v_taken.promotional < 0 then
+  -- What the dispute's claims took from holds as they ended comes back too.
+  select coalesce(-sum(t.promotional), 0)::bigint as promotional,
+         coalesce(-sum(t.subscription), 0)::bigint as subscription,
+         coalesce(-sum(t.purchased), 0)::bigint as purchased
+    into v_held_back
+    from public.credit_transactions t
+   where t.account_id = v_taken.account_id and t.kind = 'clawback' and t.stripe_ref = v_taken.stripe_ref
+     and t.metadata ->> 'claim' = 'dispute:' || v_dispute;
+  if v_taken.promotional < 0 or v_held_back.promotional > 0 then
     -- Promotional credits come back as a grant with the expiry of the one they
     -- were taken from; past it, they are written back and expired at once.
     v_entry := private.add_promotion(
-      v_wallet, 'reinstate', -v_taken.promotional,
+      v_wallet, 'reinstate', -v_taken.promotional + v_held_back.promotional,
       coalesce((select max(g.expires_at) from public.credit_promotions g
                   join public.credit_transactions t on t.id = g.id
                  where t.account_id = v_taken.account_id and t.stripe_ref = v_taken.stripe_ref), now()),
@@ -989,8 +998,9 @@ begin
     perform private.lock_wallet(v_taken.account_id);  -- sweeps it at once if its expiry passed
   else
     v_entry := private.post(v_taken.account_id, 'reinstate',
-                            p_promotional => -v_taken.promotional, p_subscription => -v_taken.subscription,
-                            p_purchased => -v_taken.purchased, p_origin => 'stripe',
+                            p_promotional => -v_taken.promotional,
+                            p_subscription => -v_taken.subscription + v_held_back.subscription,
+                            p_purchased => -v_taken.purchased + v_held_back.purchased, p_origin => 'stripe',
                             p_key => 'reinstate:' || v_dispute, p_hash => v_hash,
                             p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
                             p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute));
