@@ -185,10 +185,10 @@ def test_clawback_never_goes_below_zero_and_reports_the_shortfall(database: Db) 
     assert (result["clawed_back"], result["shortfall"]) == (2, 8)
     assert (result["balance"]["purchased"], result["balance"]["total"]) == (0, 0)
     assert last_rows(database, account_id, 1) == [("purchased", -2, 0, "clawback")]
-    # What is still owed is taken when the account has purchased credits again.
+    # What was spent stays the shortfall: credits that arrive later belong to other grants.
     database.fund(account_id, purchased=5)
     later = clawback(database, stripe_ref)
-    assert (later["clawed_back"], later["shortfall"], later["balance"]["purchased"]) == (5, 3, 0)
+    assert (later["clawed_back"], later["shortfall"], later["balance"]["purchased"]) == (0, 8, 5)
 
 
 def test_clawback_of_a_subscription_grant_takes_from_the_subscription_pool(database: Db) -> None:

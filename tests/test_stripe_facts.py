@@ -427,3 +427,64 @@ def test_a_stripe_renewal_with_rollover_never_moves_past_spends_onto_the_rollove
     expired = -world.db.one("select coalesce(sum(amount), 0) from public.credit_ledger where account_id = %s "
                             "and pool = 'promotional' and type = 'expire'", world.account)
     assert (expired, world.balance()["promotional"]) == (50, 4)
+
+
+def test_a_yearly_subscriber_moving_to_a_monthly_price_is_renewed_by_its_invoices(
+        deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(yearly_invoice(world)).body["outcome"] == "applied"
+    time_passes(world, "400 days")  # the year is long over
+    world.period_start = int(time.time()) - DAY
+    monthly = world.event("invoice.paid.2025-03-31", BILLING_REASON="subscription_cycle",
+                          INVOICE=stripe_id("in"))
+    assert deliver(monthly).body["outcome"] == "applied"
+    assert world.pools() == (100, 0)
+    assert paid_year(world)[0] is None
+    daily_reset(world.db)
+    assert world.pools() == (100, 0)  # its invoices renew it, not the reset with the free plan
+
+
+def test_a_dispute_won_after_its_period_ended_gives_nothing_into_the_next(
+        deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    january = world.event("invoice.paid.2024-06-20", PAYMENT_INTENT=stripe_id("pi"), INVOICE=stripe_id("in"))
+    assert deliver(january).body["outcome"] == "applied"
+    dispute = stripe_id("dp")
+    payment = january["data"]["object"]["payment_intent"]
+    opened = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=2900, PAYMENT_INTENT=payment,
+                         CHARGE=stripe_id("ch"))
+    assert deliver(opened).body["outcome"] == "applied"
+    assert world.pools() == (0, 0)
+    february = world.event("invoice.paid.2024-06-20", PAYMENT_INTENT=stripe_id("pi"), INVOICE=stripe_id("in"),
+                           BILLING_REASON="subscription_cycle", PERIOD_START=world.period_start + 30 * DAY,
+                           PERIOD_END=world.period_start + 60 * DAY)
+    assert deliver(february).body["outcome"] == "applied"
+    won = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=2900, PAYMENT_INTENT=payment,
+                      CHARGE=stripe_id("ch"))
+    won["type"] = "charge.dispute.closed"
+    won["data"]["object"]["status"] = "won"
+    assert deliver(won).body["outcome"] == "applied"
+    # January's 100 are written back and expire with January: February keeps its own 100 only.
+    assert world.pools() == (100, 0)
+
+
+def test_a_refunded_pack_never_takes_another_packs_credits(deliver: Deliver, world: World) -> None:
+    first = world.event("checkout.session.completed.payment", CREDITS="50", SESSION=stripe_id("cs_test"),
+                        PAYMENT_INTENT=stripe_id("pi"))
+    assert deliver(first).body["outcome"] == "applied"
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=new_key(), p_amount=53)
+    second = world.event("checkout.session.completed.payment", CREDITS="50", SESSION=stripe_id("cs_test"),
+                         PAYMENT_INTENT=stripe_id("pi"))
+    assert deliver(second).body["outcome"] == "applied"
+    assert world.pools() == (0, 50)
+    refund = world.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=1000, REFUNDED=True,
+                         PAYMENT_INTENT=first["data"]["object"]["payment_intent"], CHARGE=stripe_id("ch"))
+    assert deliver(refund).body["outcome"] == "applied"
+    result = world.recorded(refund["id"])["result"]  # type: ignore[index]
+    assert (result["clawed_back"], result["shortfall"]) == (0, 50)  # the first pack was spent
+    assert world.pools() == (0, 50)  # the second pack's credits stay
+    # Refunding the second takes its own 50.
+    refund2 = world.event("charge.refunded", AMOUNT=1000, AMOUNT_REFUNDED=1000, REFUNDED=True,
+                          PAYMENT_INTENT=second["data"]["object"]["payment_intent"], CHARGE=stripe_id("ch"))
+    assert deliver(refund2).body["outcome"] == "applied"
+    assert world.pools() == (0, 0)

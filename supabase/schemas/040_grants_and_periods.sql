@@ -208,7 +208,14 @@ as $$
            n.promotional, e.sub_after, n.purchased,
            n.held_promotional + n.held_subscription + n.held_purchased, e.pstart, e.pend,
            (private.next_expiry(n) ->> 'amount')::bigint, (private.next_expiry(n) ->> 'at')::timestamptz,
-           e.ref_id, p_stripe_ref, coalesce(p_metadata, '{}'::jsonb)
+           e.ref_id,
+           -- A rollover keeps the Stripe reference of the allowance it came from.
+           case when e.ord = 1 then (select t.stripe_ref from public.credit_transactions t
+                                      where t.account_id = c.account_id and t.kind = 'grant'
+                                        and t.period_start = c.period_start
+                                      order by t.seq desc limit 1)
+                else p_stripe_ref end,
+           coalesce(p_metadata, '{}'::jsonb)
       from calc c
       join renewed n on n.account_id = c.account_id
      cross join lateral (values

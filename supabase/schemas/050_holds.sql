@@ -28,11 +28,11 @@
 --     expire; the rest is free again.
 --   * A hold past its expiry is released by the next write to its account
 --     (reads already leave it out).
---   * Bounded writes (private.write_bounds): at most 1,000 active holds and
---     600 hold creations per UTC minute per account (too_many_holds, 429,
---     with when to retry), checked after the replay and before the credits;
---     at most 100 active license keys per account (the license keys
---     chapter).
+--   * Bounded holds and keys (private.write_bounds): at most 1,000 active
+--     holds and 600 hold creations per UTC minute per account
+--     (too_many_holds, 429, with when to retry), checked after the replay and
+--     before the credits; at most 100 active license keys per account (the
+--     license keys chapter).
 --   * Lock order (no deadlocks): a call locks at most one wallet, first,
 --     before any hold, grant or transaction row of that account. Only the
 --     monthly reset locks several wallets, in ascending account id.
@@ -406,7 +406,7 @@ revoke all on function private.spend_split(bigint, bigint, bigint, bigint), priv
   from public;
 
 -- ---------------------------------------------------------------------------
--- Bounded writes: nobody can make an account write without limit.
+-- Bounded holds: an account's holds, and how fast it makes them, are capped.
 -- ---------------------------------------------------------------------------
 
 -- The bounds, written once (docs/credits.md lists them).

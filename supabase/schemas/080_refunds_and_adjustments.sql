@@ -15,9 +15,11 @@
 --     of its promotional grants, what they have left (spends took the
 --     soonest-expiring first); of a subscription grant, only while its period
 --     is the current one (an earlier period's credits expired at the
---     renewal); purchased credits from the pool. What active holds reserve of
---     those credits (per grant for promotional ones, of the current period
---     for subscription ones) is claimed on the holds and taken when each ends
+--     renewal); of its purchased grant, what is left of it (purchased
+--     credits are spent oldest first, so the free ones belong to the newest
+--     grants). What active holds reserve of those credits (per grant for
+--     promotional ones, of the current period for subscription ones) is
+--     claimed on the holds and taken when each ends
 --     (if it is captured, those credits were spent). What is neither free nor
 --     held is the shortfall. The amount is cumulative per payment (Stripe
 --     reports refunds so), so only what was not yet taken or claimed is taken
@@ -123,6 +125,7 @@ declare
   v_claim bigint;
   v_promos uuid[] := '{}';
   v_part jsonb;
+  v_upper bigint;
 begin
   perform private.require_service();
   perform private.check_key(p_key);
@@ -167,7 +170,27 @@ begin
                       where t.account_id = v_grants.account_id and t.stripe_ref = p_stripe_ref
                         and t.kind = 'grant' and t.period_start = v_wallet.period_start));
   else
-    v_free := v_wallet.purchased - v_wallet.held_purchased;
+    -- Purchased credits never expire and are spent oldest first, so the free
+    -- ones belong to the newest grants: the payment's share of them is what is
+    -- left of it. (A grant: a payment's rows, or a refund or adjustment.)
+    with g as (
+      select coalesce(t.stripe_ref, t.id::text) as grant_key, min(t.seq) as first_seq,
+             sum(t.purchased)::bigint as upper
+        from public.credit_transactions t
+       where t.account_id = v_grants.account_id and t.purchased <> 0
+         and (t.kind in ('purchase', 'refund', 'adjustment', 'reinstate')
+              or (t.kind = 'clawback' and t.stripe_ref is not null))
+       group by 1
+    ), tail as (
+      select g.grant_key, g.upper,
+             coalesce(sum(g.upper) over (order by g.first_seq desc
+                                         rows between unbounded preceding and 1 preceding), 0) as newer
+        from g where g.upper > 0
+    )
+    select coalesce(sum(greatest(0, least(t.upper, v_wallet.purchased - v_wallet.held_purchased - t.newer))), 0),
+           coalesce(sum(t.upper), 0)
+      into v_free, v_upper
+      from tail t where t.grant_key = p_stripe_ref;
   end if;
   v_take := least(v_outstanding, v_free);
   if v_grants.pool = 'promotional' and v_take > 0 then
@@ -209,7 +232,9 @@ begin
         v_claim := least(case v_grants.pool when 'subscription' then v_hold.subscription else v_hold.purchased end
                          - coalesce((select sum((c ->> 'amount')::bigint) from jsonb_array_elements(v_hold.claims) c
                                       where c ->> 'pool' = v_grants.pool), 0),
-                         v_outstanding - v_take - v_claimed);
+                         v_outstanding - v_take - v_claimed,
+                         -- Of purchased credits, holds can reserve only what of the payment is not free.
+                         case when v_grants.pool = 'purchased' then v_upper - v_free - v_claimed end);
         continue when v_claim <= 0;
         v_hold.claims := v_hold.claims || jsonb_build_array(jsonb_build_object(
           'pool', v_grants.pool, 'amount', v_claim, 'stripe_ref', p_stripe_ref, 'key', p_key));

@@ -42,28 +42,38 @@
 --     another customer is never relinked (account_has_active_subscription).
 --   * invoice.paid, by billing reason: a period start (subscription_create,
 --     subscription_cycle, or none) grants the plan's monthly credits times
---     the plan line's quantity (seats); a period longer than a month (a
---     yearly price) grants its first month and records stripe_paid_through
---     and stripe_quantity, and the monthly reset renews the following months
---     within it; a plan or quantity change invoiced mid-period
---     (subscription_update) grants the increase over the best allowance the
---     period already had, prorated to what is left of it, as promotional
---     credits expiring with the period (a decrease grants nothing now).
+--     the plan line's quantity (seats), on the account of the invoice's
+--     customer (stripe_billing_account); a period longer than a month (a
+--     yearly price) grants its month that contains now and records the
+--     year (start, stripe_paid_through, seats, payment), and the reset
+--     renews the following months on their anniversaries within it (a
+--     monthly period clears that record); a plan or quantity change
+--     invoiced mid-period (subscription_update) grants the increase over the
+--     best allowance the period already had, prorated to what is left of
+--     it, as promotional credits expiring with the period; a decrease grants
+--     nothing, and takes back what its money back had bought of the
+--     period's increases.
 --   * invoice_payment.paid: which payment paid which invoice
 --     (stripe_payments), so refunds and disputes of subscription payments find
 --     their grant on API versions whose charges no longer name the invoice.
---   * customer.subscription.updated / deleted: plan and status follow the
---     latest event (Stripe does not guarantee order); a subscription that no
---     longer pays puts the account on free.
+--   * customer.subscription.updated / deleted: plan, status and seats follow
+--     the latest event (Stripe does not guarantee order); a subscription that
+--     no longer pays puts the account on free (and the reset renews it with
+--     the free plan's allowance).
 --   * charge.refunded: claw back round(granted * refunded / amount) in total
---     (refunds arrive cumulative). charge.dispute.created or
---     funds_withdrawn: claw back everything the payment granted, once;
---     funds_reinstated, or closed as won: give back exactly what that
---     clawback took, once.
+--     (refunds arrive cumulative), from the payment's own credits; a refund
+--     of a yearly payment shrinks (or, in full, stops) the year's later
+--     months. charge.dispute.created or funds_withdrawn: claw back
+--     everything the payment granted, once (an inquiry takes nothing), and
+--     stop a disputed year; funds_reinstated, or closed as won: give back
+--     exactly what that dispute took, also through holds, once (credits of
+--     an ended period expire at once), and resume the year.
 --
 -- Events are applied one at a time (a transaction-level advisory lock): Stripe
 -- sends few events, and serial application makes "park, then apply when the
--- link arrives" race-free without any lock-ordering rules. With many events
+-- link arrives" race-free. Like every call on an account, an event locks the
+-- account's wallet before its account row (a spend's ledger row share-locks
+-- the account row after the wallet). With many events
 -- parked on one customer the release stays bounded: it walks them in waves
 -- (each event once per wave, in delivery order), applies only the newest of
 -- a subscription's parked updates (the others are `superseded`), and
@@ -1004,6 +1014,16 @@ begin
                             p_key => 'reinstate:' || v_dispute, p_hash => v_hash,
                             p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
                             p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute));
+    if -v_taken.subscription + v_held_back.subscription > 0
+       and not exists (select 1 from public.credit_transactions t
+                        where t.account_id = v_taken.account_id and t.kind = 'grant'
+                          and t.stripe_ref = v_taken.stripe_ref and t.period_start = v_wallet.period_start) then
+      -- The allowance they belonged to has ended: written back, they expire at once.
+      perform private.post(v_taken.account_id, 'expire',
+                           p_subscription => v_taken.subscription - v_held_back.subscription,
+                           p_origin => 'system', p_ref_id => v_entry.id, p_stripe_ref => v_taken.stripe_ref,
+                           p_metadata => '{"reason": "given back after its period ended"}'::jsonb);
+    end if;
   end if;
   -- A won dispute of a yearly price's payment resumes its months.
   update public.credit_accounts a
@@ -1041,7 +1061,15 @@ begin
     from jsonb_array_elements(p -> 'lines') l
    where private.stripe_time(l, 'period_end') > private.stripe_time(l, 'period_start') + interval '32 days';
   if v_paid_through is null then
-    return private.stripe_invoice_paid(p);
+    v_res := private.stripe_invoice_paid(p);
+    if v_res ->> 'outcome' = 'applied' and v_res ->> 'reason' = 'period_started' then
+      -- A monthly price now: its invoices renew it, no yearly months any more.
+      update public.credit_accounts a
+         set stripe_paid_through = null, stripe_paid_until = null, stripe_period_start = null,
+             stripe_paid_ref = null, stripe_paid_scale = 1, updated_at = now()
+       where a.id = (v_res ->> 'account_id')::uuid and a.stripe_paid_through is not null;
+    end if;
+    return v_res;
   end if;
   v_month := private.anniversary_month(v_year_start, least(greatest(now(), v_year_start),
                                                            v_paid_through - interval '1 second'));
@@ -1109,10 +1137,12 @@ declare
   v_detail text;
 begin
   return private.stripe_apply(p_type, p);
-exception when others or query_canceled then
+exception when others then
+  -- (A cancelled statement, e.g. the call's statement timeout, is not caught:
+  -- it ends the whole call, whichever event was running.)
   get stacked diagnostics v_state = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
   return private.stripe_result(
-           case when v_state in ('40001', '40P01', '55P03', '57014') or left(v_state, 2) in ('08', '53')
+           case when v_state in ('40001', '40P01', '55P03') or left(v_state, 2) in ('08', '53')
                 then 'retry' else 'failed' end,
            left(v_message, 200))
          || jsonb_build_object('error', jsonb_build_object('code', v_state, 'message', v_message,
