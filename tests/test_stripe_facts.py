@@ -488,3 +488,19 @@ def test_a_refunded_pack_never_takes_another_packs_credits(deliver: Deliver, wor
                           PAYMENT_INTENT=second["data"]["object"]["payment_intent"], CHARGE=stripe_id("ch"))
     assert deliver(refund2).body["outcome"] == "applied"
     assert world.pools() == (0, 0)
+
+
+def test_a_decrease_claims_what_holds_reserve_of_the_upgrade_credits(deliver: Deliver, world: World) -> None:
+    link_subscription(deliver, world)
+    assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
+    up = _proration(world, world.plan_price, world.big_plan_price, left=0.5, credited=1450, charged=7450)
+    assert deliver(up).body["outcome"] == "applied"
+    hold = world.db.call("reserve_credits", p_account_id=world.account, p_idempotency_key=new_key(),
+                         p_amount=150)
+    down = _proration(world, world.big_plan_price, world.plan_price, left=0.5, credited=7450, charged=1450)
+    assert deliver(down).body["outcome"] == "applied"
+    result = world.recorded(down["id"])["result"]  # type: ignore[index]
+    assert (result["clawed_back"], result["pending"], result["shortfall"]) == (50, 150, 0)
+    world.db.call("release_hold", p_hold_id=hold["hold_id"])
+    balance = world.balance()
+    assert (balance["promotional"], balance["subscription"], balance["held"]) == (0, 100, 0)

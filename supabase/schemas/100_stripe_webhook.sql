@@ -673,6 +673,7 @@ declare
   v_take bigint;
   v_result jsonb;
   v_taken bigint := 0;
+  v_pending bigint := 0;
   v_shortfall bigint := 0;
 begin
   select coalesce(sum(t.promotional), 0), coalesce(sum((t.metadata ->> 'paid')::bigint), 0)
@@ -691,20 +692,28 @@ begin
                     and t.period_start = p_wallet.period_start and t.metadata ? 'allowance'
                     and (t.metadata ->> 'paid')::bigint > 0
                   group by t.stripe_ref order by max(t.seq) desc loop
-    exit when v_taken + v_shortfall >= v_target;
-    select coalesce(-sum(c.promotional + c.subscription + c.purchased), 0) into v_done
+    exit when v_taken + v_pending + v_shortfall >= v_target;
+    -- Taken back so far, and claimed on active holds (as the clawback counts them).
+    select coalesce(-sum(c.promotional + c.subscription + c.purchased), 0)
+           + coalesce((select sum((e ->> 'amount')::bigint) from public.credit_holds h
+                         cross join lateral jsonb_array_elements(h.claims) e
+                        where h.account_id = p_wallet.account_id and h.status = 'active'
+                          and e ->> 'stripe_ref' = v_grant.stripe_ref), 0)
+      into v_done
       from public.credit_transactions c
      where c.account_id = p_wallet.account_id and c.stripe_ref = v_grant.stripe_ref
        and c.kind in ('clawback', 'reinstate');
-    v_take := least(v_grant.granted - v_done, v_target - v_taken - v_shortfall);
+    v_take := least(v_grant.granted - v_done, v_target - v_taken - v_pending - v_shortfall);
     continue when v_take <= 0;
     v_result := private.clawback(v_grant.stripe_ref, 'decrease:' || p_invoice || ':' || v_grant.stripe_ref,
                                  (v_done + v_take)::integer, 'plan decrease', 'stripe');
     v_taken := v_taken + (v_result ->> 'clawed_back')::bigint;
-    v_shortfall := v_shortfall + v_take - (v_result ->> 'clawed_back')::bigint;
+    v_pending := v_pending + (v_result ->> 'pending')::bigint;
+    v_shortfall := v_shortfall + (v_result ->> 'shortfall')::bigint;
   end loop;
   return private.stripe_result('applied', 'allowance_lowered', p_wallet.account_id,
-                               jsonb_build_object('clawed_back', v_taken, 'shortfall', v_shortfall), p_touched);
+                               jsonb_build_object('clawed_back', v_taken, 'pending', v_pending,
+                                                  'shortfall', v_shortfall), p_touched);
 end
 $$;
 
