@@ -156,22 +156,15 @@ begin
   -- The calendar month, in one statement for the batch: the plan's allowance,
   -- or the free plan's while the subscription does not pay (a yearly price
   -- whose paid year ended or stopped included).
-  select array_agg(a.id order by a.id),
-         array_agg(case when coalesce(a.subscription_status, '') in ('past_due', 'unpaid', 'incomplete',
-                                                                     'incomplete_expired', 'paused', 'canceled')
-                             or (a.subscription_status in ('active', 'trialing')
-                                 and a.stripe_paid_through is not null)
-                        then f.monthly_credits else p.monthly_credits end::bigint order by a.id),
-         array_agg(case when coalesce(a.subscription_status, '') in ('past_due', 'unpaid', 'incomplete',
-                                                                     'incomplete_expired', 'paused', 'canceled')
-                             or (a.subscription_status in ('active', 'trialing')
-                                 and a.stripe_paid_through is not null)
-                        then f.rollover_cap else p.rollover_cap end::bigint order by a.id),
-         array_agg(v_end order by a.id)
+  select array_agg(a.id order by a.id), array_agg(q.monthly_credits::bigint order by a.id),
+         array_agg(q.rollover_cap::bigint order by a.id), array_agg(v_end order by a.id)
     into v_ids, v_amounts, v_caps, v_ends
     from public.credit_accounts a
-    join public.credit_plans p on p.id = a.plan_id
-    join public.credit_plans f on f.id = 'free'
+    join public.credit_plans q
+      on q.id = case when coalesce(a.subscription_status, '') in ('past_due', 'unpaid', 'incomplete',
+                                                                  'incomplete_expired', 'paused', 'canceled')
+                          or (a.subscription_status in ('active', 'trialing') and a.stripe_paid_through is not null)
+                     then 'free' else a.plan_id end
    where a.id = any (v_calendar);
   select count(*)::integer as processed, coalesce(sum(r.expired), 0)::bigint as expired,
          coalesce(sum(r.granted), 0)::bigint as granted

@@ -1,0 +1,155 @@
+-- The reset's calendar renewal names the plan whose allowance it grants once
+-- (the account's, or free while its subscription does not pay), instead of
+-- repeating that rule for the credits and the rollover cap.
+
+-- One batch of the reset (see the header).
+create or replace function private.run_monthly_reset(p_period_start date, p_batch_size integer default 5000,
+                                         p_after uuid default null) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_start timestamptz;
+  v_end timestamptz;
+  v_last uuid;
+  v_scanned integer;
+  v_due uuid[];
+  v_calendar uuid[];
+  v_anniversary uuid[];
+  v_at timestamptz;
+  v_account uuid;
+  v_ids uuid[];
+  v_amounts bigint[];
+  v_caps bigint[];
+  v_ends timestamptz[];
+  v_result record;
+  v_yearly record;
+  v_month record;
+  v_processed integer := 0;
+  v_expired bigint := 0;
+  v_granted bigint := 0;
+begin
+  perform private.require_service();
+  if p_period_start is null or extract(day from p_period_start) <> 1 then
+    perform private.invalid('p_period_start', 'must be the first day of a month');
+  end if;
+  if p_period_start > (date_trunc('month', now() at time zone 'UTC') + interval '1 month')::date then
+    perform private.invalid('p_period_start', 'must not be more than one month ahead of the current UTC month');
+  end if;
+  if p_batch_size is null or p_batch_size not between 1 and 100000 then
+    perform private.invalid('p_batch_size', 'must be 1 to 100000');
+  end if;
+  v_start := p_period_start::timestamp at time zone 'UTC';
+  v_end := (p_period_start + interval '1 month')::timestamp at time zone 'UTC';
+  v_at := greatest(now(), v_start);
+
+  select count(*), (array_agg(b.id order by b.id desc))[1] into v_scanned, v_last
+    from (select a.id from public.credit_accounts a
+           where a.id > coalesce(p_after, '00000000-0000-0000-0000-000000000000'::uuid)
+           order by a.id limit p_batch_size) b;
+  if v_scanned = 0 then
+    return jsonb_build_object('processed', 0, 'expired', 0, 'granted', 0, 'next_after', null, 'done', true);
+  end if;
+
+  -- Lock, in ascending id, the wallets that need a renewal or a sweep, and
+  -- say which renewal each is due (the rule, written once, inline: a
+  -- function call per row would cost the reset a third of its time):
+  --   * 'anniversary': an active or trialing subscription on a yearly price
+  --     still paid at v_at whose current month has ended;
+  --   * nothing: a monthly price (its invoices renew it), or a yearly price
+  --     whose paid year ended less than 72 hours ago (its renewal invoice may
+  --     still come; a year stopped by a refund or a dispute does not wait);
+  --   * 'calendar': every other account on a period that began before v_start.
+  select array_agg(x.account_id order by x.account_id),
+         coalesce(array_agg(x.account_id order by x.account_id) filter (where x.due = 'calendar'), '{}'),
+         coalesce(array_agg(x.account_id order by x.account_id) filter (where x.due = 'anniversary'), '{}')
+    into v_due, v_calendar, v_anniversary
+    from (select w.account_id, d.due
+            from public.credit_wallets w
+            join public.credit_accounts a on a.id = w.account_id
+           cross join lateral (
+             select case when a.stripe_subscription_id is not null
+                              and a.subscription_status in ('active', 'trialing')
+                              and (a.stripe_paid_through is null
+                                   or a.stripe_paid_through > v_at
+                                   or (a.stripe_paid_through >= a.stripe_paid_until
+                                       and a.stripe_paid_through + interval '72 hours' > v_at))
+                         then case when a.stripe_paid_through > v_at and w.period_end <= v_at
+                                   then 'anniversary' end
+                         when w.period_start is null or w.period_start < v_start then 'calendar'
+                    end as due) d
+           where w.account_id > coalesce(p_after, '00000000-0000-0000-0000-000000000000'::uuid)
+             and w.account_id <= v_last
+             and (d.due is not null or private.sweep_due(w))
+           order by w.account_id
+             for update of w) x;
+  -- Sweep what lapsed, and attribute promotional spends where a rollover
+  -- grant is about to join grants whose rows lag behind the wallet (both
+  -- rare: a few accounts a batch; one set-based query finds them).
+  for v_account in
+    select w.account_id from public.credit_wallets w
+      join public.credit_accounts a on a.id = w.account_id
+      join public.credit_plans p on p.id = a.plan_id
+      left join (select g.account_id, sum(g.remaining) as remaining from public.credit_promotions g
+                  where g.account_id = any (v_due) and g.remaining > 0 group by g.account_id) g
+        on g.account_id = w.account_id
+     where w.account_id = any (v_due)
+       and (private.sweep_due(w)
+            or (p.rollover_cap > 0 and coalesce(g.remaining, 0) <> w.promotional - w.held_promotional))
+     order by w.account_id
+  loop
+    perform private.materialize_promotions(private.lock_wallet(v_account));
+  end loop;
+
+  -- The calendar month, in one statement for the batch: the plan's allowance,
+  -- or the free plan's while the subscription does not pay (a yearly price
+  -- whose paid year ended or stopped included).
+  select array_agg(a.id order by a.id), array_agg(q.monthly_credits::bigint order by a.id),
+         array_agg(q.rollover_cap::bigint order by a.id), array_agg(v_end order by a.id)
+    into v_ids, v_amounts, v_caps, v_ends
+    from public.credit_accounts a
+    join public.credit_plans q
+      on q.id = case when coalesce(a.subscription_status, '') in ('past_due', 'unpaid', 'incomplete',
+                                                                  'incomplete_expired', 'paused', 'canceled')
+                          or (a.subscription_status in ('active', 'trialing') and a.stripe_paid_through is not null)
+                     then 'free' else a.plan_id end
+   where a.id = any (v_calendar);
+  select count(*)::integer as processed, coalesce(sum(r.expired), 0)::bigint as expired,
+         coalesce(sum(r.granted), 0)::bigint as granted
+    into v_result
+    from private.renew_to(coalesce(v_ids, '{}'), coalesce(v_amounts, '{}'), coalesce(v_caps, '{}'),
+                          coalesce(v_ends, '{}'), v_start, 'system', null, null, null,
+                          '{"reason": "monthly_reset"}'::jsonb) r;
+  v_processed := v_result.processed;
+  v_expired := v_result.expired;
+  v_granted := v_result.granted;
+
+  -- Yearly prices: each account's month from its own anniversary, with the
+  -- plan, seats and paid share current now, never past the paid period; the
+  -- grant carries the year's Stripe reference.
+  for v_yearly in
+    select a.id, a.stripe_period_start, a.stripe_paid_through, a.stripe_paid_ref,
+           floor(p.monthly_credits::numeric * coalesce(a.stripe_quantity, 1) * a.stripe_paid_scale)::bigint
+             as amount, p.rollover_cap::bigint as cap
+      from public.credit_accounts a
+      join public.credit_plans p on p.id = a.plan_id
+     where a.id = any (v_anniversary)
+     order by a.id
+  loop
+    v_month := private.anniversary_month(coalesce(v_yearly.stripe_period_start, v_start), v_at);
+    select count(*)::integer as processed, coalesce(sum(r.expired), 0)::bigint as expired,
+           coalesce(sum(r.granted), 0)::bigint as granted
+      into v_result
+      from private.renew_to(array[v_yearly.id], array[v_yearly.amount], array[v_yearly.cap],
+                            array[least(v_month.month_end, v_yearly.stripe_paid_through)], v_month.month_start,
+                            'system', null, null, v_yearly.stripe_paid_ref,
+                            '{"reason": "yearly_month"}'::jsonb) r;
+    v_processed := v_processed + v_result.processed;
+    v_expired := v_expired + v_result.expired;
+    v_granted := v_granted + v_result.granted;
+  end loop;
+
+  return jsonb_build_object('processed', v_processed, 'expired', v_expired,
+                            'granted', v_granted, 'next_after', v_last, 'done', v_scanned < p_batch_size);
+end
+$$;
