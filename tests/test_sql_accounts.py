@@ -274,7 +274,8 @@ def test_reconcile_finds_a_balance_the_ledger_does_not_explain(database: Db) -> 
     database.call("reserve_credits", caller, p_account_id=account_id, p_idempotency_key=new_key(), p_amount=1)
     clean = database.call("reconcile_credit_balances")
     assert clean["mismatches"] == []
-    assert clean["checked"] == 6 * database.one("select count(*) from public.credit_accounts")
+    # Per account: three pools against the ledger, three held counters, three pools against their grants.
+    assert clean["checked"] == 9 * database.one("select count(*) from public.credit_accounts")
     # Tamper behind the functions' back (as only the database owner could), then put it right.
     database.sql("update public.credit_wallets set purchased = 5, subscription = 3, held_subscription = 0 "
                  "where account_id = %s", account_id)
@@ -284,6 +285,8 @@ def test_reconcile_finds_a_balance_the_ledger_does_not_explain(database: Db) -> 
         database.sql("update public.credit_wallets set purchased = 0, held_subscription = 1 "
                      "where account_id = %s", account_id)
     assert sorted(found, key=lambda m: m["pool"]) == [
+        # Purchased credits with no grant behind them, and no ledger row.
+        {"account_id": account_id, "pool": "grants_purchased", "balance": 5, "ledger": 0},
         {"account_id": account_id, "pool": "held_subscription", "balance": 0, "ledger": 1},
         {"account_id": account_id, "pool": "purchased", "balance": 5, "ledger": 0},
     ]

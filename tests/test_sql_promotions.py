@@ -30,7 +30,8 @@ def travel(database: Db, account_id: str, days: float) -> None:
     """Move the account `days` into the future: every expiry it knows comes that much sooner
     (grants, holds and the wallet's cached next expiries, all shifted together)."""
     shift = dt.timedelta(days=days)
-    database.sql("update public.credit_promotions set expires_at = expires_at - %s where account_id = %s",
+    database.sql("update private.grants set expires_at = expires_at - %s "
+                 "where account_id = %s and pool = 'promotional'",
                  shift, account_id)
     database.sql("update public.credit_holds set expires_at = expires_at - %s "
                  "where account_id = %s and status = 'active'", shift, account_id)
@@ -149,8 +150,8 @@ def test_a_spend_across_grants_takes_the_slow_path_and_keeps_the_next_expiry_rig
                            p_amount=5)
     assert result["balance"]["next_expiry"] == {"amount": 7, "at": second["expires_at"]}
     assert result["balance"] == database.balance(account_id)
-    assert database.sql("select amount, remaining from public.credit_promotions where account_id = %s "
-                        "order by expires_at", account_id) == [(2, 0), (10, 7)]
+    assert database.sql("select granted, remaining from public.credit_grants where account_id = %s "
+                        "and pool = 'promotional' order by expires_at", account_id) == [(2, 0), (10, 7)]
 
 
 def test_an_earlier_grant_after_spends_is_not_charged_for_them(database: Db) -> None:

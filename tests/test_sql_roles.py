@@ -170,7 +170,7 @@ def snapshot(db: Db, account: str) -> tuple:
                (select count(*) from public.credit_transactions t where t.account_id = w.account_id),
                (select jsonb_object_agg(h.id, h.status) from public.credit_holds h
                  where h.account_id = w.account_id),
-               (select count(*) from public.credit_promotions p where p.account_id = w.account_id),
+               (select count(*) from private.grants g where g.account_id = w.account_id),
                (select count(*) from public.credit_license_keys k where k.account_id = w.account_id),
                (select count(*) from public.credit_license_keys k
                  where k.account_id = w.account_id and k.revoked_at is null)
@@ -245,7 +245,7 @@ PER_ACCOUNT = {
     "credit_transactions": "select account_id from public.credit_transactions",
     "credit_ledger": "select account_id from public.credit_ledger",
     "credit_wallets": "select account_id from public.credit_wallets",
-    "credit_promotions": "select account_id from public.credit_promotions",
+    "credit_grants": "select account_id from public.credit_grants",
     "credit_holds": "select account_id from public.credit_holds",
     "credit_license_keys": "select account_id from public.credit_license_keys",
     "tenants": "select id from public.tenants",
@@ -313,23 +313,28 @@ def test_catalog_is_readable_by_everyone_signed_in_not_anon(database: Db, world:
 
 # --- tables and views: writes -----------------------------------------------
 
-VIEWS = ("credit_balances", "credit_pool_usage", "credit_usage", "credit_ledger")
+VIEWS = ("credit_balances", "credit_pool_usage", "credit_usage", "credit_ledger", "credit_grants")
 RELATIONS = [*PER_ACCOUNT, "credit_plans", "credit_packs", "credit_prices", "stripe_events"]
+
+
+def _qualified(relation: str) -> str:
+    return relation if "." in relation else f"public.{relation}"
 
 
 def _first_column(db: Db, relation: str) -> str:
     return str(db.one("select attname from pg_attribute where attrelid = %s::regclass and attnum > 0 "
                       "and attidentity = '' and attgenerated = '' order by attnum limit 1",
-                      f"public.{relation}"))
+                      _qualified(relation)))
 
 
 def _writes(db: Db, relation: str) -> dict[str, str]:
     col = _first_column(db, relation)
+    name = _qualified(relation)
     return {
-        "insert": f"insert into public.{relation} default values",
-        "update": f"update public.{relation} set {col} = {col}",
-        "delete": f"delete from public.{relation}",
-        "truncate": f"truncate public.{relation}",
+        "insert": f"insert into {name} default values",
+        "update": f"update {name} set {col} = {col}",
+        "delete": f"delete from {name}",
+        "truncate": f"truncate {name}",
     }
 
 
@@ -354,18 +359,20 @@ def test_api_users_write_no_table_or_view(database: Db, world: World, relation: 
     assert database.one(f"select count(*) from public.{relation}") == count
 
 
-@pytest.mark.parametrize("relation", ["credit_transactions", "credit_wallets", "credit_promotions",
-                                      "credit_holds"])
+@pytest.mark.parametrize("relation", ["credit_transactions", "credit_wallets", "credit_holds",
+                                      "private.grants"])
 def test_service_role_cannot_rewrite_the_books(database: Db, world: World, relation: str) -> None:
     service = Caller.service()
-    fingerprint = f"select count(*), md5(string_agg(t::text, ',' order by t::text)) from public.{relation} t"
+    fingerprint = (f"select count(*), md5(string_agg(t::text, ',' order by t::text)) "
+                   f"from {_qualified(relation)} t")
     before = database.one(fingerprint)
     for statement in _writes(database, relation).values():
         expect_error(lambda s=statement: as_caller(database.conn, service, s), "42501")
     assert database.one(fingerprint) == before
 
 
-@pytest.mark.parametrize("view", ["credit_balances", "credit_pool_usage", "credit_usage", "credit_ledger"])
+@pytest.mark.parametrize("view", ["credit_balances", "credit_pool_usage", "credit_usage", "credit_ledger",
+                                  "credit_grants"])
 def test_service_role_cannot_write_through_the_views(database: Db, world: World, view: str) -> None:
     before = snapshot(database, world.personal)
     col = _first_column(database, view)

@@ -191,12 +191,12 @@ def test_private_definer_code_is_not_reachable_by_anon(database: Db, functions: 
     assert public_usage == 0
     # Authenticated may run only the definer code behind user-callable
     # wrappers, the read helpers RLS policies call, and the invoker helpers
-    # the credit_balances view computes with (pure, or reading under RLS), and
-    # the caller's own account for a null p_account_id.
+    # the credit_balances and credit_grants views compute with (pure, or
+    # reading under RLS), and the caller's own account for a null p_account_id.
     allowed = USER_CALLABLE | {"is_service", "is_super_admin", "member_tenant_ids", "readable_account_ids",
                                "personal_account",
                                "balance_json", "next_expiry", "current_wallet", "sweep_due", "hold_fates",
-                               "fates", "spend_split", "promo_attribution"}
+                               "fates", "spend_split", "grant_attribution"}
     reachable = {name for oid, schema, name, *_ in functions
                  if schema == "private"
                  and database.one("select has_function_privilege('authenticated', %s::oid, 'EXECUTE')", oid)}

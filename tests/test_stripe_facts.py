@@ -418,8 +418,8 @@ def test_a_stripe_renewal_with_rollover_never_moves_past_spends_onto_the_rollove
     balance = world.balance()
     assert (balance["promotional"], balance["subscription"]) == (5 + 50, 100)
     # The rollover grant's end comes: its 50 expire, the promotion keeps its own 5.
-    world.db.sql("update public.credit_promotions set expires_at = now() - interval '1 second' "
-                 "where account_id = %s and amount = 50", world.account)
+    world.db.sql("update private.grants set expires_at = now() - interval '1 second' "
+                 "where account_id = %s and pool = 'promotional' and granted = 50", world.account)
     world.db.sql("update public.credit_wallets set promo_front_at = now() - interval '1 second' "
                  "where account_id = %s", world.account)
     assert world.balance()["promotional"] == 5

@@ -211,7 +211,7 @@ create function private.post(
   p_period_start timestamptz default null, p_period_end timestamptz default null,
   p_operation text default null, p_model text default null,
   p_input_tokens integer default null, p_output_tokens integer default null,
-  p_id uuid default null, p_outcome jsonb default null)
+  p_id uuid default null, p_outcome jsonb default null, p_source text default null)
 returns public.credit_transactions
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -220,6 +220,7 @@ declare
   v_wallet public.credit_wallets;
   v_entry public.credit_transactions;
   v_expiry jsonb;
+  v_id uuid := coalesce(p_id, private.uuid_v7());
 begin
   update public.credit_wallets w
      set promotional = w.promotional + p_promotional,
@@ -232,7 +233,20 @@ begin
   returning w.* into v_wallet;
   if p_promotional <> 0 or p_held_promotional <> 0 then
     -- Free promotional credits changed: attribute them to grants again.
-    v_wallet := private.materialize_promotions(v_wallet);
+    v_wallet := private.materialize_grants(v_wallet);
+  end if;
+  if p_kind in ('purchase', 'grant', 'adjustment', 'refund')
+     and (p_subscription > 0 or p_purchased > 0 or (p_kind = 'grant' and p_stripe_ref is not null)) then
+    -- Credits that arrive are a grant (promotional ones come through add_promotion,
+    -- renewals through renew_to); a payment that granted nothing, one of 0.
+    insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
+                                epoch, remaining)
+    select private.uuid_v7(), p_account_id, g.pool,
+           coalesce(p_source, private.grant_source(p_kind, p_origin, p_stripe_ref)), p_stripe_ref, v_id, g.amount,
+           case when g.pool = 'subscription' then v_wallet.period_end end,
+           case when g.pool = 'subscription' then v_wallet.sub_epoch end, g.amount
+      from (values ('subscription', p_subscription), ('purchased', p_purchased)) g(pool, amount)
+     where g.amount > 0 or (g.pool = 'subscription' and p_kind = 'grant' and p_purchased = 0);
   end if;
   v_expiry := private.next_expiry(v_wallet);
   insert into public.credit_transactions (
@@ -242,7 +256,7 @@ begin
     period_start, period_end, next_expiry_amount, next_expiry_at,
     ref_id, stripe_ref, operation, model, input_tokens, output_tokens, description, metadata, outcome, actor_id)
   values (
-    coalesce(p_id, private.uuid_v7()), p_account_id, p_kind, p_origin, p_key, p_hash,
+    v_id, p_account_id, p_kind, p_origin, p_key, p_hash,
     p_promotional, p_subscription, p_purchased,
     v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
     v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
@@ -327,7 +341,7 @@ begin
     when 'promotion' then
       select jsonb_build_object('transaction_id', p_entry.id, 'granted', p_entry.promotional,
                                 'expires_at', p.expires_at)
-        into v_result from public.credit_promotions p where p.id = p_entry.ref_id;
+        into v_result from private.grants p where p.id = p_entry.ref_id;
     when 'refund' then
       v_result := jsonb_build_object('transaction_id', p_entry.id, 'refunded', p_entry.purchased);
     when 'clawback' then
@@ -351,7 +365,7 @@ revoke all on function private.result(public.credit_transactions, boolean) from 
 revoke all on function
   private.post(uuid, private.entry_kind, bigint, bigint, bigint, bigint, bigint, bigint, private.entry_origin,
                text, uuid, uuid, text, text, jsonb, uuid, timestamptz, timestamptz, text, text, integer, integer,
-               uuid, jsonb),
+               uuid, jsonb, text),
   private.find_key(uuid, text, uuid, private.entry_origin)
   from public;
 

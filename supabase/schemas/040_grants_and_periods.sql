@@ -1,31 +1,46 @@
 -- Grants and periods: how credits come in and how they run out.
 --
 -- Holds:
---   * credit_promotions: one row per promotional grant (sign-up bonus,
---     campaign, rolled-over allowance), with its own expiry;
---   * the attribution of spent promotional credits to grants, the renewal of
---     a subscription period (one set-based statement for one account or a
+--   * private.grants: every arrival of credits (a grant) with its pool, its
+--     source, its Stripe reference, its amount and its expiry (the
+--     credit_grants view, in the spending chapter, lists them with what is
+--     left of each now);
+--   * the attribution of spent credits to grants, the renewal of a
+--     subscription period (one set-based statement for one account or a
 --     reset batch), opening an account;
 --   * add_purchased_credits, add_subscription_credits,
 --     expire_subscription_credits, grant_promotional_credits.
 --
 -- Rules:
---   * Promotional credits are spent first, soonest expiry first, then
---     subscription, then purchased (the split is private.spend_split, in the
---     holds chapter).
---   * A spend never walks grant rows: the wallet knows the soonest grant's
---     free credits (promo_front_*), and consumption is attributed to grants
---     lazily, in expiry order, whenever grant rows are next needed (a new
---     grant, an expiry, a hold taking or returning promotional credits).
---   * Each grant expires on its own date whether or not a job runs: reads
---     never count expired credits, and the next write to the account writes
---     the expiry (one ledger row per grant).
+--   * Every credit belongs to a grant; a pool is the sum of what its grants
+--     have left (reconcile_credit_balances checks it). Within a pool, credits
+--     are spent soonest expiry first, then oldest grant first (promotional
+--     before subscription before purchased: private.spend_split, in the holds
+--     chapter).
+--   * A spend never walks grant rows. A grant's stored `remaining` is what
+--     was left of it at its pool's last attribution; spends since then took
+--     from the front of the spending order, so what is left now belongs to
+--     the grants at its back (private.grant_attribution). The attribution is
+--     written (private.materialize_grants) only when a grant's own credits
+--     matter: a grant joining ahead of others, an expiry, a clawback or its
+--     reversal, a hold taking or returning promotional credits.
+--   * Promotional grants count free credits (a hold names the grants it
+--     reserves); subscription and purchased grants count their credits held
+--     or free, the held ones being the front of their pool.
+--   * A subscription grant belongs to its period (the wallet's sub_epoch):
+--     a renewal or an explicit expiry moves the epoch on, and the earlier
+--     grants have nothing left (their free credits were written off as the
+--     expiry or the rollover).
+--   * Each promotional grant expires on its own date whether or not a job
+--     runs: reads never count expired credits, and the next write to the
+--     account writes the expiry (one ledger row per grant).
 --   * A renewal (a Stripe invoice or the monthly reset) moves up to the plan's
---     rollover_cap of unused allowance into a promotional grant that expires
---     at the end of the new period, expires the rest of the free allowance,
---     and grants the new one. Rolled-over credits are promotional, so they
---     never roll again. Subscription credits under a hold expire when the hold
---     ends uncaptured (the wallet's sub_epoch moves on).
+--     rollover_cap of unused allowance into a promotional grant (source
+--     rollover, the allowance's Stripe reference) that expires at the end of
+--     the new period, expires the rest of the free allowance, and grants the
+--     new one. Rolled-over credits are promotional, so they never roll again.
+--     Subscription credits under a hold expire when the hold ends uncaptured
+--     (the wallet's sub_epoch moves on).
 --   * A new user's account starts on `free` with its first month's allowance
 --     and the free plan's signup_bonus as a promotional grant, once per
 --     identity: the e-mail address (lower-cased, trimmed), else the phone
@@ -33,91 +48,146 @@
 --     (private.signup_bonus_claims), so deleting and signing up again grants
 --     nothing more; an anonymous user gets it when an identity is first set.
 
-create table public.credit_promotions (
-  -- The id of the transaction that granted it.
+create table private.grants (
   id uuid primary key,
   account_id uuid not null references public.credit_accounts (id) on delete cascade,
-  amount bigint not null,
-  expires_at timestamptz not null,
-  -- Free credits left as of the last attribution (spends since then are
-  -- attributed in expiry order the next time the rows are needed).
-  remaining bigint not null,
-  expired bigint not null default 0,
+  pool text not null check (pool in ('promotional', 'subscription', 'purchased')),
+  source text not null check (source in ('invoice', 'checkout', 'topup', 'reset', 'signup_bonus', 'promotion',
+                                         'rollover', 'plan_change', 'refund', 'adjustment')),
+  stripe_ref text,
+  -- The ledger row that brought the credits (null: credits an account held
+  -- before grants were recorded, whose arrival is no single row).
+  transaction_id uuid,
+  granted bigint not null check (granted >= 0),
+  -- Promotional: its own date; subscription: its period's end; purchased: none.
+  expires_at timestamptz,
+  -- Subscription: the wallet's sub_epoch of its period (a later epoch ended it).
+  epoch integer,
+  -- Left as of the pool's last attribution (see the header).
+  remaining bigint not null check (remaining >= 0),
   created_at timestamptz not null default now()
 );
-create index credit_promotions_open_idx on public.credit_promotions (account_id, expires_at, id)
-  where remaining > 0;
-comment on table public.credit_promotions is 'Promotional grants, each with its own expiry.';
+create index grants_open_idx on private.grants (account_id, pool, expires_at, id) where remaining > 0;
+create index grants_stripe_ref_idx on private.grants (stripe_ref) where stripe_ref is not null;
+comment on table private.grants is
+  'Every arrival of credits; what is left of each is public.credit_grants.remaining.';
 
-alter table public.credit_promotions enable row level security;
-revoke all on public.credit_promotions from anon, authenticated, service_role;
-grant select on public.credit_promotions to authenticated, service_role;
-create policy credit_promotions_read on public.credit_promotions for select to authenticated
+alter table private.grants enable row level security;
+revoke all on private.grants from public, anon, authenticated, service_role;
+grant select on private.grants to authenticated, service_role;
+create policy grants_read on private.grants for select to authenticated
   using (account_id in (select private.readable_account_ids()) or (select private.is_super_admin()));
 
--- ---------------------------------------------------------------------------
--- Attribution: the account's free promotional credits (p_free) are what is
--- left of its open grants after spending took from them soonest-expiry
--- first. Returns each open grant with the free credits attributed to it.
--- ---------------------------------------------------------------------------
-
-create function private.promo_attribution(p_account_id uuid, p_free bigint)
-returns table (id uuid, expires_at timestamptz, remaining bigint, attributed bigint)
-language plpgsql stable
+-- The source of a grant that post() records (renewals and promotions name theirs).
+create function private.grant_source(p_kind private.entry_kind, p_origin private.entry_origin, p_stripe_ref text)
+returns text
+language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-  return query
-  select g.id, g.expires_at, g.remaining,
-         greatest(0, least(g.remaining, g.cum - (g.total - p_free)))::bigint
-    from (select p.id, p.expires_at, p.remaining,
-                 sum(p.remaining) over (order by p.expires_at, p.id) as cum,
-                 sum(p.remaining) over () as total
-            from public.credit_promotions p
-           where p.account_id = p_account_id and p.remaining > 0) g;
+  return case
+    when p_kind in ('refund', 'adjustment') then p_kind::text
+    when p_stripe_ref like 'in\_%' then 'invoice'
+    when p_kind = 'grant' and (p_stripe_ref is not null or p_origin = 'stripe') then 'invoice'
+    when p_kind = 'grant' and p_origin = 'system' then 'reset'
+    when p_kind = 'purchase' and (p_origin = 'stripe' or p_stripe_ref is not null) then 'checkout'
+    else 'adjustment' end;
 end
 $$;
 
--- Bring the grant rows up to date with the wallet and refresh the wallet's
--- soonest-expiry cache. The caller holds the wallet's lock.
-create function private.materialize_promotions(p_wallet public.credit_wallets)
+-- ---------------------------------------------------------------------------
+-- Attribution: what is left of each of a pool's live grants, given what the
+-- pool holds now. Spends took from the front of the spending order, so the
+-- credits left belong to its back: each grant keeps the part of the pool's
+-- credits that falls on it counting from the back, up to its stored
+-- remaining. For subscription and purchased grants, `held` is the part of
+-- that the pool's active holds reserve (the front of what is left).
+-- ---------------------------------------------------------------------------
+
+create function private.grant_attribution(p_wallet public.credit_wallets, p_pool text)
+returns table (id uuid, expires_at timestamptz, remaining bigint, attributed bigint, held bigint)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  -- Subscription credits held from an ended period belong to no live grant.
+  v_stale bigint := case when p_pool = 'subscription' and p_wallet.held_subscription > 0 then
+                      (select coalesce(sum(h.subscription), 0) from public.credit_holds h
+                        where h.account_id = p_wallet.account_id and h.status = 'active'
+                          and h.sub_epoch <> p_wallet.sub_epoch) else 0 end;
+  v_left bigint := case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
+                               when 'subscription' then p_wallet.subscription - v_stale
+                               else p_wallet.purchased end;
+  v_held bigint := case p_pool when 'promotional' then 0
+                               when 'subscription' then p_wallet.held_subscription - v_stale
+                               else p_wallet.held_purchased end;
+begin
+  return query
+  select a.id, a.expires_at, a.remaining, a.attributed,
+         greatest(0, least(a.attributed, v_held - (a.acum - a.attributed)))::bigint
+    from (select g.id, g.expires_at, g.remaining, g.attributed,
+                 sum(g.attributed) over (order by g.expires_at nulls last, g.id) as acum
+            from (select g.id, g.expires_at, g.remaining,
+                         greatest(0, least(g.remaining, g.cum - (g.total - v_left)))::bigint as attributed
+                    from (select p.id, p.expires_at, p.remaining,
+                                 sum(p.remaining) over (order by p.expires_at nulls last, p.id) as cum,
+                                 sum(p.remaining) over () as total
+                            from private.grants p
+                           where p.account_id = p_wallet.account_id and p.pool = p_pool and p.remaining > 0
+                             and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)) g) g) a;
+end
+$$;
+
+-- Write a pool's attribution to its grants (the caller holds the wallet's
+-- lock); for the promotional pool, also refresh the wallet's soonest-expiry
+-- cache. Credits without a grant are a bug, never a state to keep.
+create function private.materialize_grants(p_wallet public.credit_wallets, p_pool text default 'promotional')
 returns public.credit_wallets
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  v_wallet public.credit_wallets;
+  v_wallet public.credit_wallets := p_wallet;
+  v_short boolean;
 begin
-  update public.credit_promotions p
-     set remaining = a.attributed
-    from private.promo_attribution(p_wallet.account_id, p_wallet.promotional - p_wallet.held_promotional) a
-   where p.id = a.id and p.remaining <> a.attributed;
-  update public.credit_wallets w
-     set promo_front_at = f.at, promo_front_left = coalesce(f.amount, 0)
-    from (select null::int as one) x
-    left join lateral (
-      select p.expires_at as at, sum(p.remaining)::bigint as amount
-        from public.credit_promotions p
-       where p.account_id = p_wallet.account_id and p.remaining > 0
-       group by p.expires_at order by p.expires_at limit 1) f on true
-   where w.account_id = p_wallet.account_id
-  returning w.* into v_wallet;
-  if (select coalesce(sum(p.remaining), 0) from public.credit_promotions p
-       where p.account_id = p_wallet.account_id and p.remaining > 0)
-     <> v_wallet.promotional - v_wallet.held_promotional then
-    -- More free promotional credits than grants: a bug, never a state to keep.
-    raise exception using errcode = 'XX000', message = 'promotional credits without a grant';
+  with a as (
+    select * from private.grant_attribution(p_wallet, p_pool)
+  ), written as (
+    update private.grants p set remaining = a.attributed
+      from a where p.id = a.id and p.remaining <> a.attributed
+  )
+  select coalesce(sum(a.remaining), 0) < case p_pool
+           when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
+           when 'subscription' then p_wallet.subscription
+                                    - (select coalesce(sum(h.subscription), 0) from public.credit_holds h
+                                        where h.account_id = p_wallet.account_id and h.status = 'active'
+                                          and h.sub_epoch <> p_wallet.sub_epoch)
+           else p_wallet.purchased end
+    into v_short from a;
+  if v_short then
+    raise exception using errcode = 'XX000', message = p_pool || ' credits without a grant';
+  end if;
+  if p_pool = 'promotional' then
+    update public.credit_wallets w
+       set promo_front_at = f.at, promo_front_left = coalesce(f.amount, 0)
+      from (select null::int as one) x
+      left join lateral (
+        select p.expires_at as at, sum(p.remaining)::bigint as amount
+          from private.grants p
+         where p.account_id = p_wallet.account_id and p.pool = 'promotional' and p.remaining > 0
+         group by p.expires_at order by p.expires_at limit 1) f on true
+     where w.account_id = p_wallet.account_id
+    returning w.* into v_wallet;
   end if;
   return v_wallet;
 end
 $$;
 
--- A promotional grant (and, for a rollover, the subscription credits it
--- came from). The caller holds the wallet's lock.
+-- A promotional grant from p_source. The caller holds the wallet's lock.
 create function private.add_promotion(
   p_wallet public.credit_wallets, p_kind private.entry_kind, p_amount bigint, p_expires_at timestamptz,
   p_origin private.entry_origin, p_key text, p_hash uuid, p_stripe_ref text, p_description text,
-  p_metadata jsonb, p_actor uuid, p_from_subscription bigint default 0)
+  p_metadata jsonb, p_actor uuid, p_source text)
 returns public.credit_transactions
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -126,22 +196,25 @@ declare
   v_id uuid := private.uuid_v7();
 begin
   -- Attribute earlier spends before a grant with an earlier expiry joins.
-  perform private.materialize_promotions(p_wallet);
-  insert into public.credit_promotions (id, account_id, amount, expires_at, remaining)
-  values (v_id, p_wallet.account_id, p_amount, p_expires_at, p_amount);
-  return private.post(p_wallet.account_id, p_kind, p_promotional => p_amount,
-                      p_subscription => -p_from_subscription, p_origin => p_origin, p_key => p_key,
-                      p_hash => p_hash, p_ref_id => v_id, p_stripe_ref => p_stripe_ref,
+  perform private.materialize_grants(p_wallet);
+  insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
+                              remaining)
+  values (v_id, p_wallet.account_id, 'promotional', p_source, p_stripe_ref, v_id, p_amount, p_expires_at,
+          p_amount);
+  return private.post(p_wallet.account_id, p_kind, p_promotional => p_amount, p_origin => p_origin,
+                      p_key => p_key, p_hash => p_hash, p_ref_id => v_id, p_stripe_ref => p_stripe_ref,
                       p_description => p_description, p_metadata => p_metadata, p_actor => p_actor,
                       p_id => v_id);
 end
 $$;
 
-revoke all on function private.promo_attribution(uuid, bigint),
-  private.materialize_promotions(public.credit_wallets),
+revoke all on function private.grant_source(private.entry_kind, private.entry_origin, text),
+  private.grant_attribution(public.credit_wallets, text),
+  private.materialize_grants(public.credit_wallets, text),
   private.add_promotion(public.credit_wallets, private.entry_kind, bigint, timestamptz, private.entry_origin,
-                        text, uuid, text, text, jsonb, uuid, bigint)
+                        text, uuid, text, text, jsonb, uuid, text)
   from public;
+
 
 -- ---------------------------------------------------------------------------
 -- Renewal: start a subscription period for a set of accounts (one for an
@@ -171,7 +244,12 @@ as $$
     select w.*, b.amount as new_amount, b.period_end as new_end,
            least(b.cap, w.subscription - w.held_subscription) as rolled,
            w.subscription - w.held_subscription - least(b.cap, w.subscription - w.held_subscription) as lapsed,
-           private.uuid_v7() as grant_id, private.uuid_v7() as roll_id, private.uuid_v7() as expire_id
+           private.uuid_v7() as grant_id, private.uuid_v7() as roll_id, private.uuid_v7() as expire_id,
+           -- A rollover keeps the Stripe reference of the allowance it came from.
+           case when least(b.cap, w.subscription - w.held_subscription) > 0
+                then (select t.stripe_ref from public.credit_transactions t
+                       where t.account_id = w.account_id and t.kind = 'grant' and t.period_start = w.period_start
+                       order by t.seq desc limit 1) end as roll_ref
       from unnest(p_accounts, p_amounts, p_caps, p_ends) as b(account_id, amount, cap, period_end)
       join public.credit_wallets w on w.account_id = b.account_id
      -- Older (ended before the current period began) changes nothing; a period
@@ -196,9 +274,17 @@ as $$
       from calc c
      where w.account_id = c.account_id
     returning w.*
-  ), promos as (
-    insert into public.credit_promotions (id, account_id, amount, expires_at, remaining)
-    select c.roll_id, c.account_id, c.rolled, c.new_end, c.rolled from calc c where c.rolled > 0
+  ), grants as (
+    -- The new allowance (even of 0 credits: its payment is known) and the rollover.
+    insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
+                                epoch, remaining)
+    select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount
+      from calc c
+     cross join lateral (values
+       (c.grant_id, 'subscription', private.grant_source('grant', p_origin, p_stripe_ref), p_stripe_ref,
+        c.new_amount, c.sub_epoch + 1),
+       (c.roll_id, 'promotional', 'rollover', c.roll_ref, c.rolled, null)) g(id, pool, source, ref, amount, epoch)
+     where g.pool = 'subscription' or c.rolled > 0
   ), entries as (
     insert into public.credit_transactions (
       id, account_id, kind, origin, idempotency_key, request_hash, promotional, subscription, purchased,
@@ -209,12 +295,7 @@ as $$
            n.held_promotional + n.held_subscription + n.held_purchased, e.pstart, e.pend,
            (private.next_expiry(n) ->> 'amount')::bigint, (private.next_expiry(n) ->> 'at')::timestamptz,
            e.ref_id,
-           -- A rollover keeps the Stripe reference of the allowance it came from.
-           case when e.ord = 1 then (select t.stripe_ref from public.credit_transactions t
-                                      where t.account_id = c.account_id and t.kind = 'grant'
-                                        and t.period_start = c.period_start
-                                      order by t.seq desc limit 1)
-                else p_stripe_ref end,
+           case when e.ord = 1 then c.roll_ref else p_stripe_ref end,
            coalesce(p_metadata, '{}'::jsonb)
       from calc c
       join renewed n on n.account_id = c.account_id
@@ -319,7 +400,8 @@ begin
   v_wallet := private.lock_wallet(p_account_id);
   perform private.add_promotion(v_wallet, 'promotion', v_plan.signup_bonus,
                                 now() + make_interval(days => v_plan.signup_bonus_days), 'system', null, null,
-                                null, 'sign-up bonus', '{"reason": "signup_bonus"}'::jsonb, null);
+                                null, 'sign-up bonus', '{"reason": "signup_bonus"}'::jsonb, null,
+                                'signup_bonus');
 end
 $$;
 
@@ -507,7 +589,7 @@ begin
   if v_cap > 0 then
     -- Attribute earlier promotional spends before the rollover grant joins the
     -- grants: they were spent from the grants that existed then.
-    v_wallet := private.materialize_promotions(v_wallet);
+    v_wallet := private.materialize_grants(v_wallet);
   end if;
   perform private.renew(array[p_account_id], array[p_amount::bigint], array[coalesce(v_cap, 0)],
                         p_period_start, p_period_end, p_origin, p_key, v_hash, p_stripe_ref, p_metadata);
@@ -610,7 +692,7 @@ begin
     return private.result(v_entry, true);
   end if;
   v_entry := private.add_promotion(v_wallet, 'promotion', p_amount, p_expires_at, p_origin, p_key, v_hash,
-                                   p_stripe_ref, p_reason, p_metadata, null);
+                                   p_stripe_ref, p_reason, p_metadata, null, 'promotion');
   return private.result(v_entry, false);
 end
 $$;

@@ -145,7 +145,7 @@ begin
     if v_released > 0 then
       f_amount := v_released;
       -- The grant's own date decides (the part keeps a copy only for ordering).
-      f_fate := case when (select p.expires_at from public.credit_promotions p where p.id = f_grant) <= p_now
+      f_fate := case when (select p.expires_at from private.grants p where p.id = f_grant) <= p_now
                      then 'expire' else 'free' end;
       return next;
     end if;
@@ -164,10 +164,12 @@ begin
       v_take := least(v_released, (v_claim ->> 'amount')::bigint);
       if v_take > 0 then
         f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref'; f_key := v_claim ->> 'key';
+        f_grant := (v_claim ->> 'g')::uuid;
         return next;
         v_released := v_released - v_take;
       end if;
     end loop;
+    f_grant := null;
     f_ref := null;
     f_key := null;
     if v_released > 0 then
@@ -230,10 +232,16 @@ begin
                             p_period_end => case when v_sum.ss > 0 then p_hold.period_end end,
                             p_operation => p_hold.operation);
   end if;
-  -- One clawback row per claim's payment and key (a won dispute gives back what its claims took).
-  for v_row in select f.f_pool, f.f_ref, f.f_key, sum(f.f_amount)::bigint as amount from private.fates(v_fates) f
+  -- One clawback row per claim's payment, key and grant (a won dispute gives
+  -- back what its claims took, into the same grants).
+  for v_row in select f.f_pool, f.f_ref, f.f_key, f.f_grant, sum(f.f_amount)::bigint as amount
+                 from private.fates(v_fates) f
                 where p_hold.claims <> '[]'::jsonb and f.f_fate = 'clawback'
-                group by f.f_pool, f.f_ref, f.f_key order by f.f_pool, f.f_ref, f.f_key loop
+                group by f.f_pool, f.f_ref, f.f_key, f.f_grant order by f.f_pool, f.f_ref, f.f_key, f.f_grant loop
+    if v_row.f_pool <> 'promotional' and v_row.f_grant is not null then
+      -- Subscription and purchased grants count their held credits: these leave it.
+      update private.grants g set remaining = greatest(g.remaining - v_row.amount, 0) where g.id = v_row.f_grant;
+    end if;
     perform private.post(p_hold.account_id, 'clawback',
                          p_promotional => case when v_row.f_pool = 'promotional' then -v_row.amount else 0 end,
                          p_subscription => case when v_row.f_pool = 'subscription' then -v_row.amount else 0 end,
@@ -247,7 +255,10 @@ begin
                          p_metadata => jsonb_strip_nulls(jsonb_build_object(
                                          'reason', 'clawback found under a hold', 'claim', v_row.f_key)),
                          p_period_start => case when v_row.f_pool = 'subscription' then p_hold.period_start end,
-                         p_period_end => case when v_row.f_pool = 'subscription' then p_hold.period_end end);
+                         p_period_end => case when v_row.f_pool = 'subscription' then p_hold.period_end end,
+                         p_outcome => case when v_row.f_grant is not null
+                                           then jsonb_build_object('grants',
+                                                  jsonb_build_object(v_row.f_grant::text, v_row.amount)) end);
   end loop;
   if v_sum.ep + v_sum.es > 0 then
     perform private.post(p_hold.account_id, 'expire', -v_sum.ep, -v_sum.es, 0, -v_sum.ep, -v_sum.es, 0,
@@ -261,8 +272,8 @@ begin
   if v_sum.fp > 0 then
       -- Promotional credits go back to their grants (attribute spends first).
       select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
-      perform private.materialize_promotions(v_wallet);
-      update public.credit_promotions p set remaining = p.remaining + f.amount
+      perform private.materialize_grants(v_wallet);
+      update private.grants p set remaining = p.remaining + f.amount
         from (select s.f_grant, sum(s.f_amount) as amount from private.fates(v_fates) s
                where s.f_pool = 'promotional' and s.f_fate = 'free' group by s.f_grant) f
        where p.id = f.f_grant;
@@ -276,7 +287,7 @@ begin
    where w.account_id = p_hold.account_id
   returning w.* into v_wallet;
   if v_sum.fp > 0 then
-    perform private.materialize_promotions(v_wallet);
+    perform private.materialize_grants(v_wallet);
   end if;
   return v_spend;
 end
@@ -321,12 +332,12 @@ begin
     perform private.end_hold(v_hold, 0, 'expired');
   end loop;
   select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id;
-  v_wallet := private.materialize_promotions(v_wallet);
-  for v_grant in select p.id, p.remaining from public.credit_promotions p
-                  where p.account_id = p_account_id and p.remaining > 0 and p.expires_at <= now()
+  v_wallet := private.materialize_grants(v_wallet);
+  for v_grant in select p.id, p.remaining from private.grants p
+                  where p.account_id = p_account_id and p.pool = 'promotional' and p.remaining > 0
+                    and p.expires_at <= now()
                   order by p.expires_at, p.id loop
-    update public.credit_promotions p set remaining = 0, expired = p.expired + v_grant.remaining
-     where p.id = v_grant.id;
+    update private.grants p set remaining = 0 where p.id = v_grant.id;
     perform private.post(p_account_id, 'expire', p_promotional => -v_grant.remaining, p_origin => 'system',
                          p_ref_id => v_grant.id, p_metadata => '{"reason": "promotional grant expired"}'::jsonb);
   end loop;
@@ -336,7 +347,7 @@ end
 $$;
 
 -- The wallet as the sweep would leave it, without writing: for reads. The
--- same rules (hold_fates, promo_attribution), summed instead of applied.
+-- same rules (hold_fates, grant_attribution), summed instead of applied.
 create function private.current_wallet(p_wallet public.credit_wallets) returns public.credit_wallets
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
@@ -370,11 +381,11 @@ begin
      where f.f_pool = 'promotional' and f.f_fate = 'free' group by f.f_grant
   ), grants as (
     select p.id, p.expires_at, coalesce(a.attributed, 0) + coalesce(b.amount, 0) as free
-      from public.credit_promotions p
-      left join private.promo_attribution(p_wallet.account_id,
-                                          p_wallet.promotional - p_wallet.held_promotional) a on a.id = p.id
+      from private.grants p
+      left join private.grant_attribution(p_wallet, 'promotional') a on a.id = p.id
       left join back b on b.f_grant = p.id
-     where p.account_id = p_wallet.account_id and (a.id is not null or b.f_grant is not null)
+     where p.account_id = p_wallet.account_id and p.pool = 'promotional'
+       and (a.id is not null or b.f_grant is not null)
   ), front as (
     select g.expires_at as at from grants g where g.expires_at > now() and g.free > 0
      order by g.expires_at limit 1
@@ -496,17 +507,17 @@ begin
                                  v_wallet.purchased - v_wallet.held_purchased, v_cost);
   if v_split.promotional > 0 then
     -- Which grants: attribute spends first, then take soonest expiry first.
-    perform private.materialize_promotions(v_wallet);
+    perform private.materialize_grants(v_wallet);
     with taken as (
       select g.id, g.expires_at,
              least(g.remaining, v_split.promotional - (g.cum - g.remaining)) as amount
         from (select p.id, p.expires_at, p.remaining,
                      sum(p.remaining) over (order by p.expires_at, p.id) as cum
-                from public.credit_promotions p
-               where p.account_id = p_account_id and p.remaining > 0) g
+                from private.grants p
+               where p.account_id = p_account_id and p.pool = 'promotional' and p.remaining > 0) g
        where g.cum - g.remaining < v_split.promotional
     ), updated as (
-      update public.credit_promotions p set remaining = p.remaining - t.amount
+      update private.grants p set remaining = p.remaining - t.amount
         from taken t where p.id = t.id
     )
     select jsonb_agg(jsonb_build_object('g', t.id, 'a', t.amount, 'e', t.expires_at)

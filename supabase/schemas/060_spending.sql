@@ -4,7 +4,8 @@
 --   * private.spend_cost: every input check of a spend and its price;
 --   * private.spend: take credits now, one wallet UPDATE and one transaction
 --     row (the usage log and the idempotency record in one);
---   * deduct_credits, get_credit_balance.
+--   * deduct_credits, get_credit_balance, and the credit_balances and
+--     credit_grants views.
 --
 -- Rules:
 --   * Exactly one of amount and operation decides the cost; with an
@@ -155,7 +156,7 @@ begin
          set promotional = v_wallet.promotional, subscription = v_wallet.subscription,
              purchased = v_wallet.purchased
        where w.account_id = p_account_id;
-      v_wallet := private.materialize_promotions(v_wallet);
+      v_wallet := private.materialize_grants(v_wallet);
     end if;
   end if;
   v_expiry := private.next_expiry(v_wallet);
@@ -258,12 +259,38 @@ select a.id as account_id, a.user_id, a.tenant_id, a.plan_id,
 
 revoke all on public.credit_balances from anon, authenticated, service_role;
 grant select on public.credit_balances to authenticated, service_role;
+
+-- What is left of every grant now, as its reader may see it: the stored
+-- attribution brought up to date with the balance (current_wallet: nothing
+-- lapsed is counted), plus what active holds reserve of promotional grants.
+create view public.credit_grants with (security_invoker = true) as
+select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted,
+       (case when g.pool = 'promotional' and g.expires_at <= now() then 0
+             else coalesce(a.attributed, 0)
+                  + case when g.pool = 'promotional'
+                         then coalesce((select sum((e ->> 'a')::bigint) from public.credit_holds h
+                                         cross join lateral jsonb_array_elements(h.promo_parts) e
+                                        where h.account_id = g.account_id and h.status = 'active'
+                                          and h.expires_at > now() and (e ->> 'g')::uuid = g.id), 0)
+                         else 0 end end)::bigint as remaining,
+       g.expires_at, g.created_at
+  from private.grants g
+  left join (select w.account_id, a.id, a.attributed
+               from public.credit_wallets w
+              cross join lateral private.current_wallet(w) c
+              cross join lateral (values ('promotional'), ('subscription'), ('purchased')) p(pool)
+              cross join lateral private.grant_attribution(c, p.pool) a) a
+    on a.account_id = g.account_id and a.id = g.id;
+comment on view public.credit_grants is
+  'Every arrival of credits (pool, source, Stripe reference, amount, expiry) and what is left of it now.';
+revoke all on public.credit_grants from anon, authenticated, service_role;
+grant select on public.credit_grants to authenticated, service_role;
 -- The view computes as its reader: the balance helpers are pure, or read
 -- holds and grants under the reader's RLS.
 grant execute on function private.balance_json(public.credit_wallets), private.next_expiry(public.credit_wallets),
   private.current_wallet(public.credit_wallets), private.sweep_due(public.credit_wallets),
   private.hold_fates(public.credit_holds, bigint, integer, timestamptz), private.fates(jsonb),
-  private.spend_split(bigint, bigint, bigint, bigint), private.promo_attribution(uuid, bigint)
+  private.spend_split(bigint, bigint, bigint, bigint), private.grant_attribution(public.credit_wallets, text)
   to authenticated, service_role;
 
 -- The definer code behind the public entry points.

@@ -90,18 +90,18 @@ $$;
 comment on function public.refund_credits(uuid, text, integer, text) is
   'Service: give back (part of) a spend into the purchased pool. {transaction_id, refunded, replayed, balance}.';
 
--- The pool a payment's credits went into and how many it granted.
+-- A payment's grants: the account, the pool of its first grant, and how many
+-- credits it granted (null when it granted none; a rollover or a refund
+-- carrying its reference grants nothing new).
 create function private.payment_grants(p_stripe_ref text, out account_id uuid, out pool text, out granted bigint)
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select (array_agg(t.account_id order by t.seq))[1],
-         (array_agg(case when t.purchased > 0 then 'purchased' when t.subscription > 0 then 'subscription'
-                         else 'promotional' end order by t.seq))[1],
-         sum(t.purchased + t.subscription + t.promotional)::bigint
-    from public.credit_transactions t
-   where t.stripe_ref = p_stripe_ref and t.kind in ('purchase', 'grant', 'promotion')
-     and t.purchased + t.subscription + t.promotional > 0
+  select (array_agg(g.account_id order by g.id))[1], (array_agg(g.pool order by g.id))[1],
+         case when count(*) > 0
+              then coalesce(sum(g.granted) filter (where g.source not in ('rollover', 'refund')), 0) end::bigint
+    from private.grants g
+   where g.stripe_ref = p_stripe_ref
 $$;
 
 -- Take back what a payment granted (cumulative p_amount; default all).
@@ -118,14 +118,17 @@ declare
   v_entry public.credit_transactions;
   v_done bigint;
   v_outstanding bigint;
-  v_free bigint;
+  v_pool text;
+  v_grant record;
   v_take bigint;
+  v_taken jsonb := '{}'::jsonb;
+  v_by_pool jsonb := '{"promotional": 0, "subscription": 0, "purchased": 0}'::jsonb;
+  v_total bigint := 0;
   v_claimed bigint := 0;
+  v_held jsonb := '[]'::jsonb;
   v_hold record;
   v_claim bigint;
-  v_promos uuid[] := '{}';
   v_part jsonb;
-  v_upper bigint;
 begin
   perform private.require_service();
   perform private.check_key(p_key);
@@ -155,108 +158,96 @@ begin
    where h.account_id = v_grants.account_id and h.status = 'active' and c ->> 'stripe_ref' = p_stripe_ref;
   v_outstanding := greatest(least(coalesce(p_amount, v_grants.granted), v_grants.granted) - v_done, 0);
 
-  -- What is left of the payment's own grants, never another's.
-  if v_grants.pool = 'promotional' then
-    -- Its promotional grants, as attributed now (spends took the soonest-expiring first).
-    v_wallet := private.materialize_promotions(v_wallet);
-    select coalesce(array_agg(g.id), '{}'), coalesce(sum(g.remaining), 0) into v_promos, v_free
-      from public.credit_promotions g
-      join public.credit_transactions t on t.id = g.id and t.account_id = g.account_id
-     where g.account_id = v_grants.account_id and t.stripe_ref = p_stripe_ref;
-  elsif v_grants.pool = 'subscription' then
-    -- Only a grant of the current period is still there: an earlier period's expired at its renewal.
-    v_free := least(v_wallet.subscription - v_wallet.held_subscription,
-                    (select coalesce(sum(t.subscription), 0) from public.credit_transactions t
-                      where t.account_id = v_grants.account_id and t.stripe_ref = p_stripe_ref
-                        and t.kind = 'grant' and t.period_start = v_wallet.period_start));
-  else
-    -- Purchased credits never expire and are spent oldest first, so the free
-    -- ones belong to the newest grants: the payment's share of them is what is
-    -- left of it. (A grant: a payment's rows, or a refund or adjustment.)
-    with g as (
-      select coalesce(t.stripe_ref, t.id::text) as grant_key, min(t.seq) as first_seq,
-             sum(t.purchased)::bigint as upper
-        from public.credit_transactions t
-       where t.account_id = v_grants.account_id and t.purchased <> 0
-         and (t.kind in ('purchase', 'refund', 'adjustment', 'reinstate')
-              or (t.kind = 'clawback' and t.stripe_ref is not null))
-       group by 1
-    ), tail as (
-      select g.grant_key, g.upper,
-             coalesce(sum(g.upper) over (order by g.first_seq desc
-                                         rows between unbounded preceding and 1 preceding), 0) as newer
-        from g where g.upper > 0
-    )
-    select coalesce(sum(greatest(0, least(t.upper, v_wallet.purchased - v_wallet.held_purchased - t.newer))), 0),
-           coalesce(sum(t.upper), 0)
-      into v_free, v_upper
-      from tail t where t.grant_key = p_stripe_ref;
-  end if;
-  v_take := least(v_outstanding, v_free);
-  if v_grants.pool = 'promotional' and v_take > 0 then
-    -- From those grants, soonest expiry first.
-    update public.credit_promotions p set remaining = p.remaining - t.amount
-      from (select g.id, least(g.remaining, v_take - (g.cum - g.remaining)) as amount
-              from (select q.id, q.remaining,
-                           sum(q.remaining) over (order by q.expires_at, q.id) as cum
-                      from public.credit_promotions q
-                     where q.id = any (v_promos) and q.remaining > 0) g
-             where g.cum - g.remaining < v_take) t
-     where p.id = t.id;
-  end if;
-  -- What active holds reserve of those credits is claimed, soonest-ending hold first.
-  if v_outstanding > v_take then
-    for v_hold in select h.id, h.subscription, h.purchased, h.promo_parts, h.claims, h.period_start, h.sub_epoch
+  -- What is left of the payment's own grants, never another's, in the
+  -- spending order: the free credits are taken now; what active holds
+  -- reserve of them is claimed on the holds.
+  foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
+    exit when v_outstanding - v_total <= 0;
+    continue when not exists (select 1 from private.grants g where g.account_id = v_grants.account_id
+                                and g.stripe_ref = p_stripe_ref and g.pool = v_pool and g.remaining > 0);
+    v_wallet := private.materialize_grants(v_wallet, v_pool);
+    for v_grant in select a.id, a.attributed - a.held as free, a.held
+                     from private.grant_attribution(v_wallet, v_pool) a
+                     join private.grants g on g.id = a.id
+                    where g.stripe_ref = p_stripe_ref
+                    order by a.expires_at nulls last, a.id loop
+      v_take := least(v_outstanding - v_total, v_grant.free);
+      if v_take > 0 then
+        update private.grants g set remaining = g.remaining - v_take where g.id = v_grant.id;
+        v_taken := v_taken || jsonb_build_object(v_grant.id::text, v_take);
+        v_by_pool := jsonb_set(v_by_pool, array[v_pool], to_jsonb((v_by_pool ->> v_pool)::bigint + v_take));
+        v_total := v_total + v_take;
+      end if;
+      if v_grant.held > 0 then
+        -- Held of this grant, less what earlier clawbacks already claimed of it.
+        v_held := v_held || jsonb_build_array(jsonb_build_object(
+          'pool', v_pool, 'g', v_grant.id,
+          'amount', v_grant.held - (select coalesce(sum((c ->> 'amount')::bigint), 0)
+                                      from public.credit_holds h cross join lateral jsonb_array_elements(h.claims) c
+                                     where h.account_id = v_grants.account_id and h.status = 'active'
+                                       and c ->> 'g' = v_grant.id::text)));
+      end if;
+    end loop;
+  end loop;
+
+  -- What active holds reserve of those grants is claimed, soonest-ending hold
+  -- first: promotional parts name their grant; subscription (of the current
+  -- period) and purchased credits held are the front of their pool.
+  if v_outstanding > v_total then
+    for v_hold in select h.id, h.subscription, h.purchased, h.promo_parts, h.claims, h.sub_epoch
                     from public.credit_holds h
                    where h.account_id = v_grants.account_id and h.status = 'active'
                    order by h.expires_at, h.id loop
-      exit when v_outstanding - v_take - v_claimed <= 0;
-      if v_grants.pool = 'promotional' then
-        -- Per grant: the part of each of the payment's grants this hold reserves, less earlier claims.
-        for v_part in select e from jsonb_array_elements(v_hold.promo_parts) e
-                       where (e ->> 'g')::uuid = any (v_promos) loop
-          v_claim := least((v_part ->> 'a')::bigint
-                           - coalesce((select sum((c ->> 'amount')::bigint) from jsonb_array_elements(v_hold.claims) c
-                                        where c ->> 'pool' = 'promotional' and c ->> 'g' = v_part ->> 'g'), 0),
-                           v_outstanding - v_take - v_claimed);
-          continue when v_claim <= 0;
-          v_hold.claims := v_hold.claims || jsonb_build_array(jsonb_build_object(
-            'pool', 'promotional', 'g', v_part ->> 'g', 'amount', v_claim, 'stripe_ref', p_stripe_ref,
-            'key', p_key));
-          v_claimed := v_claimed + v_claim;
-        end loop;
-      else
-        continue when v_grants.pool = 'subscription'
-                      and (v_hold.period_start is distinct from v_wallet.period_start
-                           or v_hold.sub_epoch <> v_wallet.sub_epoch);
-        v_claim := least(case v_grants.pool when 'subscription' then v_hold.subscription else v_hold.purchased end
-                         - coalesce((select sum((c ->> 'amount')::bigint) from jsonb_array_elements(v_hold.claims) c
-                                      where c ->> 'pool' = v_grants.pool), 0),
-                         v_outstanding - v_take - v_claimed,
-                         -- Of purchased credits, holds can reserve only what of the payment is not free.
-                         case when v_grants.pool = 'purchased' then v_upper - v_free - v_claimed end);
+      exit when v_outstanding - v_total - v_claimed <= 0;
+      for v_part in
+        select jsonb_build_object('pool', 'promotional', 'g', e ->> 'g', 'amount', (e ->> 'a')::bigint) as part
+          from jsonb_array_elements(v_hold.promo_parts) e
+         where exists (select 1 from private.grants g where g.id = (e ->> 'g')::uuid and g.stripe_ref = p_stripe_ref)
+        union all
+        select jsonb_build_object('pool', q.pool, 'g', q.g, 'amount', q.amount)
+          from (select x ->> 'pool' as pool, x ->> 'g' as g, (x ->> 'amount')::bigint as amount
+                  from jsonb_array_elements(v_held) x) q
+         where (q.pool = 'subscription' and v_hold.sub_epoch = v_wallet.sub_epoch and v_hold.subscription > 0)
+            or (q.pool = 'purchased' and v_hold.purchased > 0)
+      loop
+        v_claim := least(
+          (v_part ->> 'amount')::bigint
+            - case when v_part ->> 'pool' = 'promotional'
+                   then (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_hold.claims) c
+                          where c ->> 'pool' = 'promotional' and c ->> 'g' = v_part ->> 'g')
+                   else (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_held) c
+                          where c ->> 'g' = v_part ->> 'g' and c ? 'claimed') end,
+          -- A hold gives no more of a pool than it reserves, less what is claimed of it.
+          case v_part ->> 'pool'
+            when 'subscription' then v_hold.subscription
+            when 'purchased' then v_hold.purchased else (v_part ->> 'amount')::bigint end
+            - (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_hold.claims) c
+                where c ->> 'pool' = v_part ->> 'pool' and v_part ->> 'pool' <> 'promotional'),
+          v_outstanding - v_total - v_claimed);
         continue when v_claim <= 0;
         v_hold.claims := v_hold.claims || jsonb_build_array(jsonb_build_object(
-          'pool', v_grants.pool, 'amount', v_claim, 'stripe_ref', p_stripe_ref, 'key', p_key));
+          'pool', v_part ->> 'pool', 'g', v_part ->> 'g', 'amount', v_claim, 'stripe_ref', p_stripe_ref,
+          'key', p_key));
+        if v_part ->> 'pool' <> 'promotional' then
+          -- This grant's held credits claimed so far in this call.
+          v_held := v_held || jsonb_build_array(jsonb_build_object('g', v_part ->> 'g', 'amount', v_claim,
+                                                                   'claimed', true));
+        end if;
         v_claimed := v_claimed + v_claim;
-      end if;
+      end loop;
       update public.credit_holds h set claims = v_hold.claims where h.id = v_hold.id;
     end loop;
   end if;
   v_entry := private.post(
     v_grants.account_id, 'clawback',
-    p_promotional => case when v_grants.pool = 'promotional' then -v_take else 0 end,
-    p_subscription => case when v_grants.pool = 'subscription' then -v_take else 0 end,
-    p_purchased => case when v_grants.pool = 'purchased' then -v_take else 0 end,
+    p_promotional => -(v_by_pool ->> 'promotional')::bigint,
+    p_subscription => -(v_by_pool ->> 'subscription')::bigint,
+    p_purchased => -(v_by_pool ->> 'purchased')::bigint,
     p_origin => p_origin, p_key => p_key, p_hash => v_hash, p_stripe_ref => p_stripe_ref,
     p_description => p_reason,
     p_metadata => jsonb_build_object('reason', p_reason),
-    p_outcome => jsonb_build_object('pending', v_claimed, 'shortfall', v_outstanding - v_take - v_claimed));
-  if v_grants.pool = 'promotional' and v_take > 0 then
-    -- The wallet's soonest-expiry cache follows the grants.
-    perform private.materialize_promotions(
-      (select w from public.credit_wallets w where w.account_id = v_grants.account_id));
-  end if;
+    p_outcome => jsonb_build_object('pending', v_claimed, 'shortfall', v_outstanding - v_total - v_claimed,
+                                    'grants', v_taken));
   return private.result(v_entry, false);
 end
 $$;
@@ -363,17 +354,45 @@ as $$
     select h.account_id, sum(h.promotional)::bigint as promotional, sum(h.subscription)::bigint as subscription,
            sum(h.purchased)::bigint as purchased
       from public.credit_holds h where h.status = 'active' group by h.account_id
+  ), parts as (
+    -- Promotional credits held, by the grants the holds name.
+    select h.account_id, sum((e ->> 'a')::bigint)::bigint as promotional
+      from public.credit_holds h cross join lateral jsonb_array_elements(h.promo_parts) e
+     where h.status = 'active' group by h.account_id
+  ), stale as (
+    -- Subscription credits held from an ended period (no live grant has them).
+    select h.account_id, sum(h.subscription)::bigint as subscription
+      from public.credit_holds h join public.credit_wallets w on w.account_id = h.account_id
+     where h.status = 'active' and h.sub_epoch <> w.sub_epoch group by h.account_id
+  ), granted as (
+    -- What the grants have left (every credit belongs to one).
+    select w.account_id,
+           coalesce(sum(a.attributed) filter (where p.pool = 'promotional'), 0)::bigint as promotional,
+           coalesce(sum(a.attributed) filter (where p.pool = 'subscription'), 0)::bigint as subscription,
+           coalesce(sum(a.attributed) filter (where p.pool = 'purchased'), 0)::bigint as purchased
+      from public.credit_wallets w
+     cross join lateral (values ('promotional'), ('subscription'), ('purchased')) p(pool)
+     cross join lateral private.grant_attribution(w, p.pool) a
+     group by w.account_id
   ), checks as (
     select w.account_id, v.pool, v.balance, coalesce(v.expected, 0) as expected
       from public.credit_wallets w
       left join sums s on s.account_id = w.account_id
       left join holds h on h.account_id = w.account_id
+      left join parts pt on pt.account_id = w.account_id
+      left join stale st on st.account_id = w.account_id
+      left join granted g on g.account_id = w.account_id
      cross join lateral (values ('promotional', w.promotional, s.promotional),
                                 ('subscription', w.subscription, s.subscription),
                                 ('purchased', w.purchased, s.purchased),
                                 ('held_promotional', w.held_promotional, h.promotional),
                                 ('held_subscription', w.held_subscription, h.subscription),
-                                ('held_purchased', w.held_purchased, h.purchased)) v(pool, balance, expected)
+                                ('held_purchased', w.held_purchased, h.purchased),
+                                ('grants_promotional', w.promotional,
+                                 coalesce(g.promotional, 0) + coalesce(pt.promotional, 0)),
+                                ('grants_subscription', w.subscription,
+                                 coalesce(g.subscription, 0) + coalesce(st.subscription, 0)),
+                                ('grants_purchased', w.purchased, g.purchased)) v(pool, balance, expected)
   )
   select jsonb_build_object(
     'checked', count(*),
@@ -393,7 +412,7 @@ begin
 end
 $$;
 comment on function public.reconcile_credit_balances() is
-  'Service: every account/pool whose balance differs from its ledger, and held counters from active holds.';
+  'Service: every account/pool whose balance differs from its ledger or its grants, and held counters from active holds.';
 
 revoke all on function public.refund_credits(uuid, text, integer, text),
   private.payment_grants(text), private.clawback(text, text, integer, text, private.entry_origin),

@@ -142,15 +142,16 @@ begin
     select w.account_id from public.credit_wallets w
       join public.credit_accounts a on a.id = w.account_id
       join public.credit_plans p on p.id = a.plan_id
-      left join (select g.account_id, sum(g.remaining) as remaining from public.credit_promotions g
-                  where g.account_id = any (v_due) and g.remaining > 0 group by g.account_id) g
+      left join (select g.account_id, sum(g.remaining) as remaining from private.grants g
+                  where g.account_id = any (v_due) and g.pool = 'promotional' and g.remaining > 0
+                  group by g.account_id) g
         on g.account_id = w.account_id
      where w.account_id = any (v_due)
        and (private.sweep_due(w)
             or (p.rollover_cap > 0 and coalesce(g.remaining, 0) <> w.promotional - w.held_promotional))
      order by w.account_id
   loop
-    perform private.materialize_promotions(private.lock_wallet(v_account));
+    perform private.materialize_grants(private.lock_wallet(v_account));
   end loop;
 
   -- The calendar month, in one statement for the batch: the plan's allowance,

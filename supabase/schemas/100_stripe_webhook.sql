@@ -994,46 +994,68 @@ begin
                                where e ->> 'stripe_ref' = v_taken.stripe_ref);
     update public.credit_holds h set claims = v_claims where h.id = v_hold.id;
   end loop;
-  -- What the dispute's claims took from holds as they ended comes back too.
-  select coalesce(-sum(t.promotional), 0)::bigint as promotional,
-         coalesce(-sum(t.subscription), 0)::bigint as subscription,
-         coalesce(-sum(t.purchased), 0)::bigint as purchased
+  -- What the dispute took, grant by grant: its clawback, and what its claims
+  -- took from holds as they ended. (A clawback recorded before grants named
+  -- theirs gives back into the payment's newest grant of the pool.)
+  with rows as (
+    select t.promotional, t.subscription, t.purchased, t.outcome -> 'grants' as grants
+      from public.credit_transactions t
+     where t.id = v_taken.id
+        or (t.account_id = v_taken.account_id and t.kind = 'clawback' and t.stripe_ref = v_taken.stripe_ref
+            and t.metadata ->> 'claim' = 'dispute:' || v_dispute)
+  ), named as (
+    select e.key::uuid as grant_id, sum(e.value::bigint)::bigint as amount
+      from rows r cross join lateral jsonb_each_text(coalesce(r.grants, '{}'::jsonb)) e group by 1
+  ), unnamed as (
+    select v.pool, -sum(v.amount)::bigint as amount
+      from rows r cross join lateral (values ('promotional', r.promotional), ('subscription', r.subscription),
+                                             ('purchased', r.purchased)) v(pool, amount)
+     where r.grants is null group by v.pool having sum(v.amount) < 0
+  ), back as (
+    select n.grant_id, n.amount from named n
+    union all
+    select (select g.id from private.grants g
+             where g.account_id = v_taken.account_id and g.stripe_ref = v_taken.stripe_ref and g.pool = u.pool
+             order by g.id desc limit 1), u.amount
+      from unnamed u
+  )
+  select coalesce(jsonb_agg(jsonb_build_object(
+           'g', g.id, 'pool', g.pool, 'amount', b.amount,
+           'live', case g.pool when 'subscription' then g.epoch = v_wallet.sub_epoch else true end)), '[]'::jsonb)
+    into v_claims
+    from back b join private.grants g on g.id = b.grant_id;
+  select coalesce(sum((e ->> 'amount')::bigint) filter (where e ->> 'pool' = 'promotional'), 0)::bigint
+           as promotional,
+         coalesce(sum((e ->> 'amount')::bigint) filter (where e ->> 'pool' = 'subscription'), 0)::bigint
+           as subscription,
+         coalesce(sum((e ->> 'amount')::bigint) filter (where e ->> 'pool' = 'purchased'), 0)::bigint as purchased,
+         coalesce(sum((e ->> 'amount')::bigint) filter (where e ->> 'pool' = 'subscription'
+                                                        and not (e ->> 'live')::boolean), 0)::bigint as ended
     into v_held_back
-    from public.credit_transactions t
-   where t.account_id = v_taken.account_id and t.kind = 'clawback' and t.stripe_ref = v_taken.stripe_ref
-     and t.metadata ->> 'claim' = 'dispute:' || v_dispute;
-  if v_taken.promotional < 0 or v_held_back.promotional > 0 then
-    -- Promotional credits come back as a grant with the expiry of the one they
-    -- were taken from; past it, they are written back and expired at once.
-    v_entry := private.add_promotion(
-      v_wallet, 'reinstate', -v_taken.promotional + v_held_back.promotional,
-      coalesce((select max(g.expires_at) from public.credit_promotions g
-                  join public.credit_transactions t on t.id = g.id
-                 where t.account_id = v_taken.account_id and t.stripe_ref = v_taken.stripe_ref), now()),
-      'stripe', 'reinstate:' || v_dispute, v_hash, v_taken.stripe_ref, null,
-      jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute), null);
-    select * into v_wallet from public.credit_wallets w where w.account_id = v_taken.account_id;
-    perform private.materialize_promotions(v_wallet);
-    perform private.lock_wallet(v_taken.account_id);  -- sweeps it at once if its expiry passed
-  else
-    v_entry := private.post(v_taken.account_id, 'reinstate',
-                            p_promotional => -v_taken.promotional,
-                            p_subscription => -v_taken.subscription + v_held_back.subscription,
-                            p_purchased => -v_taken.purchased + v_held_back.purchased, p_origin => 'stripe',
-                            p_key => 'reinstate:' || v_dispute, p_hash => v_hash,
-                            p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
-                            p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute));
-    if -v_taken.subscription + v_held_back.subscription > 0
-       and not exists (select 1 from public.credit_transactions t
-                        where t.account_id = v_taken.account_id and t.kind = 'grant'
-                          and t.stripe_ref = v_taken.stripe_ref and t.period_start = v_wallet.period_start) then
-      -- The allowance they belonged to has ended: written back, they expire at once.
-      perform private.post(v_taken.account_id, 'expire',
-                           p_subscription => v_taken.subscription - v_held_back.subscription,
-                           p_origin => 'system', p_ref_id => v_entry.id, p_stripe_ref => v_taken.stripe_ref,
-                           p_metadata => '{"reason": "given back after its period ended"}'::jsonb);
-    end if;
+    from jsonb_array_elements(v_claims) e;
+  -- Back into the same grants (attributed first: spends since took from the front).
+  perform private.materialize_grants(v_wallet);
+  update private.grants g set remaining = g.remaining + b.amount
+    from (select (e ->> 'g')::uuid as id, sum((e ->> 'amount')::bigint) as amount
+            from jsonb_array_elements(v_claims) e where (e ->> 'live')::boolean group by 1) b
+   where g.id = b.id;
+  v_entry := private.post(v_taken.account_id, 'reinstate',
+                          p_promotional => v_held_back.promotional, p_subscription => v_held_back.subscription,
+                          p_purchased => v_held_back.purchased, p_origin => 'stripe',
+                          p_key => 'reinstate:' || v_dispute, p_hash => v_hash,
+                          p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
+                          p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute),
+                          p_outcome => jsonb_build_object('grants', (
+                            select jsonb_object_agg(e ->> 'g', (e ->> 'amount')::bigint)
+                              from jsonb_array_elements(v_claims) e)));
+  if v_held_back.ended > 0 then
+    -- The allowance they belonged to has ended: written back, they expire at once.
+    perform private.post(v_taken.account_id, 'expire', p_subscription => -v_held_back.ended,
+                         p_origin => 'system', p_ref_id => v_entry.id, p_stripe_ref => v_taken.stripe_ref,
+                         p_metadata => '{"reason": "given back after its period ended"}'::jsonb);
   end if;
+  -- A promotional grant whose date passed expires what it got back now.
+  perform private.lock_wallet(v_taken.account_id);
   -- A won dispute of a yearly price's payment resumes its months.
   update public.credit_accounts a
      set stripe_paid_through = a.stripe_paid_until, updated_at = now()
