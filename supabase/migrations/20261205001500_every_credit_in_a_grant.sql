@@ -85,11 +85,11 @@ begin
   select a.id, a.expires_at, a.remaining, a.attributed,
          greatest(0, least(a.attributed, v_held - (a.acum - a.attributed)))::bigint
     from (select g.id, g.expires_at, g.remaining, g.attributed,
-                 sum(g.attributed) over (order by g.expires_at nulls last, g.id) as acum
-            from (select g.id, g.expires_at, g.remaining,
+                 sum(g.attributed) over (order by g.expires_at nulls last, g.created_at, g.id) as acum
+            from (select g.id, g.expires_at, g.created_at, g.remaining,
                          greatest(0, least(g.remaining, g.cum - (g.total - v_left)))::bigint as attributed
-                    from (select p.id, p.expires_at, p.remaining,
-                                 sum(p.remaining) over (order by p.expires_at nulls last, p.id) as cum,
+                    from (select p.id, p.expires_at, p.created_at, p.remaining,
+                                 sum(p.remaining) over (order by p.expires_at nulls last, p.created_at, p.id) as cum,
                                  sum(p.remaining) over () as total
                             from private.grants p
                            where p.account_id = p_wallet.account_id and p.pool = p_pool and p.remaining > 0
@@ -816,10 +816,10 @@ begin
     -- Which grants: attribute spends first, then take soonest expiry first.
     perform private.materialize_grants(v_wallet);
     with taken as (
-      select g.id, g.expires_at,
+      select g.id, g.expires_at, g.created_at,
              least(g.remaining, v_split.promotional - (g.cum - g.remaining)) as amount
-        from (select p.id, p.expires_at, p.remaining,
-                     sum(p.remaining) over (order by p.expires_at, p.id) as cum
+        from (select p.id, p.expires_at, p.created_at, p.remaining,
+                     sum(p.remaining) over (order by p.expires_at, p.created_at, p.id) as cum
                 from private.grants p
                where p.account_id = p_account_id and p.pool = 'promotional' and p.remaining > 0) g
        where g.cum - g.remaining < v_split.promotional
@@ -828,7 +828,7 @@ begin
         from taken t where p.id = t.id
     )
     select jsonb_agg(jsonb_build_object('g', t.id, 'a', t.amount, 'e', t.expires_at)
-                     order by t.expires_at, t.id)
+                     order by t.expires_at, t.created_at, t.id)
       into v_parts from taken t;
   end if;
   insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
@@ -1453,7 +1453,7 @@ revoke all on function private.grant_source(private.entry_kind, private.entry_or
                text, uuid, uuid, text, text, jsonb, uuid, timestamptz, timestamptz, text, text, integer, integer,
                uuid, jsonb, text)
   from public;
--- credit_balances computes as its reader.
+-- credit_balances and credit_grants compute as their reader.
 grant execute on function private.grant_attribution(public.credit_wallets, text) to authenticated, service_role;
 
 -- ---------------------------------------------------------------------------

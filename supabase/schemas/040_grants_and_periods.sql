@@ -97,7 +97,7 @@ $$;
 
 -- ---------------------------------------------------------------------------
 -- Attribution: what is left of each of a pool's live grants, given what the
--- pool holds now. Spends took from the front of the spending order, so the
+-- pool holds now (spending order: soonest expiry, then oldest grant). Spends took from the front of the spending order, so the
 -- credits left belong to its back: each grant keeps the part of the pool's
 -- credits that falls on it counting from the back, up to its stored
 -- remaining. For subscription and purchased grants, `held` is the part of
@@ -126,11 +126,11 @@ begin
   select a.id, a.expires_at, a.remaining, a.attributed,
          greatest(0, least(a.attributed, v_held - (a.acum - a.attributed)))::bigint
     from (select g.id, g.expires_at, g.remaining, g.attributed,
-                 sum(g.attributed) over (order by g.expires_at nulls last, g.id) as acum
-            from (select g.id, g.expires_at, g.remaining,
+                 sum(g.attributed) over (order by g.expires_at nulls last, g.created_at, g.id) as acum
+            from (select g.id, g.expires_at, g.created_at, g.remaining,
                          greatest(0, least(g.remaining, g.cum - (g.total - v_left)))::bigint as attributed
-                    from (select p.id, p.expires_at, p.remaining,
-                                 sum(p.remaining) over (order by p.expires_at nulls last, p.id) as cum,
+                    from (select p.id, p.expires_at, p.created_at, p.remaining,
+                                 sum(p.remaining) over (order by p.expires_at nulls last, p.created_at, p.id) as cum,
                                  sum(p.remaining) over () as total
                             from private.grants p
                            where p.account_id = p_wallet.account_id and p.pool = p_pool and p.remaining > 0

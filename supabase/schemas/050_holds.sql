@@ -509,10 +509,10 @@ begin
     -- Which grants: attribute spends first, then take soonest expiry first.
     perform private.materialize_grants(v_wallet);
     with taken as (
-      select g.id, g.expires_at,
+      select g.id, g.expires_at, g.created_at,
              least(g.remaining, v_split.promotional - (g.cum - g.remaining)) as amount
-        from (select p.id, p.expires_at, p.remaining,
-                     sum(p.remaining) over (order by p.expires_at, p.id) as cum
+        from (select p.id, p.expires_at, p.created_at, p.remaining,
+                     sum(p.remaining) over (order by p.expires_at, p.created_at, p.id) as cum
                 from private.grants p
                where p.account_id = p_account_id and p.pool = 'promotional' and p.remaining > 0) g
        where g.cum - g.remaining < v_split.promotional
@@ -521,7 +521,7 @@ begin
         from taken t where p.id = t.id
     )
     select jsonb_agg(jsonb_build_object('g', t.id, 'a', t.amount, 'e', t.expires_at)
-                     order by t.expires_at, t.id)
+                     order by t.expires_at, t.created_at, t.id)
       into v_parts from taken t;
   end if;
   insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
