@@ -100,6 +100,21 @@ def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subsc
             """,
             {"sub": subscription, "purchased": purchased},
         )
+        # Their grants: the month's allowance and the purchase.
+        conn.execute(
+            """
+            insert into private.grants (id, account_id, pool, source, transaction_id, granted, expires_at, epoch,
+                                        remaining, created_at)
+            select signup_tx, account_id, 'subscription', 'reset', signup_tx, %(sub)s, period_end, 0, %(sub)s,
+                   period_start
+              from bench_load where %(sub)s > 0
+            union all
+            select funding_tx, account_id, 'purchased', 'adjustment', funding_tx, %(purchased)s, null, null,
+                   %(purchased)s, period_start
+              from bench_load where %(purchased)s > 0
+            """,
+            {"sub": subscription, "purchased": purchased},
+        )
         if license_keys:
             conn.execute(
                 f"""
@@ -110,7 +125,7 @@ def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subsc
                 """
             )
     conn.execute("vacuum analyze auth.users, public.credit_accounts, public.credit_wallets, "
-                 "public.credit_transactions, public.credit_license_keys")
+                 "public.credit_transactions, private.grants, public.credit_license_keys")
 
 
 def load_baseline(conn: psycopg.Connection, count: int, *, balance: int) -> None:

@@ -259,7 +259,7 @@ def test_a_won_dispute_of_a_plan_change_gives_back_a_grant_in_every_order(
             == "applied"
         database.call("release_stripe_events", p_limit=500)
         balance = w.balance()
-        assert (balance["promotional"], balance["subscription"]) == (200, 100), order
+        assert (balance["promotional"], balance["subscription"]) == (0, 300), order
         # The credits given back belong to a grant: the next promotional attribution works.
         database.call("grant_promotional_credits", p_account_id=w.account, p_amount=1,
                       p_expires_at=(dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat(),
@@ -291,7 +291,7 @@ def test_an_upgrade_then_an_immediate_downgrade_takes_the_upgrade_credits_back(
     assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
     up = _proration(world, world.plan_price, world.big_plan_price, left=0.5, credited=1450, charged=7450)
     assert deliver(up).body["outcome"] == "applied"
-    assert world.balance()["promotional"] == 200  # (500 - 100) x half the period
+    assert world.balance()["subscription"] == 100 + 200  # (500 - 100) x half the period
     # Back down at once: the customer gets the upgrade's 7,450 back (and pays for the old plan again).
     down = _proration(world, world.big_plan_price, world.plan_price, left=0.5, credited=7450, charged=1450)
     reply = deliver(down)
@@ -309,14 +309,14 @@ def test_a_later_downgrade_takes_back_the_share_its_money_paid_and_never_below_z
     assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
     up = _proration(world, world.plan_price, world.big_plan_price, left=0.5, credited=1450, charged=7450)
     assert deliver(up).body["outcome"] == "applied"
-    # 150 of the 200 upgrade credits are spent (promotional credits go first).
-    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=new_key(), p_amount=150)
+    # 150 of the 200 upgrade credits are spent (the period's older grant, its allowance, goes first).
+    world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=new_key(), p_amount=250)
     # A quarter of the period left: half the upgrade's money comes back, so half its credits (100) should.
     down = _proration(world, world.big_plan_price, world.plan_price, left=0.25, credited=3725, charged=725)
     assert deliver(down).body["outcome"] == "applied"
     result = world.recorded(down["id"])["result"]  # type: ignore[index]
     assert (result["clawed_back"], result["shortfall"]) == (50, 50)
-    assert world.balance()["promotional"] == 0
+    assert world.balance()["subscription"] == 0
     # A downgrade with no money back takes nothing.
     world2 = make_world(world.db)
     link_subscription(deliver, world2)
@@ -358,14 +358,15 @@ def _upgrade_with_its_payment(deliver: Deliver, w: World) -> str:
     payment = stripe_id("pi")
     upgrade["data"]["object"]["payment_intent"] = payment
     assert deliver(upgrade).body["outcome"] == "applied"
-    assert w.balance()["promotional"] == 200
+    assert w.balance()["subscription"] == 100 + 200  # the allowance, then the upgrade's grant
     return payment
 
 
 def test_a_hold_never_shields_plan_change_credits_from_their_refund(deliver: Deliver, world: World) -> None:
     payment = _upgrade_with_its_payment(deliver, world)
+    # Everything under a hold: the allowance's 100 and the upgrade's 200.
     hold = world.db.call("reserve_credits", p_account_id=world.account, p_idempotency_key=new_key(),
-                         p_amount=200)
+                         p_amount=300)
     refund_upgrade = world.event("charge.refunded", AMOUNT=2500, AMOUNT_REFUNDED=2500, REFUNDED=True,
                                  PAYMENT_INTENT=payment, CHARGE=stripe_id("ch"))
     assert deliver(refund_upgrade).body["outcome"] == "applied"
@@ -380,24 +381,27 @@ def test_a_hold_never_shields_plan_change_credits_from_their_refund(deliver: Del
 def test_a_dispute_won_after_its_hold_ended_gives_back_what_the_hold_paid(
         deliver: Deliver, world: World) -> None:
     payment = _upgrade_with_its_payment(deliver, world)
+    # The allowance's 100 and 150 of the upgrade's 200 under a hold.
     hold = world.db.call("reserve_credits", p_account_id=world.account, p_idempotency_key=new_key(),
-                         p_amount=150)
+                         p_amount=250)
     dispute = stripe_id("dp")
     opened = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=2500, PAYMENT_INTENT=payment,
                          CHARGE=stripe_id("ch"))
     assert deliver(opened).body["outcome"] == "applied"
-    assert world.balance()["promotional"] == 150  # 50 free taken at once, 150 claimed on the hold
+    assert world.balance()["subscription"] == 250  # 50 free taken at once, 150 claimed on the hold
     world.db.call("release_hold", p_hold_id=hold["hold_id"])
-    assert world.balance()["promotional"] == 0
+    assert world.balance()["subscription"] == 100
     won = world.event("charge.dispute.created", DISPUTE=dispute, AMOUNT=2500, PAYMENT_INTENT=payment,
                       CHARGE=stripe_id("ch"))
     won["type"] = "charge.dispute.closed"
     won["data"]["object"]["status"] = "won"
     assert deliver(won).body["outcome"] == "applied"
-    assert world.balance()["promotional"] == 200  # all of it, as a grant
+    assert world.balance()["subscription"] == 300  # all of it, into its own grant
+    assert world.db.one("select remaining from public.credit_grants where account_id = %s "
+                        "and source = 'plan_change'", world.account) == 200
     spent = world.db.call("deduct_credits", p_account_id=world.account, p_idempotency_key=new_key(),
                           p_amount=250)
-    assert (spent["from_promotional"], spent["from_subscription"]) == (200, 50)
+    assert (spent["from_promotional"], spent["from_subscription"]) == (0, 250)
 
 
 def test_a_stripe_renewal_with_rollover_never_moves_past_spends_onto_the_rollover_grant(
@@ -495,8 +499,9 @@ def test_a_decrease_claims_what_holds_reserve_of_the_upgrade_credits(deliver: De
     assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
     up = _proration(world, world.plan_price, world.big_plan_price, left=0.5, credited=1450, charged=7450)
     assert deliver(up).body["outcome"] == "applied"
+    # The allowance's 100 and 150 of the upgrade's 200 under a hold.
     hold = world.db.call("reserve_credits", p_account_id=world.account, p_idempotency_key=new_key(),
-                         p_amount=150)
+                         p_amount=250)
     down = _proration(world, world.big_plan_price, world.plan_price, left=0.5, credited=7450, charged=1450)
     assert deliver(down).body["outcome"] == "applied"
     result = world.recorded(down["id"])["result"]  # type: ignore[index]

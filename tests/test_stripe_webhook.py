@@ -866,12 +866,17 @@ def test_an_upgrade_mid_period_grants_the_prorated_difference_without_restarting
     reply = deliver(upgrade)
     assert reply.body["outcome"] == "applied"
     balance = world.balance()
-    # (500 - 100) x half the period left = 200, expiring with the period; the spent allowance stays spent.
-    assert (balance["promotional"], balance["subscription"]) == (200, 10)
+    # (500 - 100) x half the period left = 200: a grant of the period's allowance that ends with it;
+    # the spent allowance stays spent.
+    assert (balance["promotional"], balance["subscription"]) == (0, 210)
     assert (balance["period_start"], balance["period_end"]) == period
     assert balance["next_expiry"] == {"amount": 210, "at": period[1]}
+    assert world.db.sql("select pool, source, granted, remaining from public.credit_grants "
+                        "where account_id = %s and source in ('invoice', 'plan_change') order by created_at",
+                        world.account) == [("subscription", "invoice", 100, 10),
+                                           ("subscription", "plan_change", 200, 200)]
     assert deliver(upgrade).body["outcome"] == "duplicate"
-    assert world.balance()["promotional"] == 200
+    assert world.balance()["subscription"] == 210
 
 
 def test_toggling_plans_never_beats_the_best_single_plan(deliver: Deliver, world: World) -> None:
@@ -888,7 +893,7 @@ def test_toggling_plans_never_beats_the_best_single_plan(deliver: Deliver, world
     # A seat added later raises the best allowance again: 2 x 500 - 500, a tenth of the period left.
     seats = deliver(_change(world, world.big_plan_price, world.big_plan_price, left=0.1, quantity=2))
     assert seats.body["outcome"] == "applied"
-    assert world.balance()["promotional"] == 200 - 80 + 50
+    assert world.balance()["subscription"] == 100 + 200 - 80 + 50
 
 
 def test_a_downgrade_grants_nothing_now(deliver: Deliver, world: World) -> None:
@@ -1051,7 +1056,7 @@ def test_an_upgrade_delivered_before_its_periods_invoice_waits_for_it(deliver: D
     assert world.balance()["promotional"] == 0
     assert deliver(world.event("invoice.paid.2025-03-31")).body["outcome"] == "applied"
     assert world.recorded(upgrade["id"])["outcome"] == "applied"
-    assert (world.balance()["promotional"], world.balance()["subscription"]) == (200, 100)
+    assert (world.balance()["promotional"], world.balance()["subscription"]) == (0, 300)
 
 
 def test_the_schedule_releases_what_a_linking_event_left_ready(rest_url: str, database: Db) -> None:

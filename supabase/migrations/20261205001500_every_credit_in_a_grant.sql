@@ -8,9 +8,13 @@
 -- credit_promotions' rows keep their ids; every earlier arrival of
 -- subscription or purchased credits becomes a grant with what is left of it.
 
+-- Like the ledger's rows, a grant references its account without a foreign
+-- key (only definer code inserts, under the wallet's lock; the monthly reset
+-- inserts one per account renewed): the ledger chapter's
+-- private.delete_account_books is the ON DELETE CASCADE.
 create table private.grants (
   id uuid primary key,
-  account_id uuid not null references public.credit_accounts (id) on delete cascade,
+  account_id uuid not null,
   pool text not null check (pool in ('promotional', 'subscription', 'purchased')),
   source text not null check (source in ('invoice', 'checkout', 'topup', 'reset', 'signup_bonus', 'promotion',
                                          'rollover', 'plan_change', 'refund', 'adjustment')),
@@ -54,7 +58,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 begin
   return case
-    when p_kind in ('refund', 'adjustment') then p_kind::text
+    when p_kind in ('refund', 'adjustment', 'plan_change') then p_kind::text
     when p_stripe_ref like 'in\_%' then 'invoice'
     when p_kind = 'grant' and (p_stripe_ref is not null or p_origin = 'stripe') then 'invoice'
     when p_kind = 'grant' and p_origin = 'system' then 'reset'
@@ -197,7 +201,7 @@ begin
     -- Free promotional credits changed: attribute them to grants again.
     v_wallet := private.materialize_grants(v_wallet);
   end if;
-  if p_kind in ('purchase', 'grant', 'adjustment', 'refund')
+  if p_kind in ('purchase', 'grant', 'adjustment', 'refund', 'plan_change')
      and (p_subscription > 0 or p_purchased > 0 or (p_kind = 'grant' and p_stripe_ref is not null)) then
     -- Credits that arrive are a grant (promotional ones come through add_promotion,
     -- renewals through renew_to); a payment that granted nothing, one of 0.
@@ -260,6 +264,9 @@ begin
         into v_result from public.credit_holds h where h.id = p_entry.ref_id;
     when 'purchase' then
       v_result := jsonb_build_object('transaction_id', p_entry.id, 'added', p_entry.purchased);
+    when 'plan_change' then
+      v_result := jsonb_build_object('transaction_id', p_entry.id, 'granted', p_entry.subscription,
+                                     'expires_at', p_entry.period_end);
     when 'grant' then
       select jsonb_build_object(
                'transaction_id', p_entry.id, 'granted', p_entry.subscription,
@@ -341,7 +348,7 @@ as $$
     select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount
       from calc c
      cross join lateral (values
-       (c.grant_id, 'subscription', private.grant_source('grant', p_origin, p_stripe_ref), p_stripe_ref,
+       (c.grant_id, 'subscription', (select private.grant_source('grant', p_origin, p_stripe_ref)), p_stripe_ref,
         c.new_amount, c.sub_epoch + 1),
        (c.roll_id, 'promotional', 'rollover', c.roll_ref, c.rolled, null)) g(id, pool, source, ref, amount, epoch)
      where g.pool = 'subscription' or c.rolled > 0
@@ -1444,6 +1451,143 @@ begin
 end
 $$;
 
+create or replace function private.stripe_plan_change(p_account_id uuid, p_invoice text, p_ref text, p_allowance bigint,
+                                           p_from timestamptz, p_to timestamptz, p_metadata jsonb,
+                                           p_touched text[])
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_wallet public.credit_wallets := private.lock_wallet(p_account_id);
+  v_best bigint;
+  v_increase bigint;
+  v_left numeric;
+  v_grant bigint;
+  v_hash uuid;
+  v_entry public.credit_transactions;
+begin
+  -- A change is measured against the period its subscription's invoice
+  -- started; delivered before that invoice, it waits for it.
+  if not exists (select 1 from public.credit_transactions t
+                  where t.account_id = p_account_id and t.kind = 'grant' and t.origin = 'stripe'
+                    and t.period_start = v_wallet.period_start
+                    and t.metadata ->> 'subscription' = p_metadata ->> 'subscription') then
+    return private.stripe_result('parked', 'period_unknown', null, null, '{}',
+                                 array['period:' || (p_metadata ->> 'subscription')]);
+  end if;
+  if v_wallet.period_end is null or p_to is null or p_from is null
+     or p_to <= v_wallet.period_start or p_from >= v_wallet.period_end then
+    return private.stripe_result('ignored', 'outside_the_current_period', p_account_id);
+  end if;
+  -- The best allowance of this period: its grant, and the allowances earlier changes raised it to.
+  select greatest(
+           coalesce(max(t.subscription) filter (where t.kind = 'grant'), 0),
+           coalesce(max((t.metadata ->> 'allowance')::bigint)
+                      filter (where t.kind in ('promotion', 'plan_change') and t.metadata ? 'allowance'), 0))
+    into v_best
+    from public.credit_transactions t
+   where t.account_id = p_account_id and t.period_start = v_wallet.period_start
+     and t.kind in ('grant', 'promotion', 'plan_change');
+  v_increase := p_allowance - v_best;
+  v_left := extract(epoch from (least(p_to, v_wallet.period_end) - greatest(p_from, v_wallet.period_start)))
+            / nullif(extract(epoch from (v_wallet.period_end - v_wallet.period_start)), 0);
+  v_grant := floor(greatest(v_increase, 0) * least(greatest(coalesce(v_left, 0), 0), 1));
+  if v_increase < 0 and (p_metadata ->> 'credited')::bigint > 0 then
+    return private.stripe_plan_decrease(v_wallet, p_invoice, (p_metadata ->> 'credited')::bigint, p_touched);
+  end if;
+  if v_grant < 1 or v_wallet.period_end <= now() then
+    return private.stripe_result('ignored', case when v_increase > 0 then 'rounds_to_zero' else 'not_an_increase' end,
+                                 p_account_id);
+  end if;
+  v_hash := private.request_hash('plan_change', jsonb_build_array(v_grant, p_ref, p_metadata, p_allowance));
+  v_entry := private.find_key(p_account_id, 'invoice:' || p_invoice, v_hash, 'stripe');
+  if v_entry.id is not null then
+    return private.stripe_result('applied', 'already_granted', p_account_id, private.result(v_entry, true),
+                                 p_touched);
+  end if;
+  v_entry := private.post(p_account_id, 'plan_change', p_subscription => v_grant, p_origin => 'stripe',
+                          p_key => 'invoice:' || p_invoice, p_hash => v_hash, p_stripe_ref => p_ref,
+                          p_description => 'plan change',
+                          p_metadata => p_metadata || jsonb_build_object('allowance', p_allowance,
+                                                                         'previous_allowance', v_best),
+                          p_source => 'plan_change');
+  return private.stripe_result('applied', 'allowance_raised', p_account_id, private.result(v_entry, false),
+                               p_touched);
+end
+$$;
+
+create or replace function private.stripe_plan_decrease(p_wallet public.credit_wallets, p_invoice text, p_credited bigint,
+                                             p_touched text[])
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_granted bigint;
+  v_paid bigint;
+  v_target bigint;
+  v_grant record;
+  v_done bigint;
+  v_take bigint;
+  v_result jsonb;
+  v_taken bigint := 0;
+  v_pending bigint := 0;
+  v_shortfall bigint := 0;
+begin
+  select coalesce(sum(t.promotional + t.subscription), 0), coalesce(sum((t.metadata ->> 'paid')::bigint), 0)
+    into v_granted, v_paid
+    from public.credit_transactions t
+   where t.account_id = p_wallet.account_id and t.kind in ('promotion', 'plan_change') and t.origin = 'stripe'
+     and t.period_start = p_wallet.period_start and t.metadata ? 'allowance'
+     and (t.metadata ->> 'paid')::bigint > 0;
+  if v_paid = 0 then
+    return private.stripe_result('ignored', 'not_an_increase', p_wallet.account_id);
+  end if;
+  v_target := least(v_granted, floor(v_granted::numeric * p_credited / v_paid)::bigint);
+  for v_grant in select t.stripe_ref, sum(t.promotional + t.subscription)::bigint as granted, max(t.seq) as seq
+                   from public.credit_transactions t
+                  where t.account_id = p_wallet.account_id and t.kind in ('promotion', 'plan_change')
+                    and t.origin = 'stripe'
+                    and t.period_start = p_wallet.period_start and t.metadata ? 'allowance'
+                    and (t.metadata ->> 'paid')::bigint > 0
+                  group by t.stripe_ref order by max(t.seq) desc loop
+    exit when v_taken + v_pending + v_shortfall >= v_target;
+    -- Taken back so far, and claimed on active holds (as the clawback counts them).
+    select coalesce(-sum(c.promotional + c.subscription + c.purchased), 0)
+           + coalesce((select sum((e ->> 'amount')::bigint) from public.credit_holds h
+                         cross join lateral jsonb_array_elements(h.claims) e
+                        where h.account_id = p_wallet.account_id and h.status = 'active'
+                          and e ->> 'stripe_ref' = v_grant.stripe_ref), 0)
+      into v_done
+      from public.credit_transactions c
+     where c.account_id = p_wallet.account_id and c.stripe_ref = v_grant.stripe_ref
+       and c.kind in ('clawback', 'reinstate');
+    v_take := least(v_grant.granted - v_done, v_target - v_taken - v_pending - v_shortfall);
+    continue when v_take <= 0;
+    v_result := private.clawback(v_grant.stripe_ref, 'decrease:' || p_invoice || ':' || v_grant.stripe_ref,
+                                 (v_done + v_take)::integer, 'plan decrease', 'stripe');
+    v_taken := v_taken + (v_result ->> 'clawed_back')::bigint;
+    v_pending := v_pending + (v_result ->> 'pending')::bigint;
+    v_shortfall := v_shortfall + (v_result ->> 'shortfall')::bigint;
+  end loop;
+  return private.stripe_result('applied', 'allowance_lowered', p_wallet.account_id,
+                               jsonb_build_object('clawed_back', v_taken, 'pending', v_pending,
+                                                  'shortfall', v_shortfall), p_touched);
+end
+$$;
+
+create or replace function private.delete_account_books() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  delete from public.credit_transactions t where t.account_id = old.id;
+  delete from private.grants g where g.account_id = old.id;
+  return old;
+end
+$$;
+
 revoke all on function private.grant_source(private.entry_kind, private.entry_origin, text),
   private.grant_attribution(public.credit_wallets, text),
   private.materialize_grants(public.credit_wallets, text),
@@ -1531,6 +1675,22 @@ select private.uuid_v7(), w.account_id, v.pool, 'adjustment', v.short,
  where v.short > 0;
 
 drop table public.credit_promotions;
+
+-- Plan changes count in the period's allowance.
+create or replace view public.credit_pool_usage with (security_invoker = true) as
+select t.account_id,
+       a.tenant_id,
+       t.period_start,
+       max(t.period_end) as period_end,
+       coalesce(sum(t.subscription) filter (where t.kind in ('grant', 'adjustment', 'plan_change')
+                                             and t.subscription > 0), 0)::bigint as total_credits,
+       coalesce(-sum(t.subscription) filter (where t.kind = 'spend'), 0)::bigint as used_credits,
+       coalesce(-sum(t.subscription) filter (where t.kind in ('expire', 'rollover')), 0)::bigint
+         as expired_credits
+  from public.credit_transactions t
+  join public.credit_accounts a on a.id = t.account_id
+ where t.subscription <> 0 and t.period_start is not null
+ group by t.account_id, a.tenant_id, t.period_start;
 
 -- What is left of every grant now, as its reader may see it: the stored
 -- attribution brought up to date with the balance (current_wallet: nothing

@@ -27,7 +27,7 @@
 
 create type private.entry_kind as enum (
   'spend', 'reserve', 'purchase', 'grant', 'promotion', 'rollover', 'expire', 'refund', 'clawback',
-  'reinstate', 'adjustment');
+  'reinstate', 'adjustment', 'plan_change');
 create type private.entry_origin as enum ('api', 'stripe', 'system');
 
 create table public.credit_transactions (
@@ -117,16 +117,17 @@ create trigger credit_transactions_no_truncate
   before truncate on public.credit_transactions
   for each statement execute function private.transactions_are_append_only();
 
--- The transaction rows reference their account without a foreign key (a
--- foreign key checks each insert with a query of its own; only definer code
--- inserts, under the wallet's lock, so the account exists). This trigger is
--- the ON DELETE CASCADE.
+-- The transaction rows (and the grants) reference their account without a
+-- foreign key (a foreign key checks each insert with a query of its own and
+-- locks the account row; only definer code inserts, under the wallet's lock,
+-- so the account exists). This trigger is their ON DELETE CASCADE.
 create function private.delete_account_books() returns trigger
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
   delete from public.credit_transactions t where t.account_id = old.id;
+  delete from private.grants g where g.account_id = old.id;
   return old;
 end
 $$;
@@ -235,7 +236,7 @@ begin
     -- Free promotional credits changed: attribute them to grants again.
     v_wallet := private.materialize_grants(v_wallet);
   end if;
-  if p_kind in ('purchase', 'grant', 'adjustment', 'refund')
+  if p_kind in ('purchase', 'grant', 'adjustment', 'refund', 'plan_change')
      and (p_subscription > 0 or p_purchased > 0 or (p_kind = 'grant' and p_stripe_ref is not null)) then
     -- Credits that arrive are a grant (promotional ones come through add_promotion,
     -- renewals through renew_to); a payment that granted nothing, one of 0.
@@ -329,6 +330,9 @@ begin
         into v_result from public.credit_holds h where h.id = p_entry.ref_id;
     when 'purchase' then
       v_result := jsonb_build_object('transaction_id', p_entry.id, 'added', p_entry.purchased);
+    when 'plan_change' then
+      v_result := jsonb_build_object('transaction_id', p_entry.id, 'granted', p_entry.subscription,
+                                     'expires_at', p_entry.period_end);
     when 'grant' then
       select jsonb_build_object(
                'transaction_id', p_entry.id, 'granted', p_entry.subscription,
@@ -424,8 +428,8 @@ select t.account_id,
        a.tenant_id,
        t.period_start,
        max(t.period_end) as period_end,
-       coalesce(sum(t.subscription) filter (where t.kind in ('grant', 'adjustment') and t.subscription > 0),
-                0)::bigint as total_credits,
+       coalesce(sum(t.subscription) filter (where t.kind in ('grant', 'adjustment', 'plan_change')
+                                             and t.subscription > 0), 0)::bigint as total_credits,
        coalesce(-sum(t.subscription) filter (where t.kind = 'spend'), 0)::bigint as used_credits,
        coalesce(-sum(t.subscription) filter (where t.kind in ('expire', 'rollover')), 0)::bigint
          as expired_credits

@@ -48,9 +48,13 @@
 --     (private.signup_bonus_claims), so deleting and signing up again grants
 --     nothing more; an anonymous user gets it when an identity is first set.
 
+-- Like the ledger's rows, a grant references its account without a foreign
+-- key (only definer code inserts, under the wallet's lock; the monthly reset
+-- inserts one per account renewed): the ledger chapter's
+-- private.delete_account_books is the ON DELETE CASCADE.
 create table private.grants (
   id uuid primary key,
-  account_id uuid not null references public.credit_accounts (id) on delete cascade,
+  account_id uuid not null,
   pool text not null check (pool in ('promotional', 'subscription', 'purchased')),
   source text not null check (source in ('invoice', 'checkout', 'topup', 'reset', 'signup_bonus', 'promotion',
                                          'rollover', 'plan_change', 'refund', 'adjustment')),
@@ -86,7 +90,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 begin
   return case
-    when p_kind in ('refund', 'adjustment') then p_kind::text
+    when p_kind in ('refund', 'adjustment', 'plan_change') then p_kind::text
     when p_stripe_ref like 'in\_%' then 'invoice'
     when p_kind = 'grant' and (p_stripe_ref is not null or p_origin = 'stripe') then 'invoice'
     when p_kind = 'grant' and p_origin = 'system' then 'reset'
@@ -281,7 +285,7 @@ as $$
     select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount
       from calc c
      cross join lateral (values
-       (c.grant_id, 'subscription', private.grant_source('grant', p_origin, p_stripe_ref), p_stripe_ref,
+       (c.grant_id, 'subscription', (select private.grant_source('grant', p_origin, p_stripe_ref)), p_stripe_ref,
         c.new_amount, c.sub_epoch + 1),
        (c.roll_id, 'promotional', 'rollover', c.roll_ref, c.rolled, null)) g(id, pool, source, ref, amount, epoch)
      where g.pool = 'subscription' or c.rolled > 0

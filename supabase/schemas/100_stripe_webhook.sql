@@ -592,7 +592,7 @@ $$;
 
 -- A plan or quantity change invoiced mid-period: grant the increase over the
 -- best allowance the period had, prorated to what is left of it (rounded
--- down), as promotional credits expiring with the period.
+-- down), as a subscription grant of the period (source plan_change).
 create function private.stripe_plan_change(p_account_id uuid, p_invoice text, p_ref text, p_allowance bigint,
                                            p_from timestamptz, p_to timestamptz, p_metadata jsonb,
                                            p_touched text[])
@@ -606,7 +606,8 @@ declare
   v_increase bigint;
   v_left numeric;
   v_grant bigint;
-  v_result jsonb;
+  v_hash uuid;
+  v_entry public.credit_transactions;
 begin
   -- A change is measured against the period its subscription's invoice
   -- started; delivered before that invoice, it waits for it.
@@ -624,12 +625,12 @@ begin
   -- The best allowance of this period: its grant, and the allowances earlier changes raised it to.
   select greatest(
            coalesce(max(t.subscription) filter (where t.kind = 'grant'), 0),
-           coalesce(max((t.metadata ->> 'allowance')::bigint) filter (where t.kind = 'promotion'
-                                                                      and t.metadata ? 'allowance'), 0))
+           coalesce(max((t.metadata ->> 'allowance')::bigint)
+                      filter (where t.kind in ('promotion', 'plan_change') and t.metadata ? 'allowance'), 0))
     into v_best
     from public.credit_transactions t
    where t.account_id = p_account_id and t.period_start = v_wallet.period_start
-     and t.kind in ('grant', 'promotion');
+     and t.kind in ('grant', 'promotion', 'plan_change');
   v_increase := p_allowance - v_best;
   v_left := extract(epoch from (least(p_to, v_wallet.period_end) - greatest(p_from, v_wallet.period_start)))
             / nullif(extract(epoch from (v_wallet.period_end - v_wallet.period_start)), 0);
@@ -641,14 +642,20 @@ begin
     return private.stripe_result('ignored', case when v_increase > 0 then 'rounds_to_zero' else 'not_an_increase' end,
                                  p_account_id);
   end if;
-  v_result := private.grant_promotional(p_account_id, v_grant::integer, v_wallet.period_end,
-                                        'invoice:' || p_invoice, 'plan change',
-                                        p_metadata || jsonb_build_object('allowance', p_allowance,
+  v_hash := private.request_hash('plan_change', jsonb_build_array(v_grant, p_ref, p_metadata, p_allowance));
+  v_entry := private.find_key(p_account_id, 'invoice:' || p_invoice, v_hash, 'stripe');
+  if v_entry.id is not null then
+    return private.stripe_result('applied', 'already_granted', p_account_id, private.result(v_entry, true),
+                                 p_touched);
+  end if;
+  v_entry := private.post(p_account_id, 'plan_change', p_subscription => v_grant, p_origin => 'stripe',
+                          p_key => 'invoice:' || p_invoice, p_hash => v_hash, p_stripe_ref => p_ref,
+                          p_description => 'plan change',
+                          p_metadata => p_metadata || jsonb_build_object('allowance', p_allowance,
                                                                          'previous_allowance', v_best),
-                                        p_ref, 'stripe');
-  return private.stripe_result('applied', case when (v_result ->> 'replayed')::boolean then 'already_granted'
-                                               else 'allowance_raised' end,
-                               p_account_id, v_result, p_touched);
+                          p_source => 'plan_change');
+  return private.stripe_result('applied', 'allowance_raised', p_account_id, private.result(v_entry, false),
+                               p_touched);
 end
 $$;
 
@@ -676,19 +683,20 @@ declare
   v_pending bigint := 0;
   v_shortfall bigint := 0;
 begin
-  select coalesce(sum(t.promotional), 0), coalesce(sum((t.metadata ->> 'paid')::bigint), 0)
+  select coalesce(sum(t.promotional + t.subscription), 0), coalesce(sum((t.metadata ->> 'paid')::bigint), 0)
     into v_granted, v_paid
     from public.credit_transactions t
-   where t.account_id = p_wallet.account_id and t.kind = 'promotion' and t.origin = 'stripe'
+   where t.account_id = p_wallet.account_id and t.kind in ('promotion', 'plan_change') and t.origin = 'stripe'
      and t.period_start = p_wallet.period_start and t.metadata ? 'allowance'
      and (t.metadata ->> 'paid')::bigint > 0;
   if v_paid = 0 then
     return private.stripe_result('ignored', 'not_an_increase', p_wallet.account_id);
   end if;
   v_target := least(v_granted, floor(v_granted::numeric * p_credited / v_paid)::bigint);
-  for v_grant in select t.stripe_ref, sum(t.promotional)::bigint as granted, max(t.seq) as seq
+  for v_grant in select t.stripe_ref, sum(t.promotional + t.subscription)::bigint as granted, max(t.seq) as seq
                    from public.credit_transactions t
-                  where t.account_id = p_wallet.account_id and t.kind = 'promotion' and t.origin = 'stripe'
+                  where t.account_id = p_wallet.account_id and t.kind in ('promotion', 'plan_change')
+                    and t.origin = 'stripe'
                     and t.period_start = p_wallet.period_start and t.metadata ? 'allowance'
                     and (t.metadata ->> 'paid')::bigint > 0
                   group by t.stripe_ref order by max(t.seq) desc loop
