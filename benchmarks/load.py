@@ -76,8 +76,9 @@ def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subsc
         )
         conn.execute(
             """
-            insert into public.credit_wallets (account_id, subscription, purchased, period_start, period_end)
-            select account_id, %(sub)s, %(purchased)s, period_start, period_end from bench_load
+            insert into public.credit_wallets (account_id, subscription, purchased, period_start, period_end,
+                                               period_grant)
+            select account_id, %(sub)s, %(purchased)s, period_start, period_end, signup_tx from bench_load
             """,
             {"sub": subscription, "purchased": purchased},
         )
@@ -100,20 +101,16 @@ def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subsc
             """,
             {"sub": subscription, "purchased": purchased},
         )
-        # Their grants: the month's allowance and the purchase.
+        # The purchase's grant (the month's allowance is the wallet's period_grant).
         conn.execute(
             """
             insert into private.grants (id, account_id, pool, source, transaction_id, granted, expires_at, epoch,
                                         remaining, created_at)
-            select signup_tx, account_id, 'subscription', 'reset', signup_tx, %(sub)s, period_end, 0, %(sub)s,
-                   period_start
-              from bench_load where %(sub)s > 0
-            union all
             select funding_tx, account_id, 'purchased', 'adjustment', funding_tx, %(purchased)s, null, null,
                    %(purchased)s, period_start
               from bench_load where %(purchased)s > 0
             """,
-            {"sub": subscription, "purchased": purchased},
+            {"purchased": purchased},
         )
         if license_keys:
             conn.execute(

@@ -42,6 +42,9 @@ grant select on private.grants to authenticated, service_role;
 create policy grants_read on private.grants for select to authenticated
   using (account_id in (select private.readable_account_ids()) or (select private.is_super_admin()));
 
+-- The calendar allowance's grant is its ledger row (see the grants chapter).
+alter table public.credit_wallets add column period_grant uuid;
+
 -- Functions whose arguments changed, and those that go.
 drop function private.post(uuid, private.entry_kind, bigint, bigint, bigint, bigint, bigint, bigint,
                            private.entry_origin, text, uuid, uuid, text, text, jsonb, uuid, timestamptz, timestamptz,
@@ -95,9 +98,17 @@ begin
                     from (select p.id, p.expires_at, p.created_at, p.remaining,
                                  sum(p.remaining) over (order by p.expires_at nulls last, p.created_at, p.id) as cum,
                                  sum(p.remaining) over () as total
-                            from private.grants p
-                           where p.account_id = p_wallet.account_id and p.pool = p_pool and p.remaining > 0
-                             and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)) g) g) a;
+                            from (select p.id, p.expires_at, p.created_at, p.remaining
+                                    from private.grants p
+                                   where p.account_id = p_wallet.account_id and p.pool = p_pool
+                                     and p.remaining > 0
+                                     and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)
+                                  union all
+                                  -- The calendar allowance, from its ledger row.
+                                  select t.id, t.period_end, t.created_at, t.subscription
+                                    from public.credit_transactions t
+                                   where p_pool = 'subscription' and t.id = p_wallet.period_grant
+                                     and t.subscription > 0) p) g) g) a;
 end
 $$;
 
@@ -202,9 +213,11 @@ begin
     v_wallet := private.materialize_grants(v_wallet);
   end if;
   if p_kind in ('purchase', 'grant', 'adjustment', 'refund', 'plan_change')
-     and (p_subscription > 0 or p_purchased > 0 or (p_kind = 'grant' and p_stripe_ref is not null)) then
+     and (p_subscription > 0 or p_purchased > 0 or (p_kind = 'grant' and p_stripe_ref is not null))
+     and not (p_kind = 'grant' and p_origin = 'system' and p_stripe_ref is null) then
     -- Credits that arrive are a grant (promotional ones come through add_promotion,
-    -- renewals through renew_to); a payment that granted nothing, one of 0.
+    -- renewals through renew_to, a calendar allowance is its ledger row); a
+    -- payment that granted nothing, one of 0.
     insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
                                 epoch, remaining)
     select private.uuid_v7(), p_account_id, g.pool,
@@ -337,12 +350,14 @@ as $$
                                    else c.promo_front_left end,
            sub_epoch = c.sub_epoch + 1,
            period_start = p_start,
-           period_end = c.new_end
+           period_end = c.new_end,
+           period_grant = case when p_origin = 'system' and p_stripe_ref is null then c.grant_id end
       from calc c
      where w.account_id = c.account_id
     returning w.*
   ), grants as (
-    -- The new allowance (even of 0 credits: its payment is known) and the rollover.
+    -- The new allowance (even of 0 credits: its payment is known; a calendar
+    -- allowance has no row, see the header) and the rollover.
     insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
                                 epoch, remaining)
     select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount
@@ -351,7 +366,8 @@ as $$
        (c.grant_id, 'subscription', (select private.grant_source('grant', p_origin, p_stripe_ref)), p_stripe_ref,
         c.new_amount, c.sub_epoch + 1),
        (c.roll_id, 'promotional', 'rollover', c.roll_ref, c.rolled, null)) g(id, pool, source, ref, amount, epoch)
-     where g.pool = 'subscription' or c.rolled > 0
+     where (g.pool = 'subscription' and (p_origin <> 'system' or p_stripe_ref is not null))
+        or (g.pool = 'promotional' and c.rolled > 0)
   ), entries as (
     insert into public.credit_transactions (
       id, account_id, kind, origin, idempotency_key, request_hash, promotional, subscription, purchased,
@@ -1588,6 +1604,58 @@ begin
 end
 $$;
 
+create or replace function private.open_account(p_user_id uuid, p_tenant_id uuid) returns uuid
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_plan public.credit_plans;
+  v_account_id uuid;
+  v_month record := private.month_of(now());
+  v_grant uuid := private.uuid_v7();
+begin
+  select * into v_plan from public.credit_plans p where p.id = 'free';
+  insert into public.credit_accounts (user_id, tenant_id, plan_id)
+  values (p_user_id, p_tenant_id, 'free')
+  returning id into v_account_id;
+  insert into public.credit_wallets (account_id, period_start, period_end, period_grant)
+  values (v_account_id, v_month.period_start, v_month.period_end, v_grant);
+  perform private.post(v_account_id, 'grant', p_subscription => coalesce(v_plan.monthly_credits, 0),
+                       p_origin => 'system', p_metadata => '{"reason": "signup"}'::jsonb, p_id => v_grant);
+  if p_user_id is not null then
+    perform private.grant_signup_bonus(v_account_id, p_user_id);
+  end if;
+  return v_account_id;
+end
+$$;
+
+create or replace function private.expire_subscription_credits(p_account_id uuid, p_idempotency_key text) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_hash uuid := private.request_hash('expire', '[]'::jsonb);
+  v_wallet public.credit_wallets;
+  v_entry public.credit_transactions;
+begin
+  perform private.require_service();
+  perform private.authorize(p_account_id, true);
+  perform private.check_key(p_idempotency_key);
+  v_wallet := private.lock_wallet(p_account_id);
+  v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+  if v_entry.id is not null then
+    return private.result(v_entry, true);
+  end if;
+  -- Held allowance expires when its hold ends uncaptured (the epoch moved on).
+  update public.credit_wallets w set sub_epoch = w.sub_epoch + 1, period_grant = null
+   where w.account_id = p_account_id;
+  v_entry := private.post(p_account_id, 'expire',
+                          p_subscription => -(v_wallet.subscription - v_wallet.held_subscription),
+                          p_key => p_idempotency_key, p_hash => v_hash);
+  return private.result(v_entry, false);
+end
+$$;
+
 revoke all on function private.grant_source(private.entry_kind, private.entry_origin, text),
   private.grant_attribution(public.credit_wallets, text),
   private.materialize_grants(public.credit_wallets, text),
@@ -1694,7 +1762,8 @@ select t.account_id,
 
 -- What is left of every grant now, as its reader may see it: the stored
 -- attribution brought up to date with the balance (current_wallet: nothing
--- lapsed is counted), plus what active holds reserve of promotional grants.
+-- lapsed is counted), plus what active holds reserve of promotional grants;
+-- and the current calendar allowance, from its ledger row.
 create view public.credit_grants with (security_invoker = true) as
 select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted,
        (case when g.pool = 'promotional' and g.expires_at <= now() then 0
@@ -1706,7 +1775,12 @@ select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted
                                           and h.expires_at > now() and (e ->> 'g')::uuid = g.id), 0)
                          else 0 end end)::bigint as remaining,
        g.expires_at, g.created_at
-  from private.grants g
+  from (select p.id, p.account_id, p.pool, p.source, p.stripe_ref, p.granted, p.expires_at, p.created_at
+          from private.grants p
+        union all
+        select t.id, t.account_id, 'subscription', 'reset', null, t.subscription, t.period_end, t.created_at
+          from public.credit_wallets w
+          join public.credit_transactions t on t.id = w.period_grant and t.account_id = w.account_id) g
   left join (select w.account_id, a.id, a.attributed
                from public.credit_wallets w
               cross join lateral private.current_wallet(w) c

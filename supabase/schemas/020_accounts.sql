@@ -185,7 +185,10 @@ create table public.credit_wallets (
   promo_front_at timestamptz,
   promo_front_left private.credits,
   hold_minute timestamptz,
-  hold_minute_count integer not null default 0
+  hold_minute_count integer not null default 0,
+  -- The transaction that granted this period's calendar allowance (the monthly
+  -- reset's, or an account's first month): that grant has no row of its own.
+  period_grant uuid
   -- Never more held than there is: every path that changes a pool or what is
   -- held takes free credits only, under this row's lock (reconcile checks).
 -- fillfactor 50: the monthly reset rewrites every row of a batch in one

@@ -27,6 +27,12 @@
 --   * Promotional grants count free credits (a hold names the grants it
 --     reserves); subscription and purchased grants count their credits held
 --     or free, the held ones being the front of their pool.
+--   * A calendar month's allowance (the monthly reset's, or a new account's
+--     first month: no payment behind it, so nothing ever takes it back) is the
+--     one grant without a row: its ledger row is its record, the wallet's
+--     period_grant names it while it is the current period's, and the reset
+--     writes nothing more per account. credit_grants lists it while current;
+--     earlier ones are in the ledger and credit_pool_usage.
 --   * A subscription grant belongs to its period (the wallet's sub_epoch):
 --     a renewal or an explicit expiry moves the epoch on, and the earlier
 --     grants have nothing left (their free credits were written off as the
@@ -136,9 +142,17 @@ begin
                     from (select p.id, p.expires_at, p.created_at, p.remaining,
                                  sum(p.remaining) over (order by p.expires_at nulls last, p.created_at, p.id) as cum,
                                  sum(p.remaining) over () as total
-                            from private.grants p
-                           where p.account_id = p_wallet.account_id and p.pool = p_pool and p.remaining > 0
-                             and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)) g) g) a;
+                            from (select p.id, p.expires_at, p.created_at, p.remaining
+                                    from private.grants p
+                                   where p.account_id = p_wallet.account_id and p.pool = p_pool
+                                     and p.remaining > 0
+                                     and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)
+                                  union all
+                                  -- The calendar allowance, from its ledger row.
+                                  select t.id, t.period_end, t.created_at, t.subscription
+                                    from public.credit_transactions t
+                                   where p_pool = 'subscription' and t.id = p_wallet.period_grant
+                                     and t.subscription > 0) p) g) g) a;
 end
 $$;
 
@@ -274,12 +288,14 @@ as $$
                                    else c.promo_front_left end,
            sub_epoch = c.sub_epoch + 1,
            period_start = p_start,
-           period_end = c.new_end
+           period_end = c.new_end,
+           period_grant = case when p_origin = 'system' and p_stripe_ref is null then c.grant_id end
       from calc c
      where w.account_id = c.account_id
     returning w.*
   ), grants as (
-    -- The new allowance (even of 0 credits: its payment is known) and the rollover.
+    -- The new allowance (even of 0 credits: its payment is known; a calendar
+    -- allowance has no row, see the header) and the rollover.
     insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
                                 epoch, remaining)
     select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount
@@ -288,7 +304,8 @@ as $$
        (c.grant_id, 'subscription', (select private.grant_source('grant', p_origin, p_stripe_ref)), p_stripe_ref,
         c.new_amount, c.sub_epoch + 1),
        (c.roll_id, 'promotional', 'rollover', c.roll_ref, c.rolled, null)) g(id, pool, source, ref, amount, epoch)
-     where g.pool = 'subscription' or c.rolled > 0
+     where (g.pool = 'subscription' and (p_origin <> 'system' or p_stripe_ref is not null))
+        or (g.pool = 'promotional' and c.rolled > 0)
   ), entries as (
     insert into public.credit_transactions (
       id, account_id, kind, origin, idempotency_key, request_hash, promotional, subscription, purchased,
@@ -417,15 +434,16 @@ declare
   v_plan public.credit_plans;
   v_account_id uuid;
   v_month record := private.month_of(now());
+  v_grant uuid := private.uuid_v7();
 begin
   select * into v_plan from public.credit_plans p where p.id = 'free';
   insert into public.credit_accounts (user_id, tenant_id, plan_id)
   values (p_user_id, p_tenant_id, 'free')
   returning id into v_account_id;
-  insert into public.credit_wallets (account_id, period_start, period_end)
-  values (v_account_id, v_month.period_start, v_month.period_end);
+  insert into public.credit_wallets (account_id, period_start, period_end, period_grant)
+  values (v_account_id, v_month.period_start, v_month.period_end, v_grant);
   perform private.post(v_account_id, 'grant', p_subscription => coalesce(v_plan.monthly_credits, 0),
-                       p_origin => 'system', p_metadata => '{"reason": "signup"}'::jsonb);
+                       p_origin => 'system', p_metadata => '{"reason": "signup"}'::jsonb, p_id => v_grant);
   if p_user_id is not null then
     perform private.grant_signup_bonus(v_account_id, p_user_id);
   end if;
@@ -648,7 +666,8 @@ begin
     return private.result(v_entry, true);
   end if;
   -- Held allowance expires when its hold ends uncaptured (the epoch moved on).
-  update public.credit_wallets w set sub_epoch = w.sub_epoch + 1 where w.account_id = p_account_id;
+  update public.credit_wallets w set sub_epoch = w.sub_epoch + 1, period_grant = null
+   where w.account_id = p_account_id;
   v_entry := private.post(p_account_id, 'expire',
                           p_subscription => -(v_wallet.subscription - v_wallet.held_subscription),
                           p_key => p_idempotency_key, p_hash => v_hash);

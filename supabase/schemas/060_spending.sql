@@ -262,7 +262,8 @@ grant select on public.credit_balances to authenticated, service_role;
 
 -- What is left of every grant now, as its reader may see it: the stored
 -- attribution brought up to date with the balance (current_wallet: nothing
--- lapsed is counted), plus what active holds reserve of promotional grants.
+-- lapsed is counted), plus what active holds reserve of promotional grants;
+-- and the current calendar allowance, from its ledger row.
 create view public.credit_grants with (security_invoker = true) as
 select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted,
        (case when g.pool = 'promotional' and g.expires_at <= now() then 0
@@ -274,7 +275,12 @@ select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted
                                           and h.expires_at > now() and (e ->> 'g')::uuid = g.id), 0)
                          else 0 end end)::bigint as remaining,
        g.expires_at, g.created_at
-  from private.grants g
+  from (select p.id, p.account_id, p.pool, p.source, p.stripe_ref, p.granted, p.expires_at, p.created_at
+          from private.grants p
+        union all
+        select t.id, t.account_id, 'subscription', 'reset', null, t.subscription, t.period_end, t.created_at
+          from public.credit_wallets w
+          join public.credit_transactions t on t.id = w.period_grant and t.account_id = w.account_id) g
   left join (select w.account_id, a.id, a.attributed
                from public.credit_wallets w
               cross join lateral private.current_wallet(w) c
