@@ -104,9 +104,9 @@ def load_accounts(conn: psycopg.Connection, count: int, *, purchased: int, subsc
         # The purchase's grant (the month's allowance is the wallet's period_grant).
         conn.execute(
             """
-            insert into private.grants (id, account_id, pool, source, transaction_id, granted, expires_at, epoch,
-                                        remaining, created_at)
-            select funding_tx, account_id, 'purchased', 'adjustment', funding_tx, %(purchased)s, null, null,
+            insert into private.grants (id, account_id, pool, source, transaction_id, granted, remaining,
+                                        created_at)
+            select funding_tx, account_id, 'purchased', 'adjustment', funding_tx, %(purchased)s,
                    %(purchased)s, period_start
               from bench_load where %(purchased)s > 0
             """,

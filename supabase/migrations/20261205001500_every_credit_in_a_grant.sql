@@ -29,6 +29,9 @@ create table private.grants (
   epoch integer,
   -- Left as of the pool's last attribution (see the header).
   remaining bigint not null check (remaining >= 0),
+  -- It carries the source and Stripe reference of the credits it came from
+  -- (a rollover, a refund of a spend): that payment did not grant it.
+  carried boolean not null default false,
   created_at timestamptz not null default now()
 );
 create index grants_open_idx on private.grants (account_id, pool, expires_at, id) where remaining > 0;
@@ -212,12 +215,12 @@ begin
     -- Free promotional credits changed: attribute them to grants again.
     v_wallet := private.materialize_grants(v_wallet);
   end if;
-  if p_kind in ('purchase', 'grant', 'adjustment', 'refund', 'plan_change')
+  if p_kind in ('purchase', 'grant', 'adjustment', 'plan_change')
      and (p_subscription > 0 or p_purchased > 0 or (p_kind = 'grant' and p_stripe_ref is not null))
      and not (p_kind = 'grant' and p_origin = 'system' and p_stripe_ref is null) then
     -- Credits that arrive are a grant (promotional ones come through add_promotion,
-    -- renewals through renew_to, a calendar allowance is its ledger row); a
-    -- payment that granted nothing, one of 0.
+    -- renewals through renew_to, refunds through refund_credits, a calendar
+    -- allowance is its ledger row); a payment that granted nothing, one of 0.
     insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
                                 epoch, remaining)
     select private.uuid_v7(), p_account_id, g.pool,
@@ -245,6 +248,56 @@ begin
     coalesce(p_metadata, '{}'::jsonb), p_outcome, p_actor)
   returning * into v_entry;
   return v_entry;
+end
+$$;
+
+create function private.spend_sources(p_spend public.credit_transactions)
+returns table (source text, stripe_ref text, amount bigint)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_pool text;
+  v_taken bigint;
+  v_before bigint;
+begin
+  foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
+    v_taken := -case v_pool when 'promotional' then p_spend.promotional when 'subscription' then p_spend.subscription
+                            else p_spend.purchased end;
+    continue when v_taken <= 0;
+    v_before := case v_pool when 'promotional' then p_spend.promotional_after
+                            when 'subscription' then p_spend.subscription_after
+                            else p_spend.purchased_after end + v_taken;
+    return query
+    with g as (
+      select q.source, q.stripe_ref, q.granted, q.expires_at, q.created_at, q.id
+        from private.grants q
+       where q.account_id = p_spend.account_id and q.pool = v_pool and q.created_at <= p_spend.created_at
+         and case v_pool when 'promotional' then q.expires_at > p_spend.created_at
+                         when 'subscription' then q.expires_at = p_spend.period_end
+                         else true end
+      union all
+      -- A calendar allowance of the spend's period (its ledger row).
+      select 'reset', null, t.subscription, t.period_end, t.created_at, t.id
+        from public.credit_transactions t
+       where v_pool = 'subscription' and t.account_id = p_spend.account_id and t.kind = 'grant'
+         and t.origin = 'system' and t.stripe_ref is null and t.period_start = p_spend.period_start
+         and t.seq < p_spend.seq and t.subscription > 0
+    ), placed as (
+      select g.source, g.stripe_ref,
+             sum(g.granted) over (order by g.expires_at nulls last, g.created_at, g.id) as cum, g.granted,
+             sum(g.granted) over () - v_before as start
+        from g
+    ), parts as (
+      select p.source, p.stripe_ref,
+             greatest(0, least(p.cum, p.start + v_taken) - greatest(p.cum - p.granted, p.start))::bigint as amount
+        from placed p
+    )
+    select p.source, p.stripe_ref, p.amount from parts p where p.amount > 0
+    union all
+    select 'refund', null, v_taken - coalesce((select sum(p.amount) from parts p), 0)::bigint
+     where v_taken > coalesce((select sum(p.amount) from parts p), 0);
+  end loop;
 end
 $$;
 
@@ -359,8 +412,9 @@ as $$
     -- The new allowance (even of 0 credits: its payment is known; a calendar
     -- allowance has no row, see the header) and the rollover.
     insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
-                                epoch, remaining)
-    select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount
+                                epoch, remaining, carried)
+    select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount,
+           g.pool = 'promotional'
       from calc c
      cross join lateral (values
        (c.grant_id, 'subscription', (select private.grant_source('grant', p_origin, p_stripe_ref)), p_stripe_ref,
@@ -965,8 +1019,7 @@ language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
   select (array_agg(g.account_id order by g.id))[1], (array_agg(g.pool order by g.id))[1],
-         case when count(*) > 0
-              then coalesce(sum(g.granted) filter (where g.source not in ('rollover', 'refund')), 0) end::bigint
+         case when count(*) > 0 then coalesce(sum(g.granted) filter (where not g.carried), 0) end::bigint
     from private.grants g
    where g.stripe_ref = p_stripe_ref
 $$;
@@ -1656,6 +1709,66 @@ begin
 end
 $$;
 
+create or replace function private.refund_credits(p_transaction_id uuid, p_idempotency_key text, p_amount integer default null,
+                                      p_reason text default null) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_spend public.credit_transactions;
+  v_hash uuid;
+  v_entry public.credit_transactions;
+  v_refundable bigint;
+  v_done bigint;
+  v_amount bigint;
+begin
+  perform private.require_service();
+  perform private.check_key(p_idempotency_key);
+  perform private.check_text('p_reason', p_reason, 'reason');
+  if p_amount is not null then
+    perform private.check_amount('p_amount', p_amount);
+  end if;
+  select * into v_spend from public.credit_transactions t where t.id = p_transaction_id and t.kind = 'spend';
+  if not found then
+    perform private.fail('PT404', 'transaction_not_found');
+  end if;
+  v_hash := private.request_hash('refund', jsonb_build_array(p_transaction_id, p_amount, p_reason));
+  perform private.lock_wallet(v_spend.account_id);
+  v_entry := private.find_key(v_spend.account_id, p_idempotency_key, v_hash);
+  if v_entry.id is not null then
+    return private.result(v_entry, true);
+  end if;
+  -- Under the wallet's lock: refunds of one spend queue here.
+  select coalesce(sum(r.purchased), 0) into v_done
+    from public.credit_transactions r where r.ref_id = p_transaction_id and r.kind = 'refund';
+  v_refundable := -(v_spend.promotional + v_spend.subscription + v_spend.purchased) - v_done;
+  v_amount := coalesce(p_amount, v_refundable);
+  if v_amount < 1 then
+    perform private.invalid('p_transaction_id', 'nothing left to refund');
+  end if;
+  if v_amount > v_refundable then
+    perform private.fail('22023', 'invalid_argument',
+      jsonb_build_object('argument', 'p_amount', 'reason', 'exceeds what is left to refund',
+                         'refundable', v_refundable));
+  end if;
+  v_entry := private.post(v_spend.account_id, 'refund', p_purchased => v_amount, p_key => p_idempotency_key,
+                          p_hash => v_hash, p_ref_id => p_transaction_id, p_description => p_reason,
+                          p_metadata => jsonb_build_object('refund_of', p_transaction_id, 'reason', p_reason));
+  -- Its grants keep where the spend's credits came from (a later clawback of
+  -- that payment reaches them): earlier refunds of the spend gave back its
+  -- first credits, this one the next.
+  insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, remaining, carried)
+  select private.uuid_v7(), v_spend.account_id, 'purchased', p.source, p.stripe_ref, v_entry.id, p.amount,
+         p.amount, true
+    from (select s.source, s.stripe_ref,
+                 greatest(0, least(s.cum, v_done + v_amount) - greatest(s.cum - s.amount, v_done))::bigint as amount
+            from (select s.source, s.stripe_ref, s.amount, sum(s.amount) over (order by s.ord) as cum
+                    from private.spend_sources(v_spend) with ordinality s(source, stripe_ref, amount, ord)) s) p
+   where p.amount > 0;
+  return private.result(v_entry, false);
+end
+$$;
+
 revoke all on function private.grant_source(private.entry_kind, private.entry_origin, text),
   private.grant_attribution(public.credit_wallets, text),
   private.materialize_grants(public.credit_wallets, text),
@@ -1665,6 +1778,7 @@ revoke all on function private.grant_source(private.entry_kind, private.entry_or
                text, uuid, uuid, text, text, jsonb, uuid, timestamptz, timestamptz, text, text, integer, integer,
                uuid, jsonb, text)
   from public;
+revoke all on function private.spend_sources(public.credit_transactions) from public, anon, authenticated, service_role;
 -- credit_balances and credit_grants compute as their reader.
 grant execute on function private.grant_attribution(public.credit_wallets, text) to authenticated, service_role;
 
@@ -1674,13 +1788,13 @@ grant execute on function private.grant_attribution(public.credit_wallets, text)
 
 -- Promotional grants keep their rows and ids; their source comes from the row that granted them.
 insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at, remaining,
-                            created_at)
+                            created_at, carried)
 select p.id, p.account_id, 'promotional',
        case when t.kind = 'rollover' then 'rollover'
             when t.metadata ->> 'reason' = 'signup_bonus' then 'signup_bonus'
             when t.origin = 'stripe' and t.metadata ? 'allowance' then 'plan_change'
             else 'promotion' end,
-       t.stripe_ref, t.id, p.amount, p.expires_at, p.remaining, p.created_at
+       t.stripe_ref, t.id, p.amount, p.expires_at, p.remaining, p.created_at, t.kind = 'rollover'
   from public.credit_promotions p
   left join public.credit_transactions t on t.id = p.id and t.account_id = p.account_id;
 

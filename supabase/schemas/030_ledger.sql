@@ -236,12 +236,12 @@ begin
     -- Free promotional credits changed: attribute them to grants again.
     v_wallet := private.materialize_grants(v_wallet);
   end if;
-  if p_kind in ('purchase', 'grant', 'adjustment', 'refund', 'plan_change')
+  if p_kind in ('purchase', 'grant', 'adjustment', 'plan_change')
      and (p_subscription > 0 or p_purchased > 0 or (p_kind = 'grant' and p_stripe_ref is not null))
      and not (p_kind = 'grant' and p_origin = 'system' and p_stripe_ref is null) then
     -- Credits that arrive are a grant (promotional ones come through add_promotion,
-    -- renewals through renew_to, a calendar allowance is its ledger row); a
-    -- payment that granted nothing, one of 0.
+    -- renewals through renew_to, refunds through refund_credits, a calendar
+    -- allowance is its ledger row); a payment that granted nothing, one of 0.
     insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
                                 epoch, remaining)
     select private.uuid_v7(), p_account_id, g.pool,

@@ -75,6 +75,9 @@ create table private.grants (
   epoch integer,
   -- Left as of the pool's last attribution (see the header).
   remaining bigint not null check (remaining >= 0),
+  -- It carries the source and Stripe reference of the credits it came from
+  -- (a rollover, a refund of a spend): that payment did not grant it.
+  carried boolean not null default false,
   created_at timestamptz not null default now()
 );
 create index grants_open_idx on private.grants (account_id, pool, expires_at, id) where remaining > 0;
@@ -297,8 +300,9 @@ as $$
     -- The new allowance (even of 0 credits: its payment is known; a calendar
     -- allowance has no row, see the header) and the rollover.
     insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, expires_at,
-                                epoch, remaining)
-    select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount
+                                epoch, remaining, carried)
+    select g.id, c.account_id, g.pool, g.source, g.ref, g.id, g.amount, c.new_end, g.epoch, g.amount,
+           g.pool = 'promotional'
       from calc c
      cross join lateral (values
        (c.grant_id, 'subscription', (select private.grant_source('grant', p_origin, p_stripe_ref)), p_stripe_ref,

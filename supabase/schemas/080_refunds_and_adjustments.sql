@@ -29,6 +29,62 @@
 --     are only decreased here (they are granted with an expiry, by
 --     grant_promotional_credits).
 
+-- Where a spend's credits came from, in the order it took them: for each
+-- pool, the grants at the front of the spending order when it was made (its
+-- subscription credits: the grants of its period). The credits a pool had
+-- before the spend are the back of its grants then, so the spend took the
+-- positions just before them. What no grant explains (credits older than the
+-- grants) has no source.
+create function private.spend_sources(p_spend public.credit_transactions)
+returns table (source text, stripe_ref text, amount bigint)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_pool text;
+  v_taken bigint;
+  v_before bigint;
+begin
+  foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
+    v_taken := -case v_pool when 'promotional' then p_spend.promotional when 'subscription' then p_spend.subscription
+                            else p_spend.purchased end;
+    continue when v_taken <= 0;
+    v_before := case v_pool when 'promotional' then p_spend.promotional_after
+                            when 'subscription' then p_spend.subscription_after
+                            else p_spend.purchased_after end + v_taken;
+    return query
+    with g as (
+      select q.source, q.stripe_ref, q.granted, q.expires_at, q.created_at, q.id
+        from private.grants q
+       where q.account_id = p_spend.account_id and q.pool = v_pool and q.created_at <= p_spend.created_at
+         and case v_pool when 'promotional' then q.expires_at > p_spend.created_at
+                         when 'subscription' then q.expires_at = p_spend.period_end
+                         else true end
+      union all
+      -- A calendar allowance of the spend's period (its ledger row).
+      select 'reset', null, t.subscription, t.period_end, t.created_at, t.id
+        from public.credit_transactions t
+       where v_pool = 'subscription' and t.account_id = p_spend.account_id and t.kind = 'grant'
+         and t.origin = 'system' and t.stripe_ref is null and t.period_start = p_spend.period_start
+         and t.seq < p_spend.seq and t.subscription > 0
+    ), placed as (
+      select g.source, g.stripe_ref,
+             sum(g.granted) over (order by g.expires_at nulls last, g.created_at, g.id) as cum, g.granted,
+             sum(g.granted) over () - v_before as start
+        from g
+    ), parts as (
+      select p.source, p.stripe_ref,
+             greatest(0, least(p.cum, p.start + v_taken) - greatest(p.cum - p.granted, p.start))::bigint as amount
+        from placed p
+    )
+    select p.source, p.stripe_ref, p.amount from parts p where p.amount > 0
+    union all
+    select 'refund', null, v_taken - coalesce((select sum(p.amount) from parts p), 0)::bigint
+     where v_taken > coalesce((select sum(p.amount) from parts p), 0);
+  end loop;
+end
+$$;
+
 create function private.refund_credits(p_transaction_id uuid, p_idempotency_key text, p_amount integer default null,
                                       p_reason text default null) returns jsonb
 language plpgsql security definer
@@ -39,6 +95,7 @@ declare
   v_hash uuid;
   v_entry public.credit_transactions;
   v_refundable bigint;
+  v_done bigint;
   v_amount bigint;
 begin
   perform private.require_service();
@@ -58,9 +115,9 @@ begin
     return private.result(v_entry, true);
   end if;
   -- Under the wallet's lock: refunds of one spend queue here.
-  select -(v_spend.promotional + v_spend.subscription + v_spend.purchased) - coalesce(sum(r.purchased), 0)
-    into v_refundable
+  select coalesce(sum(r.purchased), 0) into v_done
     from public.credit_transactions r where r.ref_id = p_transaction_id and r.kind = 'refund';
+  v_refundable := -(v_spend.promotional + v_spend.subscription + v_spend.purchased) - v_done;
   v_amount := coalesce(p_amount, v_refundable);
   if v_amount < 1 then
     perform private.invalid('p_transaction_id', 'nothing left to refund');
@@ -73,6 +130,17 @@ begin
   v_entry := private.post(v_spend.account_id, 'refund', p_purchased => v_amount, p_key => p_idempotency_key,
                           p_hash => v_hash, p_ref_id => p_transaction_id, p_description => p_reason,
                           p_metadata => jsonb_build_object('refund_of', p_transaction_id, 'reason', p_reason));
+  -- Its grants keep where the spend's credits came from (a later clawback of
+  -- that payment reaches them): earlier refunds of the spend gave back its
+  -- first credits, this one the next.
+  insert into private.grants (id, account_id, pool, source, stripe_ref, transaction_id, granted, remaining, carried)
+  select private.uuid_v7(), v_spend.account_id, 'purchased', p.source, p.stripe_ref, v_entry.id, p.amount,
+         p.amount, true
+    from (select s.source, s.stripe_ref,
+                 greatest(0, least(s.cum, v_done + v_amount) - greatest(s.cum - s.amount, v_done))::bigint as amount
+            from (select s.source, s.stripe_ref, s.amount, sum(s.amount) over (order by s.ord) as cum
+                    from private.spend_sources(v_spend) with ordinality s(source, stripe_ref, amount, ord)) s) p
+   where p.amount > 0;
   return private.result(v_entry, false);
 end
 $$;
@@ -91,15 +159,14 @@ comment on function public.refund_credits(uuid, text, integer, text) is
   'Service: give back (part of) a spend into the purchased pool. {transaction_id, refunded, replayed, balance}.';
 
 -- A payment's grants: the account, the pool of its first grant, and how many
--- credits it granted (null when it granted none; a rollover or a refund
+-- credits it granted (null when it has no grant; a rollover or a refund
 -- carrying its reference grants nothing new).
 create function private.payment_grants(p_stripe_ref text, out account_id uuid, out pool text, out granted bigint)
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
   select (array_agg(g.account_id order by g.id))[1], (array_agg(g.pool order by g.id))[1],
-         case when count(*) > 0
-              then coalesce(sum(g.granted) filter (where g.source not in ('rollover', 'refund')), 0) end::bigint
+         case when count(*) > 0 then coalesce(sum(g.granted) filter (where not g.carried), 0) end::bigint
     from private.grants g
    where g.stripe_ref = p_stripe_ref
 $$;
@@ -415,7 +482,7 @@ comment on function public.reconcile_credit_balances() is
   'Service: every account/pool whose balance differs from its ledger or its grants, and held counters from active holds.';
 
 revoke all on function public.refund_credits(uuid, text, integer, text),
-  private.payment_grants(text), private.clawback(text, text, integer, text, private.entry_origin),
+  private.spend_sources(public.credit_transactions), private.payment_grants(text), private.clawback(text, text, integer, text, private.entry_origin),
   public.clawback_credits(text, text, integer, text),
   public.admin_adjust_credits(uuid, text, integer, text, text), public.reconcile_credit_balances()
   from public, anon, authenticated, service_role;
