@@ -1,6 +1,7 @@
 """Bounded writes: an account cannot make the database write without limit.
 
-At most 100 active license keys per account (``invalid_argument``); at most
+At most 100 active license keys per account and 1,000 created per account in 24
+hours (``invalid_argument``); at most
 1,000 active holds and 600 hold creations per UTC minute per account
 (``PT429 too_many_holds`` with ``{limit, retry_after}``), checked after the
 replay and before the credits. Each rejection changes nothing.
@@ -50,6 +51,21 @@ def test_the_101st_active_license_key_is_refused_until_one_is_revoked(database: 
                  "where id = %s", keys[1]["key_id"])
     assert database.call("create_license_key", owner, p_account_id=account_id, p_name="after expiry")["key"]
 
+
+def test_creating_and_revoking_keys_in_a_loop_is_bounded_per_day(database: Db) -> None:
+    owner, account_id = database.new_user()
+    for i in range(1000):
+        key = database.call("create_license_key", owner, p_account_id=account_id, p_name=f"k{i}")
+        database.call("revoke_license_key", owner, p_key_id=key["key_id"])
+    detail = expect_error(database.call, "22023", "invalid_argument", "create_license_key", owner,
+                          p_account_id=account_id, p_name="one too many")
+    assert detail["argument"] == "p_account_id" and "1000" in detail["reason"]
+    assert database.one("select count(*) from public.credit_license_keys where account_id = %s",
+                        account_id) == 1000
+    # A day later the account may create keys again.
+    database.sql("update public.credit_license_keys set created_at = created_at - interval '24 hours' "
+                 "where account_id = %s", account_id)
+    assert database.call("create_license_key", owner, p_account_id=account_id, p_name="next day")["key"]
 
 def test_hold_creations_per_minute_are_bounded_and_a_replay_still_replays(database: Db) -> None:
     caller, account_id = database.new_user()

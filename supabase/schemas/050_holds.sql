@@ -31,8 +31,8 @@
 --   * Bounded holds and keys (private.write_bounds): at most 1,000 active
 --     holds and 600 hold creations per UTC minute per account
 --     (too_many_holds, 429, with when to retry), checked after the replay and
---     before the credits; at most 100 active license keys per account (the
---     license keys chapter).
+--     before the credits; at most 100 active license keys per account and
+--     1,000 created per account in 24 hours (the license keys chapter).
 --   * Lock order (no deadlocks): a call locks at most one wallet, first,
 --     before any hold, grant or transaction row of that account. Only the
 --     monthly reset locks several wallets, in ascending account id.
@@ -427,7 +427,7 @@ language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-  return '{"license_keys": 100, "active_holds": 1000, "holds_per_minute": 600}'::jsonb;
+  return '{"license_keys": 100, "license_keys_per_day": 1000, "active_holds": 1000, "holds_per_minute": 600}'::jsonb;
 end
 $$;
 

@@ -11,8 +11,10 @@
 --     checks and the same idempotency space as the account's own deducts;
 --     it runs as service_role, yet no key it passes can touch a Stripe record
 --     (those live in the 'stripe' origin, see the ledger chapter).
---   * At most 100 active (not revoked, not expired) keys per account
---     (private.write_bounds): the 101st is invalid_argument.
+--   * At most 100 active (not revoked, not expired) keys per account, and
+--     1,000 created per account in 24 hours, so creating and revoking in a
+--     loop cannot grow the table without limit (private.write_bounds): over
+--     either, invalid_argument.
 --   * A key belongs to the account, not to the person who made it: demoting
 --     or removing its creator revokes nothing (owners see created_by).
 
@@ -27,7 +29,7 @@ create table public.credit_license_keys (
   created_by uuid,
   created_at timestamptz not null default now()
 );
-create index credit_license_keys_account_idx on public.credit_license_keys (account_id);
+create index credit_license_keys_account_idx on public.credit_license_keys (account_id, created_at);
 
 alter table public.credit_license_keys enable row level security;
 revoke all on public.credit_license_keys from anon, authenticated, service_role;
@@ -65,6 +67,13 @@ begin
      >= (private.write_bounds() ->> 'license_keys')::integer then
     perform private.invalid('p_account_id', format('at most %s active license keys per account',
                                                    private.write_bounds() ->> 'license_keys'));
+  end if;
+  if (select count(*) from (select 1 from public.credit_license_keys k
+                             where k.account_id = p_account_id and k.created_at > now() - interval '24 hours'
+                             limit (private.write_bounds() ->> 'license_keys_per_day')::integer) x)
+     >= (private.write_bounds() ->> 'license_keys_per_day')::integer then
+    perform private.invalid('p_account_id', format('at most %s license keys created per account in 24 hours',
+                                                   private.write_bounds() ->> 'license_keys_per_day'));
   end if;
   insert into public.credit_license_keys (account_id, name, prefix, key_hash, expires_at, created_by)
   values (p_account_id, p_name, left(v_key, 11), sha256(convert_to(v_key, 'UTF8')), p_expires_at, private.actor())
