@@ -4,7 +4,9 @@
 -- Holds:
 --   * credit_holds: one row per reservation, remembering which pools its
 --     credits came from (which promotional grants, and which subscription
---     epoch and period);
+--     epoch and period; held subscription and purchased credits are the front
+--     of their pool's grants, see the grants chapter), and what clawbacks
+--     claimed of them, per grant;
 --   * private.spend_split: the spending order (promotional, subscription,
 --     purchased), the one place it is written;
 --   * private.hold_fates: what becomes of a hold's credits when it ends;

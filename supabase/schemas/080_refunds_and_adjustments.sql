@@ -2,28 +2,29 @@
 --
 -- Holds refund_credits, clawback_credits, admin_adjust_credits, the private
 -- functions the Stripe chapter shares with them, and
--- reconcile_credit_balances (every balance against its ledger).
+-- reconcile_credit_balances (every balance against its ledger, its holds and
+-- its grants).
 --
 -- Rules:
 --   * Every one of them appends a row; nothing updates an earlier row. What
 --     was refunded of a spend is the sum of the refund rows pointing at it;
 --     what was clawed back of a payment, the sum of its clawback rows.
 --   * A refund gives back (part of) a spend into the purchased pool, never
---     more than was spent minus earlier refunds.
+--     more than was spent minus earlier refunds, as grants that keep the
+--     source and Stripe reference of the grants the spend took from
+--     (private.spend_sources), so a later clawback of that payment reaches
+--     them; they carry the reference without being granted by it.
 --   * A clawback takes back what a Stripe payment granted, from what is left
---     of its own grants, never below zero and never from held credits now:
---     of its promotional grants, what they have left (spends took the
---     soonest-expiring first); of a subscription grant, only while its period
---     is the current one (an earlier period's credits expired at the
---     renewal); of its purchased grant, what is left of it (purchased
---     credits are spent oldest first, so the free ones belong to the newest
---     grants). What active holds reserve of those credits (per grant for
---     promotional ones, of the current period for subscription ones) is
---     claimed on the holds and taken when each ends
---     (if it is captured, those credits were spent). What is neither free nor
---     held is the shortfall. The amount is cumulative per payment (Stripe
---     reports refunds so), so only what was not yet taken or claimed is taken
---     now.
+--     of its own grants (those with its reference, in every pool, rollovers
+--     and refunds carrying it included), in the spending order, never below
+--     zero and never from held credits now: an earlier period's subscription
+--     grant has nothing left (it ended at the renewal). What active holds
+--     reserve of those grants is claimed on the holds, per grant, and taken
+--     when each ends (if it is captured, those credits were spent). What is
+--     neither free nor held is the shortfall. The amount is cumulative per
+--     payment (Stripe reports refunds cumulatively), so only what was not yet
+--     taken or claimed is taken now. The clawback records what it took of
+--     each grant, so a won dispute gives back into the same grants.
 --   * An adjustment changes one pool by a signed amount; a decrease takes
 --     free credits only (insufficient_credits otherwise); promotional credits
 --     are only decreased here (they are granted with an expiry, by
