@@ -48,6 +48,18 @@ create policy grants_read on private.grants for select to authenticated
 -- The calendar allowance's grant is its ledger row (see the grants chapter).
 alter table public.credit_wallets add column period_grant uuid;
 
+-- A hold names the grants of every pool it reserves (its promotional parts, until now).
+alter table public.credit_holds rename column promo_parts to parts;
+do $$
+begin
+  -- PostgreSQL 18 names NOT NULL constraints after their column.
+  if exists (select 1 from pg_constraint c where c.conname = 'credit_holds_promo_parts_not_null'
+                and c.conrelid = 'public.credit_holds'::regclass) then
+    alter table public.credit_holds rename constraint credit_holds_promo_parts_not_null to credit_holds_parts_not_null;
+  end if;
+end
+$$;
+
 -- Functions whose arguments changed, and those that go.
 drop function private.post(uuid, private.entry_kind, bigint, bigint, bigint, bigint, bigint, bigint,
                            private.entry_origin, text, uuid, uuid, text, text, jsonb, uuid, timestamptz, timestamptz,
@@ -74,44 +86,31 @@ end
 $$;
 
 create function private.grant_attribution(p_wallet public.credit_wallets, p_pool text)
-returns table (id uuid, expires_at timestamptz, remaining bigint, attributed bigint, held bigint)
+returns table (id uuid, expires_at timestamptz, created_at timestamptz, remaining bigint, attributed bigint)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  -- Subscription credits held from an ended period belong to no live grant.
-  v_stale bigint := case when p_pool = 'subscription' and p_wallet.held_subscription > 0 then
-                      (select coalesce(sum(h.subscription), 0) from public.credit_holds h
-                        where h.account_id = p_wallet.account_id and h.status = 'active'
-                          and h.sub_epoch <> p_wallet.sub_epoch) else 0 end;
-  v_left bigint := case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
-                               when 'subscription' then p_wallet.subscription - v_stale
-                               else p_wallet.purchased end;
-  v_held bigint := case p_pool when 'promotional' then 0
-                               when 'subscription' then p_wallet.held_subscription - v_stale
-                               else p_wallet.held_purchased end;
+  v_free bigint := case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
+                               when 'subscription' then p_wallet.subscription - p_wallet.held_subscription
+                               else p_wallet.purchased - p_wallet.held_purchased end;
 begin
   return query
-  select a.id, a.expires_at, a.remaining, a.attributed,
-         greatest(0, least(a.attributed, v_held - (a.acum - a.attributed)))::bigint
-    from (select g.id, g.expires_at, g.remaining, g.attributed,
-                 sum(g.attributed) over (order by g.expires_at nulls last, g.created_at, g.id) as acum
-            from (select g.id, g.expires_at, g.created_at, g.remaining,
-                         greatest(0, least(g.remaining, g.cum - (g.total - v_left)))::bigint as attributed
-                    from (select p.id, p.expires_at, p.created_at, p.remaining,
-                                 sum(p.remaining) over (order by p.expires_at nulls last, p.created_at, p.id) as cum,
-                                 sum(p.remaining) over () as total
-                            from (select p.id, p.expires_at, p.created_at, p.remaining
-                                    from private.grants p
-                                   where p.account_id = p_wallet.account_id and p.pool = p_pool
-                                     and p.remaining > 0
-                                     and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)
-                                  union all
-                                  -- The calendar allowance, from its ledger row.
-                                  select t.id, t.period_end, t.created_at, t.subscription
-                                    from public.credit_transactions t
-                                   where p_pool = 'subscription' and t.id = p_wallet.period_grant
-                                     and t.subscription > 0) p) g) g) a;
+  select g.id, g.expires_at, g.created_at, g.remaining,
+         greatest(0, least(g.remaining, g.cum - (g.total - v_free)))::bigint
+    from (select p.id, p.expires_at, p.created_at, p.remaining,
+                 sum(p.remaining) over (order by p.expires_at nulls last, p.created_at, p.id) as cum,
+                 sum(p.remaining) over () as total
+            from (select p.id, p.expires_at, p.created_at, p.remaining
+                    from private.grants p
+                   where p.account_id = p_wallet.account_id and p.pool = p_pool and p.remaining > 0
+                     and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)
+                  union all
+                  -- The calendar allowance, from its ledger row.
+                  select t.id, t.period_end, t.created_at, t.subscription
+                    from public.credit_transactions t
+                   where p_pool = 'subscription' and t.id = p_wallet.period_grant
+                     and t.subscription > 0) p) g;
 end
 $$;
 
@@ -132,11 +131,8 @@ begin
   )
   select coalesce(sum(a.remaining), 0) < case p_pool
            when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
-           when 'subscription' then p_wallet.subscription
-                                    - (select coalesce(sum(h.subscription), 0) from public.credit_holds h
-                                        where h.account_id = p_wallet.account_id and h.status = 'active'
-                                          and h.sub_epoch <> p_wallet.sub_epoch)
-           else p_wallet.purchased end
+           when 'subscription' then p_wallet.subscription - p_wallet.held_subscription
+           else p_wallet.purchased - p_wallet.held_purchased end
     into v_short from a;
   if v_short then
     raise exception using errcode = 'XX000', message = p_pool || ' credits without a grant';
@@ -154,6 +150,34 @@ begin
     returning w.* into v_wallet;
   end if;
   return v_wallet;
+end
+$$;
+
+create function private.take_front(p_wallet public.credit_wallets, p_pool text, p_amount bigint)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_parts jsonb;
+begin
+  if p_amount <= 0 then
+    return '[]'::jsonb;
+  end if;
+  perform private.materialize_grants(p_wallet, p_pool);
+  with taken as (
+    select a.id, a.expires_at, a.created_at,
+           least(a.attributed, p_amount - (a.cum - a.attributed))::bigint as amount
+      from (select a.*, sum(a.attributed) over (order by a.expires_at nulls last, a.created_at, a.id) as cum
+              from private.grant_attribution(p_wallet, p_pool) a) a
+     where a.cum - a.attributed < p_amount and a.attributed > 0
+  ), written as (
+    update private.grants p set remaining = p.remaining - t.amount from taken t where p.id = t.id
+  )
+  select coalesce(jsonb_agg(jsonb_build_object('p', p_pool, 'g', t.id, 'a', t.amount, 'e', t.expires_at)
+                            order by t.expires_at nulls last, t.created_at, t.id), '[]'::jsonb)
+    into v_parts from taken t;
+  return v_parts;
 end
 $$;
 
@@ -382,6 +406,7 @@ as $$
            case when least(b.cap, w.subscription - w.held_subscription) > 0
                 then (select t.stripe_ref from public.credit_transactions t
                        where t.account_id = w.account_id and t.kind = 'grant' and t.period_start = w.period_start
+                         and t.subscription > 0
                        order by t.seq desc limit 1) end as roll_ref
       from unnest(p_accounts, p_amounts, p_caps, p_ends) as b(account_id, amount, cap, period_end)
       join public.credit_wallets w on w.account_id = b.account_id
@@ -582,74 +607,64 @@ as $$
 declare
   v_charge private.split;
   v_left bigint;
-  v_part jsonb;
-  v_amount bigint;
+  v_part record;
   v_take bigint;
   v_claim jsonb;
   v_released bigint;
   v_pool text;
 begin
   v_charge := private.spend_split(p_hold.promotional, p_hold.subscription, p_hold.purchased, p_charge);
-  v_left := v_charge.promotional;
-  for v_part in select e from jsonb_array_elements(p_hold.promo_parts) e loop
-    v_amount := (v_part ->> 'a')::bigint;
-    v_take := least(v_amount, v_left);
-    v_left := v_left - v_take;
-    f_pool := 'promotional';
-    f_grant := (v_part ->> 'g')::uuid;
-    f_ref := null;
-    if v_take > 0 then
-      f_amount := v_take; f_fate := 'spend';
-      return next;
-    end if;
-    v_released := v_amount - v_take;
-    -- A clawback that found this grant's credits under the hold takes its share first.
-    for v_claim in select e from jsonb_array_elements(p_hold.claims) e
-                    where e ->> 'pool' = 'promotional' and e ->> 'g' = v_part ->> 'g' loop
-      v_take := least(v_released, (v_claim ->> 'amount')::bigint);
-      if v_take > 0 then
-        f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref'; f_key := v_claim ->> 'key';
-        return next;
-        v_released := v_released - v_take;
-      end if;
-    end loop;
-    f_ref := null;
-    f_key := null;
-    if v_released > 0 then
-      f_amount := v_released;
-      -- The grant's own date decides (the part keeps a copy only for ordering).
-      f_fate := case when (select p.expires_at from private.grants p where p.id = f_grant) <= p_now
-                     then 'expire' else 'free' end;
-      return next;
-    end if;
-  end loop;
-  foreach v_pool in array array['subscription', 'purchased'] loop
+  foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
+    v_left := case v_pool when 'promotional' then v_charge.promotional
+                          when 'subscription' then v_charge.subscription else v_charge.purchased end;
     f_pool := v_pool;
-    f_grant := null;
-    f_ref := null;
-    v_take := case v_pool when 'subscription' then v_charge.subscription else v_charge.purchased end;
-    v_released := case v_pool when 'subscription' then p_hold.subscription else p_hold.purchased end - v_take;
-    if v_take > 0 then
-      f_amount := v_take; f_fate := 'spend';
-      return next;
-    end if;
-    for v_claim in select e from jsonb_array_elements(p_hold.claims) e where e ->> 'pool' = v_pool loop
-      v_take := least(v_released, (v_claim ->> 'amount')::bigint);
+    for v_part in
+      select (e ->> 'g')::uuid as g, (e ->> 'a')::bigint as a, o
+        from jsonb_array_elements(p_hold.parts) with ordinality x(e, o)
+       where coalesce(e ->> 'p', 'promotional') = v_pool
+      union all
+      -- A hold made before grants named theirs: its credits of the pool, of no grant.
+      select null, case v_pool when 'promotional' then p_hold.promotional
+                               when 'subscription' then p_hold.subscription else p_hold.purchased end
+                   - coalesce((select sum((e ->> 'a')::bigint) from jsonb_array_elements(p_hold.parts) e
+                                where coalesce(e ->> 'p', 'promotional') = v_pool), 0),
+             1000000
+      order by 3
+    loop
+      continue when v_part.a <= 0;
+      f_grant := v_part.g;
+      f_ref := null;
+      f_key := null;
+      v_take := least(v_part.a, v_left);
+      v_left := v_left - v_take;
       if v_take > 0 then
-        f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref'; f_key := v_claim ->> 'key';
-        f_grant := (v_claim ->> 'g')::uuid;
+        f_amount := v_take; f_fate := 'spend';
         return next;
-        v_released := v_released - v_take;
+      end if;
+      v_released := v_part.a - v_take;
+      -- A clawback that claimed this part takes its share first.
+      for v_claim in select e from jsonb_array_elements(p_hold.claims) e
+                      where e ->> 'pool' = v_pool and (e ->> 'g')::uuid is not distinct from v_part.g loop
+        v_take := least(v_released, (v_claim ->> 'amount')::bigint);
+        if v_take > 0 then
+          f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref';
+          f_key := v_claim ->> 'key';
+          return next;
+          v_released := v_released - v_take;
+        end if;
+      end loop;
+      f_ref := null;
+      f_key := null;
+      if v_released > 0 then
+        f_amount := v_released;
+        f_fate := case when v_pool = 'promotional'
+                            and (select p.expires_at from private.grants p where p.id = v_part.g) <= p_now
+                       then 'expire'
+                       when v_pool = 'subscription' and p_hold.sub_epoch <> p_epoch then 'expire'
+                       else 'free' end;
+        return next;
       end if;
     end loop;
-    f_grant := null;
-    f_ref := null;
-    f_key := null;
-    if v_released > 0 then
-      f_amount := v_released;
-      f_fate := case when v_pool = 'subscription' and p_hold.sub_epoch <> p_epoch then 'expire' else 'free' end;
-      return next;
-    end if;
   end loop;
 end
 $$;
@@ -695,10 +710,6 @@ begin
                  from private.fates(v_fates) f
                 where p_hold.claims <> '[]'::jsonb and f.f_fate = 'clawback'
                 group by f.f_pool, f.f_ref, f.f_key, f.f_grant order by f.f_pool, f.f_ref, f.f_key, f.f_grant loop
-    if v_row.f_pool <> 'promotional' and v_row.f_grant is not null then
-      -- Subscription and purchased grants count their held credits: these leave it.
-      update private.grants g set remaining = greatest(g.remaining - v_row.amount, 0) where g.id = v_row.f_grant;
-    end if;
     perform private.post(p_hold.account_id, 'clawback',
                          p_promotional => case when v_row.f_pool = 'promotional' then -v_row.amount else 0 end,
                          p_subscription => case when v_row.f_pool = 'subscription' then -v_row.amount else 0 end,
@@ -726,14 +737,18 @@ begin
   end if;
   -- The hold ends: what it released is free again, and the next hold to lapse is another.
   update public.credit_holds h set status = p_status, settled_at = now() where h.id = p_hold.id;
-  if v_sum.fp > 0 then
-      -- Promotional credits go back to their grants (attribute spends first).
-      select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
-      perform private.materialize_grants(v_wallet);
-      update private.grants p set remaining = p.remaining + f.amount
-        from (select s.f_grant, sum(s.f_amount) as amount from private.fates(v_fates) s
-               where s.f_pool = 'promotional' and s.f_fate = 'free' group by s.f_grant) f
-       where p.id = f.f_grant;
+  if v_sum.fp + v_sum.fs + v_sum.fu > 0 then
+    -- Released credits go back to their grants (spends since are attributed
+    -- first; a calendar allowance has no row: it is the front, it gets them).
+    select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
+    for v_row in select distinct f.f_pool from private.fates(v_fates) f
+                  where f.f_fate = 'free' and f.f_grant is not null loop
+      perform private.materialize_grants(v_wallet, v_row.f_pool);
+    end loop;
+    update private.grants p set remaining = p.remaining + f.amount
+      from (select s.f_grant, sum(s.f_amount) as amount from private.fates(v_fates) s
+             where s.f_fate = 'free' and s.f_grant is not null group by s.f_grant) f
+     where p.id = f.f_grant;
   end if;
   update public.credit_wallets w
      set held_promotional = w.held_promotional - v_sum.fp,
@@ -889,27 +904,12 @@ begin
   v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
                                  v_wallet.subscription - v_wallet.held_subscription,
                                  v_wallet.purchased - v_wallet.held_purchased, v_cost);
-  if v_split.promotional > 0 then
-    -- Which grants: attribute spends first, then take soonest expiry first.
-    perform private.materialize_grants(v_wallet);
-    with taken as (
-      select g.id, g.expires_at, g.created_at,
-             least(g.remaining, v_split.promotional - (g.cum - g.remaining)) as amount
-        from (select p.id, p.expires_at, p.created_at, p.remaining,
-                     sum(p.remaining) over (order by p.expires_at, p.created_at, p.id) as cum
-                from private.grants p
-               where p.account_id = p_account_id and p.pool = 'promotional' and p.remaining > 0) g
-       where g.cum - g.remaining < v_split.promotional
-    ), updated as (
-      update private.grants p set remaining = p.remaining - t.amount
-        from taken t where p.id = t.id
-    )
-    select jsonb_agg(jsonb_build_object('g', t.id, 'a', t.amount, 'e', t.expires_at)
-                     order by t.expires_at, t.created_at, t.id)
-      into v_parts from taken t;
-  end if;
+  -- Which grants, pool by pool: the front of each.
+  v_parts := private.take_front(v_wallet, 'promotional', v_split.promotional)
+             || private.take_front(v_wallet, 'subscription', v_split.subscription)
+             || private.take_front(v_wallet, 'purchased', v_split.purchased);
   insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
-                                   promo_parts, sub_epoch, period_start, period_end, expires_at, operation,
+                                   parts, sub_epoch, period_start, period_end, expires_at, operation,
                                    metadata)
   values (v_hold, p_account_id, v_tx, v_cost, v_split.promotional, v_split.subscription, v_split.purchased,
           v_parts, v_wallet.sub_epoch, v_wallet.period_start, v_wallet.period_end, v_expires, p_operation,
@@ -1044,7 +1044,6 @@ declare
   v_by_pool jsonb := '{"promotional": 0, "subscription": 0, "purchased": 0}'::jsonb;
   v_total bigint := 0;
   v_claimed bigint := 0;
-  v_held jsonb := '[]'::jsonb;
   v_hold record;
   v_claim bigint;
   v_part jsonb;
@@ -1078,80 +1077,45 @@ begin
   v_outstanding := greatest(least(coalesce(p_amount, v_grants.granted), v_grants.granted) - v_done, 0);
 
   -- What is left of the payment's own grants, never another's, in the
-  -- spending order: the free credits are taken now; what active holds
-  -- reserve of them is claimed on the holds.
+  -- spending order: the free credits are taken now.
   foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
     exit when v_outstanding - v_total <= 0;
     continue when not exists (select 1 from private.grants g where g.account_id = v_grants.account_id
                                 and g.stripe_ref = p_stripe_ref and g.pool = v_pool and g.remaining > 0);
     v_wallet := private.materialize_grants(v_wallet, v_pool);
-    for v_grant in select a.id, a.attributed - a.held as free, a.held
+    for v_grant in select a.id, a.attributed as free
                      from private.grant_attribution(v_wallet, v_pool) a
                      join private.grants g on g.id = a.id
                     where g.stripe_ref = p_stripe_ref
-                    order by a.expires_at nulls last, a.id loop
+                    order by a.expires_at nulls last, a.created_at, a.id loop
       v_take := least(v_outstanding - v_total, v_grant.free);
-      if v_take > 0 then
-        update private.grants g set remaining = g.remaining - v_take where g.id = v_grant.id;
-        v_taken := v_taken || jsonb_build_object(v_grant.id::text, v_take);
-        v_by_pool := jsonb_set(v_by_pool, array[v_pool], to_jsonb((v_by_pool ->> v_pool)::bigint + v_take));
-        v_total := v_total + v_take;
-      end if;
-      if v_grant.held > 0 then
-        -- Held of this grant, less what earlier clawbacks already claimed of it.
-        v_held := v_held || jsonb_build_array(jsonb_build_object(
-          'pool', v_pool, 'g', v_grant.id,
-          'amount', v_grant.held - (select coalesce(sum((c ->> 'amount')::bigint), 0)
-                                      from public.credit_holds h cross join lateral jsonb_array_elements(h.claims) c
-                                     where h.account_id = v_grants.account_id and h.status = 'active'
-                                       and c ->> 'g' = v_grant.id::text)));
-      end if;
+      continue when v_take <= 0;
+      update private.grants g set remaining = g.remaining - v_take where g.id = v_grant.id;
+      v_taken := v_taken || jsonb_build_object(v_grant.id::text, v_take);
+      v_by_pool := jsonb_set(v_by_pool, array[v_pool], to_jsonb((v_by_pool ->> v_pool)::bigint + v_take));
+      v_total := v_total + v_take;
     end loop;
   end loop;
 
-  -- What active holds reserve of those grants is claimed, soonest-ending hold
-  -- first: promotional parts name their grant; subscription (of the current
-  -- period) and purchased credits held are the front of their pool.
+  -- What active holds reserve of those grants (the parts naming them, less
+  -- what earlier clawbacks claimed of them) is claimed on those holds,
+  -- soonest-ending first, and taken when each ends.
   if v_outstanding > v_total then
-    for v_hold in select h.id, h.subscription, h.purchased, h.promo_parts, h.claims, h.sub_epoch
-                    from public.credit_holds h
+    for v_hold in select h.id, h.parts, h.claims from public.credit_holds h
                    where h.account_id = v_grants.account_id and h.status = 'active'
                    order by h.expires_at, h.id loop
       exit when v_outstanding - v_total - v_claimed <= 0;
-      for v_part in
-        select jsonb_build_object('pool', 'promotional', 'g', e ->> 'g', 'amount', (e ->> 'a')::bigint) as part
-          from jsonb_array_elements(v_hold.promo_parts) e
-         where exists (select 1 from private.grants g where g.id = (e ->> 'g')::uuid and g.stripe_ref = p_stripe_ref)
-        union all
-        select jsonb_build_object('pool', q.pool, 'g', q.g, 'amount', q.amount)
-          from (select x ->> 'pool' as pool, x ->> 'g' as g, (x ->> 'amount')::bigint as amount
-                  from jsonb_array_elements(v_held) x) q
-         where (q.pool = 'subscription' and v_hold.sub_epoch = v_wallet.sub_epoch and v_hold.subscription > 0)
-            or (q.pool = 'purchased' and v_hold.purchased > 0)
-      loop
-        v_claim := least(
-          (v_part ->> 'amount')::bigint
-            - case when v_part ->> 'pool' = 'promotional'
-                   then (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_hold.claims) c
-                          where c ->> 'pool' = 'promotional' and c ->> 'g' = v_part ->> 'g')
-                   else (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_held) c
-                          where c ->> 'g' = v_part ->> 'g' and c ? 'claimed') end,
-          -- A hold gives no more of a pool than it reserves, less what is claimed of it.
-          case v_part ->> 'pool'
-            when 'subscription' then v_hold.subscription
-            when 'purchased' then v_hold.purchased else (v_part ->> 'amount')::bigint end
-            - (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_hold.claims) c
-                where c ->> 'pool' = v_part ->> 'pool' and v_part ->> 'pool' <> 'promotional'),
-          v_outstanding - v_total - v_claimed);
+      for v_part in select e from jsonb_array_elements(v_hold.parts) e
+                     where exists (select 1 from private.grants g
+                                    where g.id = (e ->> 'g')::uuid and g.stripe_ref = p_stripe_ref) loop
+        v_claim := least((v_part ->> 'a')::bigint
+                         - (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_hold.claims) c
+                             where c ->> 'g' = v_part ->> 'g'),
+                         v_outstanding - v_total - v_claimed);
         continue when v_claim <= 0;
         v_hold.claims := v_hold.claims || jsonb_build_array(jsonb_build_object(
-          'pool', v_part ->> 'pool', 'g', v_part ->> 'g', 'amount', v_claim, 'stripe_ref', p_stripe_ref,
-          'key', p_key));
-        if v_part ->> 'pool' <> 'promotional' then
-          -- This grant's held credits claimed so far in this call.
-          v_held := v_held || jsonb_build_array(jsonb_build_object('g', v_part ->> 'g', 'amount', v_claim,
-                                                                   'claimed', true));
-        end if;
+          'pool', coalesce(v_part ->> 'p', 'promotional'), 'g', v_part ->> 'g', 'amount', v_claim,
+          'stripe_ref', p_stripe_ref, 'key', p_key));
         v_claimed := v_claimed + v_claim;
       end loop;
       update public.credit_holds h set claims = v_hold.claims where h.id = v_hold.id;
@@ -1183,18 +1147,8 @@ as $$
     select h.account_id, sum(h.promotional)::bigint as promotional, sum(h.subscription)::bigint as subscription,
            sum(h.purchased)::bigint as purchased
       from public.credit_holds h where h.status = 'active' group by h.account_id
-  ), parts as (
-    -- Promotional credits held, by the grants the holds name.
-    select h.account_id, sum((e ->> 'a')::bigint)::bigint as promotional
-      from public.credit_holds h cross join lateral jsonb_array_elements(h.promo_parts) e
-     where h.status = 'active' group by h.account_id
-  ), stale as (
-    -- Subscription credits held from an ended period (no live grant has them).
-    select h.account_id, sum(h.subscription)::bigint as subscription
-      from public.credit_holds h join public.credit_wallets w on w.account_id = h.account_id
-     where h.status = 'active' and h.sub_epoch <> w.sub_epoch group by h.account_id
   ), granted as (
-    -- What the grants have left (every credit belongs to one).
+    -- What the grants have left of the free credits (every credit belongs to one).
     select w.account_id,
            coalesce(sum(a.attributed) filter (where p.pool = 'promotional'), 0)::bigint as promotional,
            coalesce(sum(a.attributed) filter (where p.pool = 'subscription'), 0)::bigint as subscription,
@@ -1208,8 +1162,6 @@ as $$
       from public.credit_wallets w
       left join sums s on s.account_id = w.account_id
       left join holds h on h.account_id = w.account_id
-      left join parts pt on pt.account_id = w.account_id
-      left join stale st on st.account_id = w.account_id
       left join granted g on g.account_id = w.account_id
      cross join lateral (values ('promotional', w.promotional, s.promotional),
                                 ('subscription', w.subscription, s.subscription),
@@ -1217,11 +1169,11 @@ as $$
                                 ('held_promotional', w.held_promotional, h.promotional),
                                 ('held_subscription', w.held_subscription, h.subscription),
                                 ('held_purchased', w.held_purchased, h.purchased),
-                                ('grants_promotional', w.promotional,
-                                 coalesce(g.promotional, 0) + coalesce(pt.promotional, 0)),
-                                ('grants_subscription', w.subscription,
-                                 coalesce(g.subscription, 0) + coalesce(st.subscription, 0)),
-                                ('grants_purchased', w.purchased, g.purchased)) v(pool, balance, expected)
+                                -- Free credits (the pool less what is held) against their grants.
+                                ('grants_promotional', w.promotional - w.held_promotional, g.promotional),
+                                ('grants_subscription', w.subscription - w.held_subscription, g.subscription),
+                                ('grants_purchased', w.purchased - w.held_purchased, g.purchased))
+                          v(pool, balance, expected)
   )
   select jsonb_build_object(
     'checked', count(*),
@@ -1336,7 +1288,9 @@ begin
         on g.account_id = w.account_id
      where w.account_id = any (v_due)
        and (private.sweep_due(w)
-            or (p.rollover_cap > 0 and coalesce(g.remaining, 0) <> w.promotional - w.held_promotional))
+            -- (the renewal may apply the free plan's cap instead of the account's plan's)
+            or ((p.rollover_cap > 0 or (select f.rollover_cap from public.credit_plans f where f.id = 'free') > 0)
+                and coalesce(g.remaining, 0) <> w.promotional - w.held_promotional))
      order by w.account_id
   loop
     perform private.materialize_grants(private.lock_wallet(v_account));
@@ -1404,10 +1358,9 @@ declare
   v_taken public.credit_transactions;
   v_wallet public.credit_wallets;
   v_entry public.credit_transactions;
-  v_pending bigint;
   v_hash uuid;
-  v_hold record;
   v_claims jsonb;
+  v_pool text;
   v_held_back record;
 begin
   if v_dispute is null then
@@ -1429,27 +1382,14 @@ begin
     return private.stripe_result('applied', 'already_reinstated', v_taken.account_id,
                                  private.result(v_entry, true));
   end if;
-  -- What the dispute still claims on active holds is released from them.
-  v_pending := coalesce((v_taken.outcome ->> 'pending')::bigint, 0);
-  for v_hold in select h.id, h.claims from public.credit_holds h
-                 where h.account_id = v_taken.account_id and h.status = 'active'
-                   and h.claims @> jsonb_build_array(jsonb_build_object('stripe_ref', v_taken.stripe_ref))
-                 order by h.expires_at desc, h.id loop
-    exit when v_pending <= 0;
-    select coalesce(jsonb_agg(c.value order by c.ordinality), '[]'::jsonb) into v_claims
-      from (select e.value, e.ordinality,
-                   sum((e.value ->> 'amount')::bigint) filter (where e.value ->> 'stripe_ref' = v_taken.stripe_ref)
-                     over (order by e.ordinality desc) as from_end
-              from jsonb_array_elements(v_hold.claims) with ordinality e) c
-     where c.value ->> 'stripe_ref' is distinct from v_taken.stripe_ref or c.from_end > v_pending;
-    v_pending := v_pending - (select coalesce(sum((e ->> 'amount')::bigint), 0)
-                                from jsonb_array_elements(v_hold.claims) e
-                               where e ->> 'stripe_ref' = v_taken.stripe_ref)
-                           + (select coalesce(sum((e ->> 'amount')::bigint), 0)
-                                from jsonb_array_elements(v_claims) e
-                               where e ->> 'stripe_ref' = v_taken.stripe_ref);
-    update public.credit_holds h set claims = v_claims where h.id = v_hold.id;
-  end loop;
+  -- What the dispute still claims on active holds is released from them
+  -- (its claims carry its key; another clawback's claims stay).
+  update public.credit_holds h
+     set claims = (select coalesce(jsonb_agg(x.e order by x.o), '[]'::jsonb)
+                     from jsonb_array_elements(h.claims) with ordinality x(e, o)
+                    where x.e ->> 'key' is distinct from 'dispute:' || v_dispute)
+   where h.account_id = v_taken.account_id and h.status = 'active'
+     and h.claims @> jsonb_build_array(jsonb_build_object('key', 'dispute:' || v_dispute));
   -- What the dispute took, grant by grant: its clawback, and what its claims
   -- took from holds as they ended. (A clawback recorded before grants named
   -- theirs gives back into the payment's newest grant of the pool.)
@@ -1490,7 +1430,10 @@ begin
     into v_held_back
     from jsonb_array_elements(v_claims) e;
   -- Back into the same grants (attributed first: spends since took from the front).
-  perform private.materialize_grants(v_wallet);
+  for v_pool in select distinct e ->> 'pool' from jsonb_array_elements(v_claims) e
+                 where (e ->> 'live')::boolean loop
+    perform private.materialize_grants(v_wallet, v_pool);
+  end loop;
   update private.grants g set remaining = g.remaining + b.amount
     from (select (e ->> 'g')::uuid as id, sum((e ->> 'amount')::bigint) as amount
             from jsonb_array_elements(v_claims) e where (e ->> 'live')::boolean group by 1) b
@@ -1772,6 +1715,7 @@ $$;
 revoke all on function private.grant_source(private.entry_kind, private.entry_origin, text),
   private.grant_attribution(public.credit_wallets, text),
   private.materialize_grants(public.credit_wallets, text),
+  private.take_front(public.credit_wallets, text, bigint),
   private.add_promotion(public.credit_wallets, private.entry_kind, bigint, timestamptz, private.entry_origin,
                         text, uuid, text, text, jsonb, uuid, text),
   private.post(uuid, private.entry_kind, bigint, bigint, bigint, bigint, bigint, bigint, private.entry_origin,
@@ -1856,6 +1800,47 @@ select private.uuid_v7(), w.account_id, v.pool, 'adjustment', v.short,
                                  where g.account_id = w.account_id and g.pool = 'purchased'))) v(pool, short)
  where v.short > 0;
 
+-- Holds active now name the grants they reserve, as if each had just taken
+-- the front of its pools in turn (subscription credits of an ended period
+-- belong to no live grant; a hold a clawback already claims keeps its
+-- claims as they were, of no grant).
+do $$
+declare
+  v_wallet public.credit_wallets;
+  v_hold public.credit_holds;
+  v_parts jsonb;
+begin
+  for v_wallet in select w.* from public.credit_wallets w
+                   where exists (select 1 from public.credit_holds h
+                                  where h.account_id = w.account_id and h.status = 'active'
+                                    and h.subscription + h.purchased > 0)
+                   order by w.account_id loop
+    select v_wallet.held_subscription
+             - coalesce(sum(h.subscription) filter (where h.sub_epoch = v_wallet.sub_epoch), 0),
+           v_wallet.held_purchased - coalesce(sum(h.purchased), 0)
+      into v_wallet.held_subscription, v_wallet.held_purchased
+      from public.credit_holds h
+     where h.account_id = v_wallet.account_id and h.status = 'active'
+       and not h.claims @> '[{"pool": "subscription"}]' and not h.claims @> '[{"pool": "purchased"}]';
+    for v_hold in select h.* from public.credit_holds h
+                   where h.account_id = v_wallet.account_id and h.status = 'active'
+                     and not h.claims @> '[{"pool": "subscription"}]' and not h.claims @> '[{"pool": "purchased"}]'
+                   order by h.created_at, h.id loop
+      v_parts := '[]'::jsonb;
+      if v_hold.subscription > 0 and v_hold.sub_epoch = v_wallet.sub_epoch then
+        v_parts := v_parts || private.take_front(v_wallet, 'subscription', v_hold.subscription);
+        v_wallet.held_subscription := v_wallet.held_subscription + v_hold.subscription;
+      end if;
+      if v_hold.purchased > 0 then
+        v_parts := v_parts || private.take_front(v_wallet, 'purchased', v_hold.purchased);
+        v_wallet.held_purchased := v_wallet.held_purchased + v_hold.purchased;
+      end if;
+      update public.credit_holds h set parts = h.parts || v_parts where h.id = v_hold.id;
+    end loop;
+  end loop;
+end
+$$;
+
 drop table public.credit_promotions;
 
 -- Plan changes count in the period's allowance.
@@ -1874,20 +1859,17 @@ select t.account_id,
  where t.subscription <> 0 and t.period_start is not null
  group by t.account_id, a.tenant_id, t.period_start;
 
--- What is left of every grant now, as its reader may see it: the stored
--- attribution brought up to date with the balance (current_wallet: nothing
--- lapsed is counted), plus what active holds reserve of promotional grants;
+-- What is left of every grant now, as its reader may see it: the free
+-- credits attributed to it, plus what active holds reserve of it (a
+-- promotional grant past its date has only those: its free credits expired);
 -- and the current calendar allowance, from its ledger row.
 create view public.credit_grants with (security_invoker = true) as
 select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted,
-       (case when g.pool = 'promotional' and g.expires_at <= now() then 0
-             else coalesce(a.attributed, 0)
-                  + case when g.pool = 'promotional'
-                         then coalesce((select sum((e ->> 'a')::bigint) from public.credit_holds h
-                                         cross join lateral jsonb_array_elements(h.promo_parts) e
-                                        where h.account_id = g.account_id and h.status = 'active'
-                                          and h.expires_at > now() and (e ->> 'g')::uuid = g.id), 0)
-                         else 0 end end)::bigint as remaining,
+       (case when g.pool = 'promotional' and g.expires_at <= now() then 0 else coalesce(a.attributed, 0) end
+        + coalesce((select sum((e ->> 'a')::bigint) from public.credit_holds h
+                     cross join lateral jsonb_array_elements(h.parts) e
+                    where h.account_id = g.account_id and h.status = 'active'
+                      and (e ->> 'g')::uuid = g.id), 0))::bigint as remaining,
        g.expires_at, g.created_at
   from (select p.id, p.account_id, p.pool, p.source, p.stripe_ref, p.granted, p.expires_at, p.created_at
           from private.grants p
@@ -1897,9 +1879,8 @@ select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted
           join public.credit_transactions t on t.id = w.period_grant and t.account_id = w.account_id) g
   left join (select w.account_id, a.id, a.attributed
                from public.credit_wallets w
-              cross join lateral private.current_wallet(w) c
               cross join lateral (values ('promotional'), ('subscription'), ('purchased')) p(pool)
-              cross join lateral private.grant_attribution(c, p.pool) a) a
+              cross join lateral private.grant_attribution(w, p.pool) a) a
     on a.account_id = g.account_id and a.id = g.id;
 comment on view public.credit_grants is
   'Every arrival of credits (pool, source, Stripe reference, amount, expiry) and what is left of it now.';

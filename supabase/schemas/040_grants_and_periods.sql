@@ -24,9 +24,10 @@
 --     written (private.materialize_grants) only when a grant's own credits
 --     matter: a grant joining ahead of others, an expiry, a clawback or its
 --     reversal, a hold taking or returning promotional credits.
---   * Promotional grants count free credits (a hold names the grants it
---     reserves); subscription and purchased grants count their credits held
---     or free, the held ones being the front of their pool.
+--   * A grant's stored `remaining` counts its free credits: a hold takes its
+--     credits from the front grants of each pool (private.take_front) and
+--     names them (credit_holds.parts); when it ends, what it releases goes
+--     back to those grants.
 --   * A calendar month's allowance (the monthly reset's, or a new account's
 --     first month: no payment behind it, so nothing ever takes it back) is the
 --     one grant without a row: its ledger row is its record, the wallet's
@@ -109,53 +110,40 @@ end
 $$;
 
 -- ---------------------------------------------------------------------------
--- Attribution: what is left of each of a pool's live grants, given what the
--- pool holds now (spending order: soonest expiry, then oldest grant). Spends took from the front of the spending order, so the
--- credits left belong to its back: each grant keeps the part of the pool's
--- credits that falls on it counting from the back, up to its stored
--- remaining. For subscription and purchased grants, `held` is the part of
--- that the pool's active holds reserve (the front of what is left).
+-- Attribution: what is left of each of a pool's live grants, given the free
+-- credits the pool has now (spending order: soonest expiry, then oldest
+-- grant). Spends took from the front of the spending order, so the free
+-- credits belong to its back: each grant keeps the part of them that falls
+-- on it counting from the back, up to its stored remaining. The calendar
+-- allowance (no row, see the header) is the front of its period's grants.
 -- ---------------------------------------------------------------------------
 
 create function private.grant_attribution(p_wallet public.credit_wallets, p_pool text)
-returns table (id uuid, expires_at timestamptz, remaining bigint, attributed bigint, held bigint)
+returns table (id uuid, expires_at timestamptz, created_at timestamptz, remaining bigint, attributed bigint)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  -- Subscription credits held from an ended period belong to no live grant.
-  v_stale bigint := case when p_pool = 'subscription' and p_wallet.held_subscription > 0 then
-                      (select coalesce(sum(h.subscription), 0) from public.credit_holds h
-                        where h.account_id = p_wallet.account_id and h.status = 'active'
-                          and h.sub_epoch <> p_wallet.sub_epoch) else 0 end;
-  v_left bigint := case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
-                               when 'subscription' then p_wallet.subscription - v_stale
-                               else p_wallet.purchased end;
-  v_held bigint := case p_pool when 'promotional' then 0
-                               when 'subscription' then p_wallet.held_subscription - v_stale
-                               else p_wallet.held_purchased end;
+  v_free bigint := case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
+                               when 'subscription' then p_wallet.subscription - p_wallet.held_subscription
+                               else p_wallet.purchased - p_wallet.held_purchased end;
 begin
   return query
-  select a.id, a.expires_at, a.remaining, a.attributed,
-         greatest(0, least(a.attributed, v_held - (a.acum - a.attributed)))::bigint
-    from (select g.id, g.expires_at, g.remaining, g.attributed,
-                 sum(g.attributed) over (order by g.expires_at nulls last, g.created_at, g.id) as acum
-            from (select g.id, g.expires_at, g.created_at, g.remaining,
-                         greatest(0, least(g.remaining, g.cum - (g.total - v_left)))::bigint as attributed
-                    from (select p.id, p.expires_at, p.created_at, p.remaining,
-                                 sum(p.remaining) over (order by p.expires_at nulls last, p.created_at, p.id) as cum,
-                                 sum(p.remaining) over () as total
-                            from (select p.id, p.expires_at, p.created_at, p.remaining
-                                    from private.grants p
-                                   where p.account_id = p_wallet.account_id and p.pool = p_pool
-                                     and p.remaining > 0
-                                     and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)
-                                  union all
-                                  -- The calendar allowance, from its ledger row.
-                                  select t.id, t.period_end, t.created_at, t.subscription
-                                    from public.credit_transactions t
-                                   where p_pool = 'subscription' and t.id = p_wallet.period_grant
-                                     and t.subscription > 0) p) g) g) a;
+  select g.id, g.expires_at, g.created_at, g.remaining,
+         greatest(0, least(g.remaining, g.cum - (g.total - v_free)))::bigint
+    from (select p.id, p.expires_at, p.created_at, p.remaining,
+                 sum(p.remaining) over (order by p.expires_at nulls last, p.created_at, p.id) as cum,
+                 sum(p.remaining) over () as total
+            from (select p.id, p.expires_at, p.created_at, p.remaining
+                    from private.grants p
+                   where p.account_id = p_wallet.account_id and p.pool = p_pool and p.remaining > 0
+                     and (p_pool <> 'subscription' or p.epoch = p_wallet.sub_epoch)
+                  union all
+                  -- The calendar allowance, from its ledger row.
+                  select t.id, t.period_end, t.created_at, t.subscription
+                    from public.credit_transactions t
+                   where p_pool = 'subscription' and t.id = p_wallet.period_grant
+                     and t.subscription > 0) p) g;
 end
 $$;
 
@@ -179,11 +167,8 @@ begin
   )
   select coalesce(sum(a.remaining), 0) < case p_pool
            when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
-           when 'subscription' then p_wallet.subscription
-                                    - (select coalesce(sum(h.subscription), 0) from public.credit_holds h
-                                        where h.account_id = p_wallet.account_id and h.status = 'active'
-                                          and h.sub_epoch <> p_wallet.sub_epoch)
-           else p_wallet.purchased end
+           when 'subscription' then p_wallet.subscription - p_wallet.held_subscription
+           else p_wallet.purchased - p_wallet.held_purchased end
     into v_short from a;
   if v_short then
     raise exception using errcode = 'XX000', message = p_pool || ' credits without a grant';
@@ -201,6 +186,39 @@ begin
     returning w.* into v_wallet;
   end if;
   return v_wallet;
+end
+$$;
+
+-- A hold's credits of one pool: p_amount free credits from the front of the
+-- pool's grants (the caller holds the wallet's lock and has checked they
+-- are there). The grants' stored remaining drops by what is taken (the
+-- wallet's held counter rises by the same amount in the caller's post);
+-- returns the parts, [{"p": pool, "g": grant, "a": credits, "e": expiry}].
+create function private.take_front(p_wallet public.credit_wallets, p_pool text, p_amount bigint)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_parts jsonb;
+begin
+  if p_amount <= 0 then
+    return '[]'::jsonb;
+  end if;
+  perform private.materialize_grants(p_wallet, p_pool);
+  with taken as (
+    select a.id, a.expires_at, a.created_at,
+           least(a.attributed, p_amount - (a.cum - a.attributed))::bigint as amount
+      from (select a.*, sum(a.attributed) over (order by a.expires_at nulls last, a.created_at, a.id) as cum
+              from private.grant_attribution(p_wallet, p_pool) a) a
+     where a.cum - a.attributed < p_amount and a.attributed > 0
+  ), written as (
+    update private.grants p set remaining = p.remaining - t.amount from taken t where p.id = t.id
+  )
+  select coalesce(jsonb_agg(jsonb_build_object('p', p_pool, 'g', t.id, 'a', t.amount, 'e', t.expires_at)
+                            order by t.expires_at nulls last, t.created_at, t.id), '[]'::jsonb)
+    into v_parts from taken t;
+  return v_parts;
 end
 $$;
 
@@ -232,6 +250,7 @@ $$;
 revoke all on function private.grant_source(private.entry_kind, private.entry_origin, text),
   private.grant_attribution(public.credit_wallets, text),
   private.materialize_grants(public.credit_wallets, text),
+  private.take_front(public.credit_wallets, text, bigint),
   private.add_promotion(public.credit_wallets, private.entry_kind, bigint, timestamptz, private.entry_origin,
                         text, uuid, text, text, jsonb, uuid, text)
   from public;
@@ -270,6 +289,7 @@ as $$
            case when least(b.cap, w.subscription - w.held_subscription) > 0
                 then (select t.stripe_ref from public.credit_transactions t
                        where t.account_id = w.account_id and t.kind = 'grant' and t.period_start = w.period_start
+                         and t.subscription > 0
                        order by t.seq desc limit 1) end as roll_ref
       from unnest(p_accounts, p_amounts, p_caps, p_ends) as b(account_id, amount, cap, period_end)
       join public.credit_wallets w on w.account_id = b.account_id

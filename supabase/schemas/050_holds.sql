@@ -49,14 +49,17 @@ create table public.credit_holds (
   promotional bigint not null default 0,
   subscription bigint not null default 0,
   purchased bigint not null default 0,
-  -- The promotional grants, soonest expiry first: [{"g": grant id, "a": credits, "e": expires at}].
-  promo_parts jsonb not null default '[]'::jsonb,
+  -- The grants the credits came from, in the spending order:
+  -- [{"p": pool, "g": grant id, "a": credits, "e": expires at}] (a part
+  -- without "p" is promotional; a hold made before grants named theirs has
+  -- no subscription or purchased parts).
+  parts jsonb not null default '[]'::jsonb,
   -- The wallet's subscription epoch and period the subscription credits belong to.
   sub_epoch integer not null,
   period_start timestamptz,
   period_end timestamptz,
-  -- Clawbacks that found credits under this hold: [{"pool", "amount", "stripe_ref"}]
-  -- (promotional ones also name the grant, "g").
+  -- Clawbacks that found credits under this hold: [{"pool", "g", "amount", "stripe_ref", "key"}]
+  -- (the grant "g" whose part they claim).
   claims jsonb not null default '[]'::jsonb,
   status text not null default 'active' check (status in ('active', 'captured', 'released', 'expired')),
   expires_at timestamptz not null,
@@ -102,6 +105,10 @@ $$;
 -- What becomes of a hold's credits when it ends having charged p_charge:
 -- one row per (pool, grant, fate), fate being spend, clawback, expire or free
 -- (a clawback's row names its payment, f_ref, and the clawback's key, f_key).
+-- Per pool, the charge takes the parts in order; of what a part releases, a
+-- clawback that claimed it takes its share first; the rest expires when its
+-- grant's date passed (promotional) or its period ended (subscription: the
+-- hold's epoch is not the wallet's), else it is free again.
 create function private.hold_fates(p_hold public.credit_holds, p_charge bigint, p_epoch integer,
                                    p_now timestamptz)
 returns table (f_pool text, f_grant uuid, f_amount bigint, f_fate text, f_ref text, f_key text)
@@ -111,74 +118,64 @@ as $$
 declare
   v_charge private.split;
   v_left bigint;
-  v_part jsonb;
-  v_amount bigint;
+  v_part record;
   v_take bigint;
   v_claim jsonb;
   v_released bigint;
   v_pool text;
 begin
   v_charge := private.spend_split(p_hold.promotional, p_hold.subscription, p_hold.purchased, p_charge);
-  v_left := v_charge.promotional;
-  for v_part in select e from jsonb_array_elements(p_hold.promo_parts) e loop
-    v_amount := (v_part ->> 'a')::bigint;
-    v_take := least(v_amount, v_left);
-    v_left := v_left - v_take;
-    f_pool := 'promotional';
-    f_grant := (v_part ->> 'g')::uuid;
-    f_ref := null;
-    if v_take > 0 then
-      f_amount := v_take; f_fate := 'spend';
-      return next;
-    end if;
-    v_released := v_amount - v_take;
-    -- A clawback that found this grant's credits under the hold takes its share first.
-    for v_claim in select e from jsonb_array_elements(p_hold.claims) e
-                    where e ->> 'pool' = 'promotional' and e ->> 'g' = v_part ->> 'g' loop
-      v_take := least(v_released, (v_claim ->> 'amount')::bigint);
-      if v_take > 0 then
-        f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref'; f_key := v_claim ->> 'key';
-        return next;
-        v_released := v_released - v_take;
-      end if;
-    end loop;
-    f_ref := null;
-    f_key := null;
-    if v_released > 0 then
-      f_amount := v_released;
-      -- The grant's own date decides (the part keeps a copy only for ordering).
-      f_fate := case when (select p.expires_at from private.grants p where p.id = f_grant) <= p_now
-                     then 'expire' else 'free' end;
-      return next;
-    end if;
-  end loop;
-  foreach v_pool in array array['subscription', 'purchased'] loop
+  foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
+    v_left := case v_pool when 'promotional' then v_charge.promotional
+                          when 'subscription' then v_charge.subscription else v_charge.purchased end;
     f_pool := v_pool;
-    f_grant := null;
-    f_ref := null;
-    v_take := case v_pool when 'subscription' then v_charge.subscription else v_charge.purchased end;
-    v_released := case v_pool when 'subscription' then p_hold.subscription else p_hold.purchased end - v_take;
-    if v_take > 0 then
-      f_amount := v_take; f_fate := 'spend';
-      return next;
-    end if;
-    for v_claim in select e from jsonb_array_elements(p_hold.claims) e where e ->> 'pool' = v_pool loop
-      v_take := least(v_released, (v_claim ->> 'amount')::bigint);
+    for v_part in
+      select (e ->> 'g')::uuid as g, (e ->> 'a')::bigint as a, o
+        from jsonb_array_elements(p_hold.parts) with ordinality x(e, o)
+       where coalesce(e ->> 'p', 'promotional') = v_pool
+      union all
+      -- A hold made before grants named theirs: its credits of the pool, of no grant.
+      select null, case v_pool when 'promotional' then p_hold.promotional
+                               when 'subscription' then p_hold.subscription else p_hold.purchased end
+                   - coalesce((select sum((e ->> 'a')::bigint) from jsonb_array_elements(p_hold.parts) e
+                                where coalesce(e ->> 'p', 'promotional') = v_pool), 0),
+             1000000
+      order by 3
+    loop
+      continue when v_part.a <= 0;
+      f_grant := v_part.g;
+      f_ref := null;
+      f_key := null;
+      v_take := least(v_part.a, v_left);
+      v_left := v_left - v_take;
       if v_take > 0 then
-        f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref'; f_key := v_claim ->> 'key';
-        f_grant := (v_claim ->> 'g')::uuid;
+        f_amount := v_take; f_fate := 'spend';
         return next;
-        v_released := v_released - v_take;
+      end if;
+      v_released := v_part.a - v_take;
+      -- A clawback that claimed this part takes its share first.
+      for v_claim in select e from jsonb_array_elements(p_hold.claims) e
+                      where e ->> 'pool' = v_pool and (e ->> 'g')::uuid is not distinct from v_part.g loop
+        v_take := least(v_released, (v_claim ->> 'amount')::bigint);
+        if v_take > 0 then
+          f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref';
+          f_key := v_claim ->> 'key';
+          return next;
+          v_released := v_released - v_take;
+        end if;
+      end loop;
+      f_ref := null;
+      f_key := null;
+      if v_released > 0 then
+        f_amount := v_released;
+        f_fate := case when v_pool = 'promotional'
+                            and (select p.expires_at from private.grants p where p.id = v_part.g) <= p_now
+                       then 'expire'
+                       when v_pool = 'subscription' and p_hold.sub_epoch <> p_epoch then 'expire'
+                       else 'free' end;
+        return next;
       end if;
     end loop;
-    f_grant := null;
-    f_ref := null;
-    f_key := null;
-    if v_released > 0 then
-      f_amount := v_released;
-      f_fate := case when v_pool = 'subscription' and p_hold.sub_epoch <> p_epoch then 'expire' else 'free' end;
-      return next;
-    end if;
   end loop;
 end
 $$;
@@ -240,10 +237,6 @@ begin
                  from private.fates(v_fates) f
                 where p_hold.claims <> '[]'::jsonb and f.f_fate = 'clawback'
                 group by f.f_pool, f.f_ref, f.f_key, f.f_grant order by f.f_pool, f.f_ref, f.f_key, f.f_grant loop
-    if v_row.f_pool <> 'promotional' and v_row.f_grant is not null then
-      -- Subscription and purchased grants count their held credits: these leave it.
-      update private.grants g set remaining = greatest(g.remaining - v_row.amount, 0) where g.id = v_row.f_grant;
-    end if;
     perform private.post(p_hold.account_id, 'clawback',
                          p_promotional => case when v_row.f_pool = 'promotional' then -v_row.amount else 0 end,
                          p_subscription => case when v_row.f_pool = 'subscription' then -v_row.amount else 0 end,
@@ -271,14 +264,18 @@ begin
   end if;
   -- The hold ends: what it released is free again, and the next hold to lapse is another.
   update public.credit_holds h set status = p_status, settled_at = now() where h.id = p_hold.id;
-  if v_sum.fp > 0 then
-      -- Promotional credits go back to their grants (attribute spends first).
-      select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
-      perform private.materialize_grants(v_wallet);
-      update private.grants p set remaining = p.remaining + f.amount
-        from (select s.f_grant, sum(s.f_amount) as amount from private.fates(v_fates) s
-               where s.f_pool = 'promotional' and s.f_fate = 'free' group by s.f_grant) f
-       where p.id = f.f_grant;
+  if v_sum.fp + v_sum.fs + v_sum.fu > 0 then
+    -- Released credits go back to their grants (spends since are attributed
+    -- first; a calendar allowance has no row: it is the front, it gets them).
+    select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
+    for v_row in select distinct f.f_pool from private.fates(v_fates) f
+                  where f.f_fate = 'free' and f.f_grant is not null loop
+      perform private.materialize_grants(v_wallet, v_row.f_pool);
+    end loop;
+    update private.grants p set remaining = p.remaining + f.amount
+      from (select s.f_grant, sum(s.f_amount) as amount from private.fates(v_fates) s
+             where s.f_fate = 'free' and s.f_grant is not null group by s.f_grant) f
+     where p.id = f.f_grant;
   end if;
   update public.credit_wallets w
      set held_promotional = w.held_promotional - v_sum.fp,
@@ -507,27 +504,12 @@ begin
   v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
                                  v_wallet.subscription - v_wallet.held_subscription,
                                  v_wallet.purchased - v_wallet.held_purchased, v_cost);
-  if v_split.promotional > 0 then
-    -- Which grants: attribute spends first, then take soonest expiry first.
-    perform private.materialize_grants(v_wallet);
-    with taken as (
-      select g.id, g.expires_at, g.created_at,
-             least(g.remaining, v_split.promotional - (g.cum - g.remaining)) as amount
-        from (select p.id, p.expires_at, p.created_at, p.remaining,
-                     sum(p.remaining) over (order by p.expires_at, p.created_at, p.id) as cum
-                from private.grants p
-               where p.account_id = p_account_id and p.pool = 'promotional' and p.remaining > 0) g
-       where g.cum - g.remaining < v_split.promotional
-    ), updated as (
-      update private.grants p set remaining = p.remaining - t.amount
-        from taken t where p.id = t.id
-    )
-    select jsonb_agg(jsonb_build_object('g', t.id, 'a', t.amount, 'e', t.expires_at)
-                     order by t.expires_at, t.created_at, t.id)
-      into v_parts from taken t;
-  end if;
+  -- Which grants, pool by pool: the front of each.
+  v_parts := private.take_front(v_wallet, 'promotional', v_split.promotional)
+             || private.take_front(v_wallet, 'subscription', v_split.subscription)
+             || private.take_front(v_wallet, 'purchased', v_split.purchased);
   insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
-                                   promo_parts, sub_epoch, period_start, period_end, expires_at, operation,
+                                   parts, sub_epoch, period_start, period_end, expires_at, operation,
                                    metadata)
   values (v_hold, p_account_id, v_tx, v_cost, v_split.promotional, v_split.subscription, v_split.purchased,
           v_parts, v_wallet.sub_epoch, v_wallet.period_start, v_wallet.period_end, v_expires, p_operation,

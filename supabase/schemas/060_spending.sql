@@ -260,20 +260,17 @@ select a.id as account_id, a.user_id, a.tenant_id, a.plan_id,
 revoke all on public.credit_balances from anon, authenticated, service_role;
 grant select on public.credit_balances to authenticated, service_role;
 
--- What is left of every grant now, as its reader may see it: the stored
--- attribution brought up to date with the balance (current_wallet: nothing
--- lapsed is counted), plus what active holds reserve of promotional grants;
+-- What is left of every grant now, as its reader may see it: the free
+-- credits attributed to it, plus what active holds reserve of it (a
+-- promotional grant past its date has only those: its free credits expired);
 -- and the current calendar allowance, from its ledger row.
 create view public.credit_grants with (security_invoker = true) as
 select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted,
-       (case when g.pool = 'promotional' and g.expires_at <= now() then 0
-             else coalesce(a.attributed, 0)
-                  + case when g.pool = 'promotional'
-                         then coalesce((select sum((e ->> 'a')::bigint) from public.credit_holds h
-                                         cross join lateral jsonb_array_elements(h.promo_parts) e
-                                        where h.account_id = g.account_id and h.status = 'active'
-                                          and h.expires_at > now() and (e ->> 'g')::uuid = g.id), 0)
-                         else 0 end end)::bigint as remaining,
+       (case when g.pool = 'promotional' and g.expires_at <= now() then 0 else coalesce(a.attributed, 0) end
+        + coalesce((select sum((e ->> 'a')::bigint) from public.credit_holds h
+                     cross join lateral jsonb_array_elements(h.parts) e
+                    where h.account_id = g.account_id and h.status = 'active'
+                      and (e ->> 'g')::uuid = g.id), 0))::bigint as remaining,
        g.expires_at, g.created_at
   from (select p.id, p.account_id, p.pool, p.source, p.stripe_ref, p.granted, p.expires_at, p.created_at
           from private.grants p
@@ -283,9 +280,8 @@ select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted
           join public.credit_transactions t on t.id = w.period_grant and t.account_id = w.account_id) g
   left join (select w.account_id, a.id, a.attributed
                from public.credit_wallets w
-              cross join lateral private.current_wallet(w) c
               cross join lateral (values ('promotional'), ('subscription'), ('purchased')) p(pool)
-              cross join lateral private.grant_attribution(c, p.pool) a) a
+              cross join lateral private.grant_attribution(w, p.pool) a) a
     on a.account_id = g.account_id and a.id = g.id;
 comment on view public.credit_grants is
   'Every arrival of credits (pool, source, Stripe reference, amount, expiry) and what is left of it now.';

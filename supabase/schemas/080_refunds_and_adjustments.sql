@@ -193,7 +193,6 @@ declare
   v_by_pool jsonb := '{"promotional": 0, "subscription": 0, "purchased": 0}'::jsonb;
   v_total bigint := 0;
   v_claimed bigint := 0;
-  v_held jsonb := '[]'::jsonb;
   v_hold record;
   v_claim bigint;
   v_part jsonb;
@@ -227,80 +226,45 @@ begin
   v_outstanding := greatest(least(coalesce(p_amount, v_grants.granted), v_grants.granted) - v_done, 0);
 
   -- What is left of the payment's own grants, never another's, in the
-  -- spending order: the free credits are taken now; what active holds
-  -- reserve of them is claimed on the holds.
+  -- spending order: the free credits are taken now.
   foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
     exit when v_outstanding - v_total <= 0;
     continue when not exists (select 1 from private.grants g where g.account_id = v_grants.account_id
                                 and g.stripe_ref = p_stripe_ref and g.pool = v_pool and g.remaining > 0);
     v_wallet := private.materialize_grants(v_wallet, v_pool);
-    for v_grant in select a.id, a.attributed - a.held as free, a.held
+    for v_grant in select a.id, a.attributed as free
                      from private.grant_attribution(v_wallet, v_pool) a
                      join private.grants g on g.id = a.id
                     where g.stripe_ref = p_stripe_ref
-                    order by a.expires_at nulls last, a.id loop
+                    order by a.expires_at nulls last, a.created_at, a.id loop
       v_take := least(v_outstanding - v_total, v_grant.free);
-      if v_take > 0 then
-        update private.grants g set remaining = g.remaining - v_take where g.id = v_grant.id;
-        v_taken := v_taken || jsonb_build_object(v_grant.id::text, v_take);
-        v_by_pool := jsonb_set(v_by_pool, array[v_pool], to_jsonb((v_by_pool ->> v_pool)::bigint + v_take));
-        v_total := v_total + v_take;
-      end if;
-      if v_grant.held > 0 then
-        -- Held of this grant, less what earlier clawbacks already claimed of it.
-        v_held := v_held || jsonb_build_array(jsonb_build_object(
-          'pool', v_pool, 'g', v_grant.id,
-          'amount', v_grant.held - (select coalesce(sum((c ->> 'amount')::bigint), 0)
-                                      from public.credit_holds h cross join lateral jsonb_array_elements(h.claims) c
-                                     where h.account_id = v_grants.account_id and h.status = 'active'
-                                       and c ->> 'g' = v_grant.id::text)));
-      end if;
+      continue when v_take <= 0;
+      update private.grants g set remaining = g.remaining - v_take where g.id = v_grant.id;
+      v_taken := v_taken || jsonb_build_object(v_grant.id::text, v_take);
+      v_by_pool := jsonb_set(v_by_pool, array[v_pool], to_jsonb((v_by_pool ->> v_pool)::bigint + v_take));
+      v_total := v_total + v_take;
     end loop;
   end loop;
 
-  -- What active holds reserve of those grants is claimed, soonest-ending hold
-  -- first: promotional parts name their grant; subscription (of the current
-  -- period) and purchased credits held are the front of their pool.
+  -- What active holds reserve of those grants (the parts naming them, less
+  -- what earlier clawbacks claimed of them) is claimed on those holds,
+  -- soonest-ending first, and taken when each ends.
   if v_outstanding > v_total then
-    for v_hold in select h.id, h.subscription, h.purchased, h.promo_parts, h.claims, h.sub_epoch
-                    from public.credit_holds h
+    for v_hold in select h.id, h.parts, h.claims from public.credit_holds h
                    where h.account_id = v_grants.account_id and h.status = 'active'
                    order by h.expires_at, h.id loop
       exit when v_outstanding - v_total - v_claimed <= 0;
-      for v_part in
-        select jsonb_build_object('pool', 'promotional', 'g', e ->> 'g', 'amount', (e ->> 'a')::bigint) as part
-          from jsonb_array_elements(v_hold.promo_parts) e
-         where exists (select 1 from private.grants g where g.id = (e ->> 'g')::uuid and g.stripe_ref = p_stripe_ref)
-        union all
-        select jsonb_build_object('pool', q.pool, 'g', q.g, 'amount', q.amount)
-          from (select x ->> 'pool' as pool, x ->> 'g' as g, (x ->> 'amount')::bigint as amount
-                  from jsonb_array_elements(v_held) x) q
-         where (q.pool = 'subscription' and v_hold.sub_epoch = v_wallet.sub_epoch and v_hold.subscription > 0)
-            or (q.pool = 'purchased' and v_hold.purchased > 0)
-      loop
-        v_claim := least(
-          (v_part ->> 'amount')::bigint
-            - case when v_part ->> 'pool' = 'promotional'
-                   then (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_hold.claims) c
-                          where c ->> 'pool' = 'promotional' and c ->> 'g' = v_part ->> 'g')
-                   else (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_held) c
-                          where c ->> 'g' = v_part ->> 'g' and c ? 'claimed') end,
-          -- A hold gives no more of a pool than it reserves, less what is claimed of it.
-          case v_part ->> 'pool'
-            when 'subscription' then v_hold.subscription
-            when 'purchased' then v_hold.purchased else (v_part ->> 'amount')::bigint end
-            - (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_hold.claims) c
-                where c ->> 'pool' = v_part ->> 'pool' and v_part ->> 'pool' <> 'promotional'),
-          v_outstanding - v_total - v_claimed);
+      for v_part in select e from jsonb_array_elements(v_hold.parts) e
+                     where exists (select 1 from private.grants g
+                                    where g.id = (e ->> 'g')::uuid and g.stripe_ref = p_stripe_ref) loop
+        v_claim := least((v_part ->> 'a')::bigint
+                         - (select coalesce(sum((c ->> 'amount')::bigint), 0) from jsonb_array_elements(v_hold.claims) c
+                             where c ->> 'g' = v_part ->> 'g'),
+                         v_outstanding - v_total - v_claimed);
         continue when v_claim <= 0;
         v_hold.claims := v_hold.claims || jsonb_build_array(jsonb_build_object(
-          'pool', v_part ->> 'pool', 'g', v_part ->> 'g', 'amount', v_claim, 'stripe_ref', p_stripe_ref,
-          'key', p_key));
-        if v_part ->> 'pool' <> 'promotional' then
-          -- This grant's held credits claimed so far in this call.
-          v_held := v_held || jsonb_build_array(jsonb_build_object('g', v_part ->> 'g', 'amount', v_claim,
-                                                                   'claimed', true));
-        end if;
+          'pool', coalesce(v_part ->> 'p', 'promotional'), 'g', v_part ->> 'g', 'amount', v_claim,
+          'stripe_ref', p_stripe_ref, 'key', p_key));
         v_claimed := v_claimed + v_claim;
       end loop;
       update public.credit_holds h set claims = v_hold.claims where h.id = v_hold.id;
@@ -422,18 +386,8 @@ as $$
     select h.account_id, sum(h.promotional)::bigint as promotional, sum(h.subscription)::bigint as subscription,
            sum(h.purchased)::bigint as purchased
       from public.credit_holds h where h.status = 'active' group by h.account_id
-  ), parts as (
-    -- Promotional credits held, by the grants the holds name.
-    select h.account_id, sum((e ->> 'a')::bigint)::bigint as promotional
-      from public.credit_holds h cross join lateral jsonb_array_elements(h.promo_parts) e
-     where h.status = 'active' group by h.account_id
-  ), stale as (
-    -- Subscription credits held from an ended period (no live grant has them).
-    select h.account_id, sum(h.subscription)::bigint as subscription
-      from public.credit_holds h join public.credit_wallets w on w.account_id = h.account_id
-     where h.status = 'active' and h.sub_epoch <> w.sub_epoch group by h.account_id
   ), granted as (
-    -- What the grants have left (every credit belongs to one).
+    -- What the grants have left of the free credits (every credit belongs to one).
     select w.account_id,
            coalesce(sum(a.attributed) filter (where p.pool = 'promotional'), 0)::bigint as promotional,
            coalesce(sum(a.attributed) filter (where p.pool = 'subscription'), 0)::bigint as subscription,
@@ -447,8 +401,6 @@ as $$
       from public.credit_wallets w
       left join sums s on s.account_id = w.account_id
       left join holds h on h.account_id = w.account_id
-      left join parts pt on pt.account_id = w.account_id
-      left join stale st on st.account_id = w.account_id
       left join granted g on g.account_id = w.account_id
      cross join lateral (values ('promotional', w.promotional, s.promotional),
                                 ('subscription', w.subscription, s.subscription),
@@ -456,11 +408,11 @@ as $$
                                 ('held_promotional', w.held_promotional, h.promotional),
                                 ('held_subscription', w.held_subscription, h.subscription),
                                 ('held_purchased', w.held_purchased, h.purchased),
-                                ('grants_promotional', w.promotional,
-                                 coalesce(g.promotional, 0) + coalesce(pt.promotional, 0)),
-                                ('grants_subscription', w.subscription,
-                                 coalesce(g.subscription, 0) + coalesce(st.subscription, 0)),
-                                ('grants_purchased', w.purchased, g.purchased)) v(pool, balance, expected)
+                                -- Free credits (the pool less what is held) against their grants.
+                                ('grants_promotional', w.promotional - w.held_promotional, g.promotional),
+                                ('grants_subscription', w.subscription - w.held_subscription, g.subscription),
+                                ('grants_purchased', w.purchased - w.held_purchased, g.purchased))
+                          v(pool, balance, expected)
   )
   select jsonb_build_object(
     'checked', count(*),

@@ -148,7 +148,9 @@ begin
         on g.account_id = w.account_id
      where w.account_id = any (v_due)
        and (private.sweep_due(w)
-            or (p.rollover_cap > 0 and coalesce(g.remaining, 0) <> w.promotional - w.held_promotional))
+            -- (the renewal may apply the free plan's cap instead of the account's plan's)
+            or ((p.rollover_cap > 0 or (select f.rollover_cap from public.credit_plans f where f.id = 'free') > 0)
+                and coalesce(g.remaining, 0) <> w.promotional - w.held_promotional))
      order by w.account_id
   loop
     perform private.materialize_grants(private.lock_wallet(v_account));

@@ -956,10 +956,9 @@ declare
   v_taken public.credit_transactions;
   v_wallet public.credit_wallets;
   v_entry public.credit_transactions;
-  v_pending bigint;
   v_hash uuid;
-  v_hold record;
   v_claims jsonb;
+  v_pool text;
   v_held_back record;
 begin
   if v_dispute is null then
@@ -981,27 +980,14 @@ begin
     return private.stripe_result('applied', 'already_reinstated', v_taken.account_id,
                                  private.result(v_entry, true));
   end if;
-  -- What the dispute still claims on active holds is released from them.
-  v_pending := coalesce((v_taken.outcome ->> 'pending')::bigint, 0);
-  for v_hold in select h.id, h.claims from public.credit_holds h
-                 where h.account_id = v_taken.account_id and h.status = 'active'
-                   and h.claims @> jsonb_build_array(jsonb_build_object('stripe_ref', v_taken.stripe_ref))
-                 order by h.expires_at desc, h.id loop
-    exit when v_pending <= 0;
-    select coalesce(jsonb_agg(c.value order by c.ordinality), '[]'::jsonb) into v_claims
-      from (select e.value, e.ordinality,
-                   sum((e.value ->> 'amount')::bigint) filter (where e.value ->> 'stripe_ref' = v_taken.stripe_ref)
-                     over (order by e.ordinality desc) as from_end
-              from jsonb_array_elements(v_hold.claims) with ordinality e) c
-     where c.value ->> 'stripe_ref' is distinct from v_taken.stripe_ref or c.from_end > v_pending;
-    v_pending := v_pending - (select coalesce(sum((e ->> 'amount')::bigint), 0)
-                                from jsonb_array_elements(v_hold.claims) e
-                               where e ->> 'stripe_ref' = v_taken.stripe_ref)
-                           + (select coalesce(sum((e ->> 'amount')::bigint), 0)
-                                from jsonb_array_elements(v_claims) e
-                               where e ->> 'stripe_ref' = v_taken.stripe_ref);
-    update public.credit_holds h set claims = v_claims where h.id = v_hold.id;
-  end loop;
+  -- What the dispute still claims on active holds is released from them
+  -- (its claims carry its key; another clawback's claims stay).
+  update public.credit_holds h
+     set claims = (select coalesce(jsonb_agg(x.e order by x.o), '[]'::jsonb)
+                     from jsonb_array_elements(h.claims) with ordinality x(e, o)
+                    where x.e ->> 'key' is distinct from 'dispute:' || v_dispute)
+   where h.account_id = v_taken.account_id and h.status = 'active'
+     and h.claims @> jsonb_build_array(jsonb_build_object('key', 'dispute:' || v_dispute));
   -- What the dispute took, grant by grant: its clawback, and what its claims
   -- took from holds as they ended. (A clawback recorded before grants named
   -- theirs gives back into the payment's newest grant of the pool.)
@@ -1042,7 +1028,10 @@ begin
     into v_held_back
     from jsonb_array_elements(v_claims) e;
   -- Back into the same grants (attributed first: spends since took from the front).
-  perform private.materialize_grants(v_wallet);
+  for v_pool in select distinct e ->> 'pool' from jsonb_array_elements(v_claims) e
+                 where (e ->> 'live')::boolean loop
+    perform private.materialize_grants(v_wallet, v_pool);
+  end loop;
   update private.grants g set remaining = g.remaining + b.amount
     from (select (e ->> 'g')::uuid as id, sum((e ->> 'amount')::bigint) as amount
             from jsonb_array_elements(v_claims) e where (e ->> 'live')::boolean group by 1) b
