@@ -6,6 +6,9 @@ act on those grants."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
+import uuid
 from typing import Any
 
 from tests.sql_access import as_caller
@@ -162,3 +165,153 @@ def test_a_member_reads_the_grants_of_their_accounts_only(database: Db) -> None:
     rows = as_caller(database.conn, other, "select stripe_ref, remaining from public.credit_grants "
                                            "where stripe_ref is not null")
     assert rows == [("pi_grant_model_private", 7)]
+
+
+# --- whose credits are whose, around holds, clawbacks and disputes -------------------------
+
+
+def ref(prefix: str = "pi") -> str:
+    return f"{prefix}_gm_{uuid.uuid4().hex[:12]}"
+
+
+def stripe(database: Db, event_type: str, **payload: Any) -> None:
+    """A Stripe event as the webhook hands it to the database (its normalised facts)."""
+    result = database.call("handle_stripe_event", p_event_id=f"evt_{uuid.uuid4().hex}", p_type=event_type,
+                           p_payload=json.dumps(payload))
+    assert result["outcome"] == "applied", result
+
+
+def test_a_spend_while_a_hold_is_active_takes_the_credits_behind_it(database: Db) -> None:
+    _, account_id = database.new_user()
+    spend(database, account_id, 3)
+    first, second = ref(), ref()
+    buy(database, account_id, 5, first)
+    buy(database, account_id, 5, second)
+    hold = database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=3)
+    spend(database, account_id, 4)          # the first pack's last 2 free credits, then 2 of the second
+    assert (left_of(database, account_id, first), left_of(database, account_id, second)) == (3, 3)
+    taken = database.call("clawback_credits", p_stripe_ref=first, p_idempotency_key=new_key())
+    assert (taken["clawed_back"], taken["pending"], taken["shortfall"]) == (0, 3, 2)
+    database.call("release_hold", p_hold_id=hold["hold_id"])
+    assert database.balance(account_id)["purchased"] == 3   # the second pack's, all of them
+    assert_pools_are_their_grants(database, account_id)
+
+
+def test_a_claim_lands_on_the_hold_that_reserves_the_payments_credits(database: Db) -> None:
+    _, account_id = database.new_user()
+    spend(database, account_id, 3)
+    first, second = ref(), ref()
+    buy(database, account_id, 5, first)
+    buy(database, account_id, 5, second)
+    long = database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=5,
+                         p_ttl_seconds=3600)   # the first pack's 5
+    short = database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=5,
+                          p_ttl_seconds=60)    # the second pack's 5, and the hold that ends first
+    database.call("clawback_credits", p_stripe_ref=first, p_idempotency_key=new_key())
+    database.call("capture_hold", p_hold_id=long["hold_id"])    # the first pack's credits were spent
+    database.call("release_hold", p_hold_id=short["hold_id"])   # the second pack's are free again
+    assert database.balance(account_id)["purchased"] == 5
+    assert left_of(database, account_id, second) == 5
+    assert database.call("reconcile_credit_balances")["mismatches"] == []
+
+
+def test_a_won_dispute_gives_back_into_its_own_pack_after_spends(database: Db) -> None:
+    _, account_id = database.new_user()
+    spend(database, account_id, 3)
+    disputed, other = ref(), ref()
+    buy(database, account_id, 10, disputed)
+    buy(database, account_id, 10, other)
+    dispute = ref("dp")
+    stripe(database, "charge.dispute.created", dispute=dispute, payment_intent=disputed,
+           status="needs_response")
+    spend(database, account_id, 5)          # the other pack's: the disputed one has nothing left
+    stripe(database, "charge.dispute.closed", dispute=dispute, status="won")
+    assert (left_of(database, account_id, disputed), left_of(database, account_id, other)) == (10, 5)
+    taken = database.call("clawback_credits", p_stripe_ref=other, p_idempotency_key=new_key())
+    assert (taken["clawed_back"], taken["shortfall"]) == (5, 5)
+    assert database.balance(account_id)["purchased"] == 10
+
+
+def test_a_won_dispute_releases_its_own_claims_only(database: Db) -> None:
+    _, account_id = database.new_user()
+    spend(database, account_id, 3)
+    payment = ref()
+    buy(database, account_id, 10, payment)
+    first = database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=5,
+                          p_ttl_seconds=60)
+    second = database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(),
+                           p_amount=5, p_ttl_seconds=3600)
+    refund = database.call("clawback_credits", p_stripe_ref=payment, p_idempotency_key=new_key(), p_amount=4)
+    # A partial refund, claimed on the first hold.
+    assert (refund["clawed_back"], refund["pending"]) == (0, 4)
+    dispute = ref("dp")
+    stripe(database, "charge.dispute.created", dispute=dispute, payment_intent=payment,
+           status="needs_response")
+    database.call("release_hold", p_hold_id=second["hold_id"])   # the dispute's claim takes 5
+    assert database.balance(account_id)["purchased"] == 5
+    stripe(database, "charge.dispute.closed", dispute=dispute, status="won")
+    database.call("release_hold", p_hold_id=first["hold_id"])    # the refund's 4 are still taken
+    assert database.balance(account_id)["purchased"] == 6
+    assert_pools_are_their_grants(database, account_id)
+
+
+def test_a_refund_after_another_packs_clawback_keeps_the_right_payment(database: Db) -> None:
+    _, account_id = database.new_user()
+    spend(database, account_id, 3)
+    kept, refunded = ref(), ref()
+    buy(database, account_id, 10, kept)
+    buy(database, account_id, 10, refunded)
+    assert database.call("clawback_credits", p_stripe_ref=refunded, p_idempotency_key=new_key())[
+        "clawed_back"] == 10
+    spent = spend(database, account_id, 5)          # the kept pack's credits
+    database.call("refund_credits", p_transaction_id=spent["transaction_id"], p_idempotency_key=new_key())
+    taken = database.call("clawback_credits", p_stripe_ref=kept, p_idempotency_key=new_key())
+    assert (taken["clawed_back"], taken["shortfall"]) == (10, 0)
+
+
+def test_a_rollover_keeps_the_reference_of_its_allowance_not_a_late_invoice(database: Db) -> None:
+    _, account_id = database.new_user()
+    now = dt.datetime.now(dt.UTC)
+    current, late, renewal = ref("in"), ref("in"), ref("in")
+    database.sql("update public.credit_plans set rollover_cap = 3 where id = 'free'")
+    try:
+        def period(stripe_ref: str, start: dt.datetime) -> Any:
+            return database.call("add_subscription_credits", p_account_id=account_id, p_amount=10,
+                                 p_period_start=start.isoformat(),
+                                 p_period_end=(start + dt.timedelta(days=30)).isoformat(),
+                                 p_idempotency_key=new_key(), p_stripe_ref=stripe_ref)
+        start = now - dt.timedelta(days=1)
+        period(current, start)
+        assert period(late, start - dt.timedelta(days=30))["granted"] == 0   # the previous period's, late
+        period(renewal, start + dt.timedelta(minutes=5))
+    finally:
+        database.sql("update public.credit_plans set rollover_cap = 0 where id = 'free'")
+    taken = database.call("clawback_credits", p_stripe_ref=current, p_idempotency_key=new_key())
+    assert taken["clawed_back"] == 3   # what rolled over from the current period's allowance
+
+
+def test_the_view_counts_credits_as_reads_do_around_lapsed_holds_and_expired_grants(database: Db) -> None:
+    _, account_id = database.new_user()
+    database.call("grant_promotional_credits", p_account_id=account_id, p_amount=10,
+                  p_expires_at=(dt.datetime.now(dt.UTC) + dt.timedelta(days=3)).isoformat(),
+                  p_idempotency_key=new_key())
+    database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=4,
+                  p_ttl_seconds=1)
+    # A subscription hold of a period that then ends (its credits will expire with the hold).
+    database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=8,
+                  p_ttl_seconds=1)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    database.call("add_subscription_credits", p_account_id=account_id, p_amount=10,
+                  p_period_start=start.isoformat(), p_period_end=(start + dt.timedelta(days=30)).isoformat(),
+                  p_idempotency_key=new_key(), p_stripe_ref=ref("in"))
+    short = database.call("grant_promotional_credits", p_account_id=account_id, p_amount=5,
+                          p_expires_at=(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)).isoformat(),
+                          p_idempotency_key=new_key())
+    assert short["granted"] == 5
+    database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=2,
+                  p_ttl_seconds=3600)   # 2 of the short promotion, held past its date
+    time.sleep(1.5)
+    assert_pools_are_their_grants(database, account_id)   # nothing written since: reads only
+    buy(database, account_id, 1)                            # a write: the sweep
+    assert_pools_are_their_grants(database, account_id)
+    assert database.call("reconcile_credit_balances")["mismatches"] == []

@@ -389,3 +389,25 @@ def test_the_reset_never_renews_past_the_paid_period(database: Db) -> None:
     # The year ended a day ago: its renewal invoice may still come (72 hours), so nothing yet.
     assert snapshot(database, ended) == before
 
+
+
+def test_a_renewal_under_the_free_plans_cap_attributes_earlier_promotional_spends(database: Db) -> None:
+    # A subscription that stopped paying is renewed with the free plan's allowance and
+    # rollover cap, whatever its own plan's: the rollover grant must not inherit spends.
+    database.sql("insert into public.credit_plans (id, monthly_credits, stripe_price_id, rollover_cap) "
+                 "values ('pro_no_rollover', 100, 'price_pro_no_rollover', 0)")
+    database.sql("update public.credit_plans set rollover_cap = 3 where id = 'free'")
+    try:
+        _, account_id = database.new_user()
+        database.sql("update public.credit_accounts set plan_id = 'pro_no_rollover', "
+                     "stripe_subscription_id = %s, subscription_status = 'past_due' where id = %s",
+                     f"sub_{uuid.uuid4().hex[:12]}", account_id)
+        database.call("grant_promotional_credits", p_account_id=account_id, p_amount=10,
+                      p_expires_at=utc(month_start(3)).isoformat(), p_idempotency_key=new_key())
+        database.call("deduct_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=4)
+        run_to_end(database, month_start(1), 1000)
+    finally:
+        database.sql("update public.credit_plans set rollover_cap = 0 where id = 'free'")
+    assert database.sql("select source, granted, remaining from public.credit_grants "
+                        "where account_id = %s and pool = 'promotional' order by expires_at",
+                        account_id) == [("rollover", 3, 3), ("promotion", 10, 6)]

@@ -294,7 +294,17 @@ begin
                             else p_spend.purchased_after end + v_taken;
     return query
     with g as (
-      select q.source, q.stripe_ref, q.granted, q.expires_at, q.created_at, q.id
+      -- Each grant as it stood then: less what clawbacks had taken of it, plus
+      -- what won disputes had given back.
+      select q.source, q.stripe_ref,
+             q.granted + coalesce((select sum(e.value::bigint * case c.kind when 'clawback' then -1 else 1 end)
+                                     from public.credit_transactions c
+                                    cross join lateral jsonb_each_text(c.outcome -> 'grants') e
+                                    where q.stripe_ref is not null and c.stripe_ref = q.stripe_ref
+                                      and c.account_id = p_spend.account_id and c.seq < p_spend.seq
+                                      and c.kind in ('clawback', 'reinstate') and e.key = q.id::text), 0)
+               as granted,
+             q.expires_at, q.created_at, q.id
         from private.grants q
        where q.account_id = p_spend.account_id and q.pool = v_pool and q.created_at <= p_spend.created_at
          and case v_pool when 'promotional' then q.expires_at > p_spend.created_at
@@ -1859,24 +1869,41 @@ select t.account_id,
  where t.subscription <> 0 and t.period_start is not null
  group by t.account_id, a.tenant_id, t.period_start;
 
--- What is left of every grant now, as its reader may see it: the free
--- credits attributed to it, plus what active holds reserve of it (a
--- promotional grant past its date has only those: its free credits expired);
--- and the current calendar allowance, from its ledger row.
+-- What is left of every grant now, as its reader may see it (as reads see
+-- balances: nothing lapsed counted): the free credits attributed to it, plus
+-- what active holds reserve of it (a promotional grant past its date has
+-- only those: its free credits expired);
+-- calendar allowances come from their ledger rows.
 create view public.credit_grants with (security_invoker = true) as
 select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted,
        (case when g.pool = 'promotional' and g.expires_at <= now() then 0 else coalesce(a.attributed, 0) end
-        + coalesce((select sum((e ->> 'a')::bigint) from public.credit_holds h
-                     cross join lateral jsonb_array_elements(h.parts) e
-                    where h.account_id = g.account_id and h.status = 'active'
-                      and (e ->> 'g')::uuid = g.id), 0))::bigint as remaining,
+        + coalesce((select sum(x.amount) from (
+                      select (e ->> 'a')::bigint as amount from public.credit_holds h
+                       cross join lateral jsonb_array_elements(h.parts) e
+                       where h.account_id = g.account_id and h.status = 'active' and h.expires_at > now()
+                         and (e ->> 'g')::uuid = g.id
+                      union all
+                      -- A lapsed hold's credits as its end will leave them (current_wallet's rule).
+                      select f.f_amount from public.credit_holds h
+                        join public.credit_wallets hw on hw.account_id = h.account_id
+                       cross join lateral private.hold_fates(h, 0, hw.sub_epoch, now()) f
+                       where h.account_id = g.account_id and h.status = 'active' and h.expires_at <= now()
+                         and f.f_fate = 'free' and f.f_grant = g.id) x), 0))::bigint as remaining,
        g.expires_at, g.created_at
   from (select p.id, p.account_id, p.pool, p.source, p.stripe_ref, p.granted, p.expires_at, p.created_at
           from private.grants p
         union all
+        -- Calendar allowances: the current one, and earlier ones active holds still reserve.
         select t.id, t.account_id, 'subscription', 'reset', null, t.subscription, t.period_end, t.created_at
           from public.credit_wallets w
-          join public.credit_transactions t on t.id = w.period_grant and t.account_id = w.account_id) g
+         cross join lateral (select w.period_grant as id where w.period_grant is not null
+                             union
+                             select (e ->> 'g')::uuid from public.credit_holds h
+                              cross join lateral jsonb_array_elements(h.parts) e
+                              where h.account_id = w.account_id and h.status = 'active'
+                                and e ->> 'p' = 'subscription') v
+          join public.credit_transactions t on t.id = v.id and t.account_id = w.account_id and t.kind = 'grant'
+         where not exists (select 1 from private.grants x where x.id = t.id)) g
   left join (select w.account_id, a.id, a.attributed
                from public.credit_wallets w
               cross join lateral (values ('promotional'), ('subscription'), ('purchased')) p(pool)

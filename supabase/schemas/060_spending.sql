@@ -260,24 +260,41 @@ select a.id as account_id, a.user_id, a.tenant_id, a.plan_id,
 revoke all on public.credit_balances from anon, authenticated, service_role;
 grant select on public.credit_balances to authenticated, service_role;
 
--- What is left of every grant now, as its reader may see it: the free
--- credits attributed to it, plus what active holds reserve of it (a
--- promotional grant past its date has only those: its free credits expired);
--- and the current calendar allowance, from its ledger row.
+-- What is left of every grant now, as its reader may see it (as reads see
+-- balances: nothing lapsed counted): the free credits attributed to it, plus
+-- what active holds reserve of it (a promotional grant past its date has
+-- only those: its free credits expired);
+-- calendar allowances come from their ledger rows.
 create view public.credit_grants with (security_invoker = true) as
 select g.id as grant_id, g.account_id, g.pool, g.source, g.stripe_ref, g.granted,
        (case when g.pool = 'promotional' and g.expires_at <= now() then 0 else coalesce(a.attributed, 0) end
-        + coalesce((select sum((e ->> 'a')::bigint) from public.credit_holds h
-                     cross join lateral jsonb_array_elements(h.parts) e
-                    where h.account_id = g.account_id and h.status = 'active'
-                      and (e ->> 'g')::uuid = g.id), 0))::bigint as remaining,
+        + coalesce((select sum(x.amount) from (
+                      select (e ->> 'a')::bigint as amount from public.credit_holds h
+                       cross join lateral jsonb_array_elements(h.parts) e
+                       where h.account_id = g.account_id and h.status = 'active' and h.expires_at > now()
+                         and (e ->> 'g')::uuid = g.id
+                      union all
+                      -- A lapsed hold's credits as its end will leave them (current_wallet's rule).
+                      select f.f_amount from public.credit_holds h
+                        join public.credit_wallets hw on hw.account_id = h.account_id
+                       cross join lateral private.hold_fates(h, 0, hw.sub_epoch, now()) f
+                       where h.account_id = g.account_id and h.status = 'active' and h.expires_at <= now()
+                         and f.f_fate = 'free' and f.f_grant = g.id) x), 0))::bigint as remaining,
        g.expires_at, g.created_at
   from (select p.id, p.account_id, p.pool, p.source, p.stripe_ref, p.granted, p.expires_at, p.created_at
           from private.grants p
         union all
+        -- Calendar allowances: the current one, and earlier ones active holds still reserve.
         select t.id, t.account_id, 'subscription', 'reset', null, t.subscription, t.period_end, t.created_at
           from public.credit_wallets w
-          join public.credit_transactions t on t.id = w.period_grant and t.account_id = w.account_id) g
+         cross join lateral (select w.period_grant as id where w.period_grant is not null
+                             union
+                             select (e ->> 'g')::uuid from public.credit_holds h
+                              cross join lateral jsonb_array_elements(h.parts) e
+                              where h.account_id = w.account_id and h.status = 'active'
+                                and e ->> 'p' = 'subscription') v
+          join public.credit_transactions t on t.id = v.id and t.account_id = w.account_id and t.kind = 'grant'
+         where not exists (select 1 from private.grants x where x.id = t.id)) g
   left join (select w.account_id, a.id, a.attributed
                from public.credit_wallets w
               cross join lateral (values ('promotional'), ('subscription'), ('purchased')) p(pool)

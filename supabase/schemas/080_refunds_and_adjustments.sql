@@ -32,10 +32,12 @@
 
 -- Where a spend's credits came from, in the order it took them: for each
 -- pool, the grants at the front of the spending order when it was made (its
--- subscription credits: the grants of its period). The credits a pool had
--- before the spend are the back of its grants then, so the spend took the
--- positions just before them. What no grant explains (credits older than the
--- grants) has no source.
+-- subscription credits: the grants of its period), each as it stood then
+-- (less what clawbacks had taken of it). The credits a pool had before the
+-- spend are the back of its grants then, so the spend took the positions just
+-- before them. What no grant explains (credits older than the grants) has no
+-- source. Credits held at the time are not told apart: a spend made while a
+-- hold was active may be placed on the grants the hold reserved.
 create function private.spend_sources(p_spend public.credit_transactions)
 returns table (source text, stripe_ref text, amount bigint)
 language plpgsql stable
@@ -55,7 +57,17 @@ begin
                             else p_spend.purchased_after end + v_taken;
     return query
     with g as (
-      select q.source, q.stripe_ref, q.granted, q.expires_at, q.created_at, q.id
+      -- Each grant as it stood then: less what clawbacks had taken of it, plus
+      -- what won disputes had given back.
+      select q.source, q.stripe_ref,
+             q.granted + coalesce((select sum(e.value::bigint * case c.kind when 'clawback' then -1 else 1 end)
+                                     from public.credit_transactions c
+                                    cross join lateral jsonb_each_text(c.outcome -> 'grants') e
+                                    where q.stripe_ref is not null and c.stripe_ref = q.stripe_ref
+                                      and c.account_id = p_spend.account_id and c.seq < p_spend.seq
+                                      and c.kind in ('clawback', 'reinstate') and e.key = q.id::text), 0)
+               as granted,
+             q.expires_at, q.created_at, q.id
         from private.grants q
        where q.account_id = p_spend.account_id and q.pool = v_pool and q.created_at <= p_spend.created_at
          and case v_pool when 'promotional' then q.expires_at > p_spend.created_at
