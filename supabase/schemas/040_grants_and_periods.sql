@@ -23,7 +23,7 @@
 --     the grants at its back (private.grant_attribution). The attribution is
 --     written (private.materialize_grants) only when a grant's own credits
 --     matter: a grant joining ahead of others, an expiry, a clawback or its
---     reversal, a hold taking or returning promotional credits.
+--     reversal, a hold taking or returning credits.
 --   * A grant's stored `remaining` counts its free credits: a hold takes its
 --     credits from the front grants of each pool (private.take_front) and
 --     names them (credit_holds.parts); when it ends, what it releases goes
