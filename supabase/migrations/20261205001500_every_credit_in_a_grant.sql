@@ -33,8 +33,10 @@ create table private.grants (
   -- (a rollover, a refund of a spend): that payment did not grant it.
   carried boolean not null default false,
   created_at timestamptz not null default now()
-);
-create index grants_open_idx on private.grants (account_id, pool, expires_at, id) where remaining > 0;
+-- fillfactor 70 and no index on `remaining`: a hold's taking and returning
+-- rewrite the row in place (HOT).
+) with (fillfactor = 70);
+create index grants_account_idx on private.grants (account_id, pool, expires_at, id);
 create index grants_stripe_ref_idx on private.grants (stripe_ref) where stripe_ref is not null;
 comment on table private.grants is
   'Every arrival of credits; what is left of each is public.credit_grants.remaining.';
@@ -87,7 +89,7 @@ $$;
 
 create function private.grant_attribution(p_wallet public.credit_wallets, p_pool text)
 returns table (id uuid, expires_at timestamptz, created_at timestamptz, remaining bigint, attributed bigint)
-language plpgsql stable
+language plpgsql stable rows 4
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -160,23 +162,33 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_parts jsonb;
+  v_covered bigint;
 begin
   if p_amount <= 0 then
     return '[]'::jsonb;
   end if;
-  perform private.materialize_grants(p_wallet, p_pool);
-  with taken as (
-    select a.id, a.expires_at, a.created_at,
-           least(a.attributed, p_amount - (a.cum - a.attributed))::bigint as amount
-      from (select a.*, sum(a.attributed) over (order by a.expires_at nulls last, a.created_at, a.id) as cum
-              from private.grant_attribution(p_wallet, p_pool) a) a
-     where a.cum - a.attributed < p_amount and a.attributed > 0
+  -- One pass: attribute the pool's spends to its grants and take the front.
+  with a as (
+    select a.*, sum(a.attributed) over (order by a.expires_at nulls last, a.created_at, a.id) as cum
+      from private.grant_attribution(p_wallet, p_pool) a
+  ), t as (
+    select a.id, a.expires_at, a.created_at, a.attributed,
+           greatest(0, least(a.attributed, p_amount - (a.cum - a.attributed)))::bigint as amount
+      from a
   ), written as (
-    update private.grants p set remaining = p.remaining - t.amount from taken t where p.id = t.id
+    update private.grants p set remaining = t.attributed - t.amount
+      from t where p.id = t.id and p.remaining <> t.attributed - t.amount
   )
   select coalesce(jsonb_agg(jsonb_build_object('p', p_pool, 'g', t.id, 'a', t.amount, 'e', t.expires_at)
-                            order by t.expires_at nulls last, t.created_at, t.id), '[]'::jsonb)
-    into v_parts from taken t;
+                            order by t.expires_at nulls last, t.created_at, t.id) filter (where t.amount > 0),
+                  '[]'::jsonb),
+         coalesce(sum(t.attributed), 0)
+    into v_parts, v_covered from t;
+  if v_covered < (case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
+                              when 'subscription' then p_wallet.subscription - p_wallet.held_subscription
+                              else p_wallet.purchased - p_wallet.held_purchased end) then
+    raise exception using errcode = 'XX000', message = p_pool || ' credits without a grant';
+  end if;
   return v_parts;
 end
 $$;
@@ -625,6 +637,8 @@ declare
 begin
   v_charge := private.spend_split(p_hold.promotional, p_hold.subscription, p_hold.purchased, p_charge);
   foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
+    continue when case v_pool when 'promotional' then p_hold.promotional
+                              when 'subscription' then p_hold.subscription else p_hold.purchased end = 0;
     v_left := case v_pool when 'promotional' then v_charge.promotional
                           when 'subscription' then v_charge.subscription else v_charge.purchased end;
     f_pool := v_pool;
@@ -654,7 +668,8 @@ begin
       v_released := v_part.a - v_take;
       -- A clawback that claimed this part takes its share first.
       for v_claim in select e from jsonb_array_elements(p_hold.claims) e
-                      where e ->> 'pool' = v_pool and (e ->> 'g')::uuid is not distinct from v_part.g loop
+                      where p_hold.claims <> '[]'::jsonb and e ->> 'pool' = v_pool
+                        and (e ->> 'g')::uuid is not distinct from v_part.g loop
         v_take := least(v_released, (v_claim ->> 'amount')::bigint);
         if v_take > 0 then
           f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref';
@@ -915,9 +930,15 @@ begin
                                  v_wallet.subscription - v_wallet.held_subscription,
                                  v_wallet.purchased - v_wallet.held_purchased, v_cost);
   -- Which grants, pool by pool: the front of each.
-  v_parts := private.take_front(v_wallet, 'promotional', v_split.promotional)
-             || private.take_front(v_wallet, 'subscription', v_split.subscription)
-             || private.take_front(v_wallet, 'purchased', v_split.purchased);
+  if v_split.promotional > 0 then
+    v_parts := private.take_front(v_wallet, 'promotional', v_split.promotional);
+  end if;
+  if v_split.subscription > 0 then
+    v_parts := v_parts || private.take_front(v_wallet, 'subscription', v_split.subscription);
+  end if;
+  if v_split.purchased > 0 then
+    v_parts := v_parts || private.take_front(v_wallet, 'purchased', v_split.purchased);
+  end if;
   insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
                                    parts, sub_epoch, period_start, period_end, expires_at, operation,
                                    metadata)

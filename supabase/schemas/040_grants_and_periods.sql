@@ -80,8 +80,10 @@ create table private.grants (
   -- (a rollover, a refund of a spend): that payment did not grant it.
   carried boolean not null default false,
   created_at timestamptz not null default now()
-);
-create index grants_open_idx on private.grants (account_id, pool, expires_at, id) where remaining > 0;
+-- fillfactor 70 and no index on `remaining`: a hold's taking and returning
+-- rewrite the row in place (HOT).
+) with (fillfactor = 70);
+create index grants_account_idx on private.grants (account_id, pool, expires_at, id);
 create index grants_stripe_ref_idx on private.grants (stripe_ref) where stripe_ref is not null;
 comment on table private.grants is
   'Every arrival of credits; what is left of each is public.credit_grants.remaining.';
@@ -118,9 +120,11 @@ $$;
 -- allowance (no row, see the header) is the front of its period's grants.
 -- ---------------------------------------------------------------------------
 
+-- (rows 4: a pool has a few live grants; the planner then joins them to grant
+-- rows by their key instead of scanning the table.)
 create function private.grant_attribution(p_wallet public.credit_wallets, p_pool text)
 returns table (id uuid, expires_at timestamptz, created_at timestamptz, remaining bigint, attributed bigint)
-language plpgsql stable
+language plpgsql stable rows 4
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -201,23 +205,33 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_parts jsonb;
+  v_covered bigint;
 begin
   if p_amount <= 0 then
     return '[]'::jsonb;
   end if;
-  perform private.materialize_grants(p_wallet, p_pool);
-  with taken as (
-    select a.id, a.expires_at, a.created_at,
-           least(a.attributed, p_amount - (a.cum - a.attributed))::bigint as amount
-      from (select a.*, sum(a.attributed) over (order by a.expires_at nulls last, a.created_at, a.id) as cum
-              from private.grant_attribution(p_wallet, p_pool) a) a
-     where a.cum - a.attributed < p_amount and a.attributed > 0
+  -- One pass: attribute the pool's spends to its grants and take the front.
+  with a as (
+    select a.*, sum(a.attributed) over (order by a.expires_at nulls last, a.created_at, a.id) as cum
+      from private.grant_attribution(p_wallet, p_pool) a
+  ), t as (
+    select a.id, a.expires_at, a.created_at, a.attributed,
+           greatest(0, least(a.attributed, p_amount - (a.cum - a.attributed)))::bigint as amount
+      from a
   ), written as (
-    update private.grants p set remaining = p.remaining - t.amount from taken t where p.id = t.id
+    update private.grants p set remaining = t.attributed - t.amount
+      from t where p.id = t.id and p.remaining <> t.attributed - t.amount
   )
   select coalesce(jsonb_agg(jsonb_build_object('p', p_pool, 'g', t.id, 'a', t.amount, 'e', t.expires_at)
-                            order by t.expires_at nulls last, t.created_at, t.id), '[]'::jsonb)
-    into v_parts from taken t;
+                            order by t.expires_at nulls last, t.created_at, t.id) filter (where t.amount > 0),
+                  '[]'::jsonb),
+         coalesce(sum(t.attributed), 0)
+    into v_parts, v_covered from t;
+  if v_covered < (case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
+                              when 'subscription' then p_wallet.subscription - p_wallet.held_subscription
+                              else p_wallet.purchased - p_wallet.held_purchased end) then
+    raise exception using errcode = 'XX000', message = p_pool || ' credits without a grant';
+  end if;
   return v_parts;
 end
 $$;

@@ -126,6 +126,8 @@ declare
 begin
   v_charge := private.spend_split(p_hold.promotional, p_hold.subscription, p_hold.purchased, p_charge);
   foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
+    continue when case v_pool when 'promotional' then p_hold.promotional
+                              when 'subscription' then p_hold.subscription else p_hold.purchased end = 0;
     v_left := case v_pool when 'promotional' then v_charge.promotional
                           when 'subscription' then v_charge.subscription else v_charge.purchased end;
     f_pool := v_pool;
@@ -155,7 +157,8 @@ begin
       v_released := v_part.a - v_take;
       -- A clawback that claimed this part takes its share first.
       for v_claim in select e from jsonb_array_elements(p_hold.claims) e
-                      where e ->> 'pool' = v_pool and (e ->> 'g')::uuid is not distinct from v_part.g loop
+                      where p_hold.claims <> '[]'::jsonb and e ->> 'pool' = v_pool
+                        and (e ->> 'g')::uuid is not distinct from v_part.g loop
         v_take := least(v_released, (v_claim ->> 'amount')::bigint);
         if v_take > 0 then
           f_amount := v_take; f_fate := 'clawback'; f_ref := v_claim ->> 'stripe_ref';
@@ -505,9 +508,15 @@ begin
                                  v_wallet.subscription - v_wallet.held_subscription,
                                  v_wallet.purchased - v_wallet.held_purchased, v_cost);
   -- Which grants, pool by pool: the front of each.
-  v_parts := private.take_front(v_wallet, 'promotional', v_split.promotional)
-             || private.take_front(v_wallet, 'subscription', v_split.subscription)
-             || private.take_front(v_wallet, 'purchased', v_split.purchased);
+  if v_split.promotional > 0 then
+    v_parts := private.take_front(v_wallet, 'promotional', v_split.promotional);
+  end if;
+  if v_split.subscription > 0 then
+    v_parts := v_parts || private.take_front(v_wallet, 'subscription', v_split.subscription);
+  end if;
+  if v_split.purchased > 0 then
+    v_parts := v_parts || private.take_front(v_wallet, 'purchased', v_split.purchased);
+  end if;
   insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
                                    parts, sub_epoch, period_start, period_end, expires_at, operation,
                                    metadata)
