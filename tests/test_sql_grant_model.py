@@ -315,3 +315,21 @@ def test_the_view_counts_credits_as_reads_do_around_lapsed_holds_and_expired_gra
     buy(database, account_id, 1)                            # a write: the sweep
     assert_pools_are_their_grants(database, account_id)
     assert database.call("reconcile_credit_balances")["mismatches"] == []
+
+
+def test_a_refund_after_a_dispute_won_with_nothing_to_give_back(database: Db) -> None:
+    _, account_id = database.new_user()
+    spend(database, account_id, 3)
+    disputed = ref()
+    buy(database, account_id, 10, disputed)
+    spend(database, account_id, 10)                     # all of it spent: the dispute takes nothing
+    dispute = ref("dp")
+    stripe(database, "charge.dispute.created", dispute=dispute, payment_intent=disputed,
+           status="needs_response")
+    stripe(database, "charge.dispute.closed", dispute=dispute, status="won")
+    buy(database, account_id, 5)
+    spent = spend(database, account_id, 5)
+    refunded = database.call("refund_credits", p_transaction_id=spent["transaction_id"],
+                             p_idempotency_key=new_key())
+    assert refunded["refunded"] == 5
+    assert_pools_are_their_grants(database, account_id)

@@ -69,6 +69,7 @@ drop function private.post(uuid, private.entry_kind, bigint, bigint, bigint, big
 drop function private.add_promotion(public.credit_wallets, private.entry_kind, bigint, timestamptz,
                                     private.entry_origin, text, uuid, text, text, jsonb, uuid, bigint);
 drop function private.materialize_promotions(public.credit_wallets);
+drop function private.end_hold(public.credit_holds, bigint, text, jsonb, uuid);
 drop function private.promo_attribution(uuid, bigint);
 
 create function private.grant_source(p_kind private.entry_kind, p_origin private.entry_origin, p_stripe_ref text)
@@ -311,7 +312,9 @@ begin
       select q.source, q.stripe_ref,
              q.granted + coalesce((select sum(e.value::bigint * case c.kind when 'clawback' then -1 else 1 end)
                                      from public.credit_transactions c
-                                    cross join lateral jsonb_each_text(c.outcome -> 'grants') e
+                                    cross join lateral jsonb_each_text(
+                                      case when jsonb_typeof(c.outcome -> 'grants') = 'object'
+                                           then c.outcome -> 'grants' else '{}'::jsonb end) e
                                     where q.stripe_ref is not null and c.stripe_ref = q.stripe_ref
                                       and c.account_id = p_spend.account_id and c.seq < p_spend.seq
                                       and c.kind in ('clawback', 'reinstate') and e.key = q.id::text), 0)
@@ -694,7 +697,7 @@ begin
 end
 $$;
 
-create or replace function private.end_hold(p_hold public.credit_holds, p_charge bigint, p_status text,
+create function private.end_hold(p_hold public.credit_holds, p_charge bigint,
                                  p_metadata jsonb default null, p_actor uuid default null)
 returns public.credit_transactions
 language plpgsql
@@ -760,8 +763,8 @@ begin
                          p_period_start => case when v_sum.es > 0 then p_hold.period_start end,
                          p_period_end => case when v_sum.es > 0 then p_hold.period_end end);
   end if;
-  -- The hold ends: what it released is free again, and the next hold to lapse is another.
-  update public.credit_holds h set status = p_status, settled_at = now() where h.id = p_hold.id;
+  -- The hold ends (its caller records how, in the same transaction): what it
+  -- released is free again, and the next hold to lapse is another.
   if v_sum.fp + v_sum.fs + v_sum.fu > 0 then
     -- Released credits go back to their grants (spends since are attributed
     -- first; a calendar allowance has no row: it is the front, it gets them).
@@ -780,7 +783,8 @@ begin
          held_subscription = w.held_subscription - v_sum.fs,
          held_purchased = w.held_purchased - v_sum.fu,
          next_hold_expiry = (select min(h.expires_at) from public.credit_holds h
-                              where h.account_id = p_hold.account_id and h.status = 'active')
+                              where h.account_id = p_hold.account_id and h.status = 'active'
+                                and h.id <> p_hold.id)
    where w.account_id = p_hold.account_id
   returning w.* into v_wallet;
   if v_sum.fp > 0 then
@@ -809,7 +813,8 @@ begin
   for v_hold in select * from public.credit_holds h
                  where h.account_id = p_account_id and h.status = 'active' and h.expires_at <= now()
                  order by h.expires_at, h.id for update loop
-    perform private.end_hold(v_hold, 0, 'expired');
+    perform private.end_hold(v_hold, 0);
+    update public.credit_holds h set status = 'expired', settled_at = now() where h.id = v_hold.id;
   end loop;
   select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id;
   v_wallet := private.materialize_grants(v_wallet);
@@ -823,6 +828,60 @@ begin
   end loop;
   select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id;
   return v_wallet;
+end
+$$;
+
+create or replace function private.settle_hold(p_hold_id uuid, p_charge integer, p_metadata jsonb, p_capture boolean)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_account_id uuid := private.hold_account(p_hold_id);
+  v_hold public.credit_holds;
+  v_spend public.credit_transactions;
+  v_charge bigint;
+  v_metadata jsonb;
+  v_split private.split;
+  v_result jsonb;
+begin
+  perform private.lock_wallet(v_account_id);
+  select * into v_hold from public.credit_holds h where h.id = p_hold_id for update;
+  if v_hold.status = (case when p_capture then 'captured' else 'released' end) then
+    return v_hold.result || '{"replayed": true}'::jsonb;
+  end if;
+  perform private.check_metadata(p_metadata);
+  if v_hold.status <> 'active' then
+    perform private.fail('PT409', 'hold_not_active', jsonb_build_object('status', v_hold.status));
+  end if;
+  v_charge := 0;
+  if p_capture then
+    if p_charge is not null then
+      perform private.check_amount('p_amount', p_charge);
+      if p_charge > v_hold.amount then
+        perform private.invalid('p_amount', format('must not exceed the held amount (%s)', v_hold.amount));
+      end if;
+    end if;
+    v_charge := coalesce(p_charge, v_hold.amount);
+    v_metadata := v_hold.metadata || coalesce(p_metadata, '{}'::jsonb);
+    perform private.check_metadata(v_metadata, 'p_metadata (merged with the hold''s)');
+  end if;
+  v_spend := private.end_hold(v_hold, v_charge, v_metadata, private.actor());
+  if p_capture then
+    v_split := private.spend_split(v_hold.promotional, v_hold.subscription, v_hold.purchased, v_charge);
+    v_result := jsonb_build_object(
+      'transaction_id', v_spend.id, 'hold_id', p_hold_id, 'charged', v_charge,
+      'released', v_hold.amount - v_charge, 'from_promotional', v_split.promotional,
+      'from_subscription', v_split.subscription, 'from_purchased', v_split.purchased, 'replayed', false);
+  else
+    v_result := jsonb_build_object('hold_id', p_hold_id, 'released', v_hold.amount, 'replayed', false);
+  end if;
+  v_result := v_result || jsonb_build_object('balance', private.balance_json(
+    (select w from public.credit_wallets w where w.account_id = v_account_id)));
+  update public.credit_holds h
+     set status = case when p_capture then 'captured' else 'released' end, settled_at = now(), result = v_result
+   where h.id = p_hold_id;
+  return v_result;
 end
 $$;
 
@@ -1432,12 +1491,15 @@ begin
             and t.metadata ->> 'claim' = 'dispute:' || v_dispute)
   ), named as (
     select e.key::uuid as grant_id, sum(e.value::bigint)::bigint as amount
-      from rows r cross join lateral jsonb_each_text(coalesce(r.grants, '{}'::jsonb)) e group by 1
+      from rows r
+     cross join lateral jsonb_each_text(case when jsonb_typeof(r.grants) = 'object' then r.grants
+                                             else '{}'::jsonb end) e
+     group by 1
   ), unnamed as (
     select v.pool, -sum(v.amount)::bigint as amount
       from rows r cross join lateral (values ('promotional', r.promotional), ('subscription', r.subscription),
                                              ('purchased', r.purchased)) v(pool, amount)
-     where r.grants is null group by v.pool having sum(v.amount) < 0
+     where jsonb_typeof(r.grants) is distinct from 'object' group by v.pool having sum(v.amount) < 0
   ), back as (
     select n.grant_id, n.amount from named n
     union all
@@ -1476,7 +1538,7 @@ begin
                           p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
                           p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute),
                           p_outcome => jsonb_build_object('grants', (
-                            select jsonb_object_agg(e ->> 'g', (e ->> 'amount')::bigint)
+                            select coalesce(jsonb_object_agg(e ->> 'g', (e ->> 'amount')::bigint), '{}'::jsonb)
                               from jsonb_array_elements(v_claims) e)));
   if v_held_back.ended > 0 then
     -- The allowance they belonged to has ended: written back, they expire at once.
@@ -1747,6 +1809,7 @@ revoke all on function private.grant_source(private.entry_kind, private.entry_or
   private.grant_attribution(public.credit_wallets, text),
   private.materialize_grants(public.credit_wallets, text),
   private.take_front(public.credit_wallets, text, bigint),
+  private.end_hold(public.credit_holds, bigint, jsonb, uuid),
   private.add_promotion(public.credit_wallets, private.entry_kind, bigint, timestamptz, private.entry_origin,
                         text, uuid, text, text, jsonb, uuid, text),
   private.post(uuid, private.entry_kind, bigint, bigint, bigint, bigint, bigint, bigint, private.entry_origin,

@@ -197,9 +197,10 @@ end
 $$;
 
 -- End a hold (locked by the caller, who holds its wallet's lock): charge
--- p_charge from its pools, apply the fates of the rest, mark it p_status.
--- Returns the spend row when something was charged.
-create function private.end_hold(p_hold public.credit_holds, p_charge bigint, p_status text,
+-- p_charge from its pools and apply the fates of the rest; the caller marks
+-- the hold's status (with its answer, in one update). Returns the spend row
+-- when something was charged.
+create function private.end_hold(p_hold public.credit_holds, p_charge bigint,
                                  p_metadata jsonb default null, p_actor uuid default null)
 returns public.credit_transactions
 language plpgsql
@@ -265,8 +266,8 @@ begin
                          p_period_start => case when v_sum.es > 0 then p_hold.period_start end,
                          p_period_end => case when v_sum.es > 0 then p_hold.period_end end);
   end if;
-  -- The hold ends: what it released is free again, and the next hold to lapse is another.
-  update public.credit_holds h set status = p_status, settled_at = now() where h.id = p_hold.id;
+  -- The hold ends (its caller records how, in the same transaction): what it
+  -- released is free again, and the next hold to lapse is another.
   if v_sum.fp + v_sum.fs + v_sum.fu > 0 then
     -- Released credits go back to their grants (spends since are attributed
     -- first; a calendar allowance has no row: it is the front, it gets them).
@@ -285,7 +286,8 @@ begin
          held_subscription = w.held_subscription - v_sum.fs,
          held_purchased = w.held_purchased - v_sum.fu,
          next_hold_expiry = (select min(h.expires_at) from public.credit_holds h
-                              where h.account_id = p_hold.account_id and h.status = 'active')
+                              where h.account_id = p_hold.account_id and h.status = 'active'
+                                and h.id <> p_hold.id)
    where w.account_id = p_hold.account_id
   returning w.* into v_wallet;
   if v_sum.fp > 0 then
@@ -331,7 +333,8 @@ begin
   for v_hold in select * from public.credit_holds h
                  where h.account_id = p_account_id and h.status = 'active' and h.expires_at <= now()
                  order by h.expires_at, h.id for update loop
-    perform private.end_hold(v_hold, 0, 'expired');
+    perform private.end_hold(v_hold, 0);
+    update public.credit_holds h set status = 'expired', settled_at = now() where h.id = v_hold.id;
   end loop;
   select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id;
   v_wallet := private.materialize_grants(v_wallet);
@@ -413,7 +416,7 @@ $$;
 
 revoke all on function private.spend_split(bigint, bigint, bigint, bigint), private.fates(jsonb),
   private.hold_fates(public.credit_holds, bigint, integer, timestamptz),
-  private.end_hold(public.credit_holds, bigint, text, jsonb, uuid),
+  private.end_hold(public.credit_holds, bigint, jsonb, uuid),
   private.sweep_due(public.credit_wallets), private.lock_wallet(uuid),
   private.current_wallet(public.credit_wallets)
   from public;
@@ -611,8 +614,7 @@ begin
     v_metadata := v_hold.metadata || coalesce(p_metadata, '{}'::jsonb);
     perform private.check_metadata(v_metadata, 'p_metadata (merged with the hold''s)');
   end if;
-  v_spend := private.end_hold(v_hold, v_charge, case when p_capture then 'captured' else 'released' end,
-                              v_metadata, private.actor());
+  v_spend := private.end_hold(v_hold, v_charge, v_metadata, private.actor());
   if p_capture then
     v_split := private.spend_split(v_hold.promotional, v_hold.subscription, v_hold.purchased, v_charge);
     v_result := jsonb_build_object(
@@ -624,7 +626,9 @@ begin
   end if;
   v_result := v_result || jsonb_build_object('balance', private.balance_json(
     (select w from public.credit_wallets w where w.account_id = v_account_id)));
-  update public.credit_holds h set result = v_result where h.id = p_hold_id;
+  update public.credit_holds h
+     set status = case when p_capture then 'captured' else 'released' end, settled_at = now(), result = v_result
+   where h.id = p_hold_id;
   return v_result;
 end
 $$;

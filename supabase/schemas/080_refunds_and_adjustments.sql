@@ -62,7 +62,9 @@ begin
       select q.source, q.stripe_ref,
              q.granted + coalesce((select sum(e.value::bigint * case c.kind when 'clawback' then -1 else 1 end)
                                      from public.credit_transactions c
-                                    cross join lateral jsonb_each_text(c.outcome -> 'grants') e
+                                    cross join lateral jsonb_each_text(
+                                      case when jsonb_typeof(c.outcome -> 'grants') = 'object'
+                                           then c.outcome -> 'grants' else '{}'::jsonb end) e
                                     where q.stripe_ref is not null and c.stripe_ref = q.stripe_ref
                                       and c.account_id = p_spend.account_id and c.seq < p_spend.seq
                                       and c.kind in ('clawback', 'reinstate') and e.key = q.id::text), 0)

@@ -999,12 +999,15 @@ begin
             and t.metadata ->> 'claim' = 'dispute:' || v_dispute)
   ), named as (
     select e.key::uuid as grant_id, sum(e.value::bigint)::bigint as amount
-      from rows r cross join lateral jsonb_each_text(coalesce(r.grants, '{}'::jsonb)) e group by 1
+      from rows r
+     cross join lateral jsonb_each_text(case when jsonb_typeof(r.grants) = 'object' then r.grants
+                                             else '{}'::jsonb end) e
+     group by 1
   ), unnamed as (
     select v.pool, -sum(v.amount)::bigint as amount
       from rows r cross join lateral (values ('promotional', r.promotional), ('subscription', r.subscription),
                                              ('purchased', r.purchased)) v(pool, amount)
-     where r.grants is null group by v.pool having sum(v.amount) < 0
+     where jsonb_typeof(r.grants) is distinct from 'object' group by v.pool having sum(v.amount) < 0
   ), back as (
     select n.grant_id, n.amount from named n
     union all
@@ -1043,7 +1046,7 @@ begin
                           p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
                           p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute),
                           p_outcome => jsonb_build_object('grants', (
-                            select jsonb_object_agg(e ->> 'g', (e ->> 'amount')::bigint)
+                            select coalesce(jsonb_object_agg(e ->> 'g', (e ->> 'amount')::bigint), '{}'::jsonb)
                               from jsonb_array_elements(v_claims) e)));
   if v_held_back.ended > 0 then
     -- The allowance they belonged to has ended: written back, they expire at once.
