@@ -333,3 +333,39 @@ def test_a_refund_after_a_dispute_won_with_nothing_to_give_back(database: Db) ->
                              p_idempotency_key=new_key())
     assert refunded["refunded"] == 5
     assert_pools_are_their_grants(database, account_id)
+
+
+def test_a_refund_of_a_captured_hold_keeps_the_payments_the_hold_charged(database: Db) -> None:
+    _, account_id = database.new_user()
+    spend(database, account_id, 3)
+    held, other = ref(), ref()
+    buy(database, account_id, 10, held)
+    buy(database, account_id, 10, other)
+    hold = database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=10)
+    spend(database, account_id, 5)                  # the other pack's, while the hold is open
+    captured = database.call("capture_hold", p_hold_id=hold["hold_id"])
+    database.call("refund_credits", p_transaction_id=captured["transaction_id"], p_idempotency_key=new_key())
+
+    def clawed(stripe_ref: str) -> int:
+        return int(database.call("clawback_credits", p_stripe_ref=stripe_ref,
+                                 p_idempotency_key=new_key())["clawed_back"])
+    assert (clawed(other), clawed(held)) == (5, 10)
+    assert database.balance(account_id)["purchased"] == 0
+
+
+def test_a_refund_of_a_hold_captured_after_a_renewal_keeps_the_ended_periods_invoice(database: Db) -> None:
+    _, account_id = database.new_user()
+    invoice = ref("in")
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+
+    def period(stripe_ref: str, at: dt.datetime) -> None:
+        database.call("add_subscription_credits", p_account_id=account_id, p_amount=10,
+                      p_period_start=at.isoformat(), p_period_end=(at + dt.timedelta(days=30)).isoformat(),
+                      p_idempotency_key=new_key(), p_stripe_ref=stripe_ref)
+    period(invoice, start)
+    hold = database.call("reserve_credits", p_account_id=account_id, p_idempotency_key=new_key(), p_amount=10)
+    period(ref("in"), start + dt.timedelta(minutes=5))
+    captured = database.call("capture_hold", p_hold_id=hold["hold_id"])
+    database.call("refund_credits", p_transaction_id=captured["transaction_id"], p_idempotency_key=new_key())
+    assert database.call("clawback_credits", p_stripe_ref=invoice, p_idempotency_key=new_key())[
+        "clawed_back"] == 10

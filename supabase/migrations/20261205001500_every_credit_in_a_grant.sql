@@ -297,7 +297,40 @@ declare
   v_pool text;
   v_taken bigint;
   v_before bigint;
+  v_parts jsonb;
 begin
+  -- A captured hold says which grants it charged: its parts, pool by pool,
+  -- in order (a part of the calendar allowance, which has no row, is reset).
+  select h.parts into v_parts from public.credit_holds h
+   where p_spend.ref_id is not null and h.id = p_spend.ref_id and h.account_id = p_spend.account_id;
+  if v_parts is not null and v_parts <> '[]'::jsonb then
+    return query
+    with parts as (
+      select coalesce(x.e ->> 'p', 'promotional') as pool, (x.e ->> 'g')::uuid as g, (x.e ->> 'a')::bigint as a,
+             x.o
+        from jsonb_array_elements(v_parts) with ordinality x(e, o)
+    ), charged as (
+      select q.pool, q.g, q.o,
+             greatest(0, least(q.a, c.taken - (sum(q.a) over (partition by q.pool order by q.o) - q.a)))::bigint
+               as amount
+        from parts q
+        join (values ('promotional', -p_spend.promotional), ('subscription', -p_spend.subscription),
+                     ('purchased', -p_spend.purchased)) c(pool, taken) on c.pool = q.pool
+    ), named as (
+      select case when g.id is not null then g.source else 'reset' end as source, g.stripe_ref, c.amount,
+             c.pool, c.o
+        from charged c left join private.grants g on g.id = c.g
+       where c.amount > 0
+    )
+    select n.source, n.stripe_ref, n.amount from named n
+    union all
+    -- What no part explains (a hold made before holds named their grants).
+    select 'refund', null, (-(p_spend.promotional + p_spend.subscription + p_spend.purchased)
+                            - coalesce((select sum(n.amount) from named n), 0))::bigint
+     where -(p_spend.promotional + p_spend.subscription + p_spend.purchased)
+           > coalesce((select sum(n.amount) from named n), 0);
+    return;
+  end if;
   foreach v_pool in array array['promotional', 'subscription', 'purchased'] loop
     v_taken := -case v_pool when 'promotional' then p_spend.promotional when 'subscription' then p_spend.subscription
                             else p_spend.purchased end;
