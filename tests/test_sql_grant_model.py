@@ -369,3 +369,27 @@ def test_a_refund_of_a_hold_captured_after_a_renewal_keeps_the_ended_periods_inv
     database.call("refund_credits", p_transaction_id=captured["transaction_id"], p_idempotency_key=new_key())
     assert database.call("clawback_credits", p_stripe_ref=invoice, p_idempotency_key=new_key())[
         "clawed_back"] == 10
+
+
+def test_a_rollover_keeps_the_reference_of_the_grant_its_credits_are_left_of(database: Db) -> None:
+    _, account_id = database.new_user()
+    invoice = ref("in")
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    database.sql("update public.credit_plans set rollover_cap = 5 where id = 'free'")
+    try:
+        def period(stripe_ref: str, at: dt.datetime) -> None:
+            database.call("add_subscription_credits", p_account_id=account_id, p_amount=10,
+                          p_period_start=at.isoformat(),
+                          p_period_end=(at + dt.timedelta(days=30)).isoformat(),
+                          p_idempotency_key=new_key(), p_stripe_ref=stripe_ref)
+        period(invoice, start)
+        balance = database.balance(account_id)
+        spend(database, account_id, balance["promotional"] + 10)      # every credit of the invoice spent
+        database.call("admin_adjust_credits", p_account_id=account_id, p_pool="subscription", p_amount=5,
+                      p_reason="goodwill", p_idempotency_key=new_key())
+        period(ref("in"), start + dt.timedelta(minutes=5))             # the adjustment's 5 roll over
+    finally:
+        database.sql("update public.credit_plans set rollover_cap = 0 where id = 'free'")
+    assert database.balance(account_id)["promotional"] == 5
+    assert database.call("clawback_credits", p_stripe_ref=invoice, p_idempotency_key=new_key())[
+        "clawed_back"] == 0

@@ -299,12 +299,15 @@ as $$
            least(b.cap, w.subscription - w.held_subscription) as rolled,
            w.subscription - w.held_subscription - least(b.cap, w.subscription - w.held_subscription) as lapsed,
            private.uuid_v7() as grant_id, private.uuid_v7() as roll_id, private.uuid_v7() as expire_id,
-           -- A rollover keeps the Stripe reference of the allowance it came from.
+           -- A rollover keeps the Stripe reference of the grant its credits are
+           -- left of: the period's last grant in the spending order that has
+           -- any (spends took the front; the calendar allowance, no row and no
+           -- reference, is the front).
            case when least(b.cap, w.subscription - w.held_subscription) > 0
-                then (select t.stripe_ref from public.credit_transactions t
-                       where t.account_id = w.account_id and t.kind = 'grant' and t.period_start = w.period_start
-                         and t.subscription > 0
-                       order by t.seq desc limit 1) end as roll_ref
+                then (select g.stripe_ref from private.grants g
+                       where g.account_id = w.account_id and g.pool = 'subscription' and g.epoch = w.sub_epoch
+                         and g.remaining > 0
+                       order by g.expires_at desc nulls first, g.created_at desc, g.id desc limit 1) end as roll_ref
       from unnest(p_accounts, p_amounts, p_caps, p_ends) as b(account_id, amount, cap, period_end)
       join public.credit_wallets w on w.account_id = b.account_id
      -- Older (ended before the current period began) changes nothing; a period
