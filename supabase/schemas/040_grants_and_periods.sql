@@ -43,11 +43,12 @@
 --     account writes the expiry (one ledger row per grant).
 --   * A renewal (a Stripe invoice or the monthly reset) moves up to the plan's
 --     rollover_cap of unused allowance into a promotional grant (source
---     rollover, the allowance's Stripe reference) that expires at the end of
---     the new period, expires the rest of the free allowance, and grants the
---     new one. Rolled-over credits are promotional, so they never roll again.
---     Subscription credits under a hold expire when the hold ends uncaptured
---     (the wallet's sub_epoch moves on).
+--     rollover, with the reference of the grant its credits are left of)
+--     that expires at the end of the new period, expires the rest of the free
+--     allowance, and grants the new one. Rolled-over credits are
+--     promotional, so they never roll again. Subscription credits under a
+--     hold expire when the hold ends uncaptured (the wallet's sub_epoch moves
+--     on).
 --   * A new user's account starts on `free` with its first month's allowance
 --     and the free plan's signup_bonus as a promotional grant, once per
 --     identity: the e-mail address (lower-cased, trimmed), else the phone
