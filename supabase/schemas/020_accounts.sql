@@ -135,6 +135,8 @@ create table public.credit_accounts (
   stripe_paid_ref text,
   stripe_paid_until timestamptz,
   stripe_paid_scale numeric not null default 1 check (stripe_paid_scale between 0 and 1),
+  -- The most debt overdraft holds may leave (set by the service only).
+  overdraft_limit integer not null default 0 check (overdraft_limit between 0 and 1000000000),
   constraint credit_accounts_one_owner check (num_nonnulls(user_id, tenant_id) = 1)
 );
 comment on table public.credit_accounts is
@@ -146,7 +148,7 @@ alter table public.credit_accounts enable row level security;
 revoke all on public.credit_accounts from anon, authenticated, service_role;
 grant select on public.credit_accounts to authenticated, service_role;
 -- Operators may move an account to another plan by hand; everything else is function-only.
-grant update (plan_id) on public.credit_accounts to service_role;
+grant update (plan_id, overdraft_limit) on public.credit_accounts to service_role;
 
 -- ---------------------------------------------------------------------------
 -- Wallets: the balances of an account, written only by the credit functions,
@@ -188,12 +190,19 @@ create table public.credit_wallets (
   hold_minute_count integer not null default 0,
   -- The transaction that granted this period's calendar allowance (the monthly
   -- reset's, or an account's first month): that grant has no row of its own.
-  period_grant uuid
+  period_grant uuid,
+  -- What overdraft captures left owed (paid first by any credits that arrive).
+  debt private.credits,
+  -- The account has spend limits: spends check them (one comparison otherwise).
+  limited boolean not null default false
   -- Never more held than there is: every path that changes a pool or what is
   -- held takes free credits only, under this row's lock (reconcile checks).
 -- fillfactor 50: the monthly reset rewrites every row of a batch in one
 -- transaction; room for a second version of each row keeps updates HOT.
 ) with (fillfactor = 50);
+-- The few wallets that owe (the reset pays their debt from the renewal);
+-- spends never change debt, so their updates stay HOT.
+create index credit_wallets_debt_idx on public.credit_wallets (account_id) where debt > 0;
 comment on table public.credit_wallets is
   'Balances of an account (three pools and what holds reserve of each). Function-only writes.';
 
@@ -247,6 +256,20 @@ as $$
 $$;
 
 -- Accounts the caller may read (super admins read everything through the policies).
+-- The accounts whose every ledger and usage row the caller reads: their own,
+-- and those of tenants they own or administer (a plain member reads only the
+-- rows of their own spends).
+create function private.managed_account_ids() returns setof uuid
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+  select a.id from public.credit_accounts a where a.user_id = (select auth.uid())
+  union all
+  select a.id from public.credit_accounts a
+    join public.tenant_members m on m.tenant_id = a.tenant_id
+   where m.user_id = (select auth.uid()) and m.role in ('owner', 'admin')
+$$;
+
 create function private.readable_account_ids() returns setof uuid
 language sql stable security definer
 set search_path = pg_catalog, pg_temp
@@ -260,9 +283,11 @@ $$;
 
 -- The caller's right to act on an account; returns the acting user (null for
 -- the service), recorded as the actor. Service: the account must exist.
--- Users: spend (p_write) needs the personal account or tenant owner/admin;
--- read also allows any tenant member and super admins.
-create function private.authorize(p_account_id uuid, p_write boolean) returns uuid
+-- Users: write needs the personal account or tenant owner/admin; spend
+-- (p_spend) also a plain member to whom a spend limit applies; read also
+-- allows any tenant member and super admins.
+create function private.authorize(p_account_id uuid, p_write boolean, p_spend boolean default false)
+returns uuid
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
@@ -297,6 +322,13 @@ begin
     select m.role into v_role from public.tenant_members m
      where m.tenant_id = v_tenant_id and m.user_id = v_uid;
     if v_role in ('owner', 'admin') or (v_role is not null and not p_write) then
+      return v_uid;
+    end if;
+    -- A plain member spends only under a limit (their own or the default member limit).
+    if p_spend and v_role = 'member' and exists (select 1 from private.spend_limits l
+                                      where l.account_id = p_account_id
+                                        and (l.subject = 'default_member'
+                                             or (l.subject = 'member' and l.subject_id = v_uid))) then
       return v_uid;
     end if;
   end if;
@@ -348,11 +380,12 @@ revoke all on function private.personal_account() from public, anon, authenticat
 grant execute on function private.personal_account() to authenticated, service_role;
 
 revoke all on function private.is_service(), private.is_super_admin(), private.actor(),
-  private.member_tenant_ids(), private.readable_account_ids(), private.authorize(uuid, boolean),
+  private.member_tenant_ids(), private.readable_account_ids(), private.managed_account_ids(),
+  private.authorize(uuid, boolean, boolean),
   private.require_service() from public;
 -- The read policies call these as the reading role.
 grant execute on function private.is_super_admin(), private.member_tenant_ids(),
-  private.readable_account_ids() to authenticated, service_role;
+  private.readable_account_ids(), private.managed_account_ids() to authenticated, service_role;
 
 -- ---------------------------------------------------------------------------
 -- Read policies (one permissive policy per table, role and action).

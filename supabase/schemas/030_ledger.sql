@@ -12,6 +12,8 @@
 --     time), as the contract describes the ledger.
 --   * private.post(): the one way a slow-path call changes a wallet and writes
 --     its row; private.balance_json(): the balance object.
+--   * debt: what overdraft captures left owed is a pool of its own (never
+--     negative); credits that arrive pay it first (private.settle_debt).
 --   * the rule reconcile_credit_balances() (refunds and adjustments chapter)
 --     checks: for every account and pool, balance = sum of the ledger; held =
 --     what active holds reserve.
@@ -27,7 +29,7 @@
 
 create type private.entry_kind as enum (
   'spend', 'reserve', 'purchase', 'grant', 'promotion', 'rollover', 'expire', 'refund', 'clawback',
-  'reinstate', 'adjustment', 'plan_change');
+  'reinstate', 'adjustment', 'plan_change', 'overdraft', 'debt_payment', 'extend');
 create type private.entry_origin as enum ('api', 'stripe', 'system');
 
 create table public.credit_transactions (
@@ -65,6 +67,12 @@ create table public.credit_transactions (
   outcome jsonb,
   actor_id uuid,
   created_at timestamptz not null default now(),
+  -- Debt: its signed change (an overdraft capture +, a payment or write-off -) and what is owed after.
+  debt bigint not null default 0,
+  debt_after bigint not null default 0,
+  -- The spender when a license key spent, and the price an operation was charged at.
+  license_key_id uuid,
+  price jsonb,
   -- One index serves the per-account listing (newest first) and paging.
   primary key (account_id, seq)
 );
@@ -92,8 +100,11 @@ grant select on public.credit_transactions to authenticated, service_role;
 -- Supabase's default grants open new sequences to the API roles; only definer code inserts.
 revoke all on sequence public.credit_transactions_seq_seq from anon, authenticated, service_role;
 
+-- A plain member of a tenant reads only the rows of their own spends.
 create policy credit_transactions_read on public.credit_transactions for select to authenticated
-  using (account_id in (select private.readable_account_ids()) or (select private.is_super_admin()));
+  using (account_id in (select private.managed_account_ids())
+         or (actor_id = (select auth.uid()) and account_id in (select private.readable_account_ids()))
+         or (select private.is_super_admin()));
 
 -- Privileges keep everyone but the owner from writing; this keeps the owner
 -- (and so every definer function) out too. Deletes arriving through the
@@ -171,8 +182,9 @@ language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-  return p_wallet.promotional - p_wallet.held_promotional + p_wallet.subscription - p_wallet.held_subscription
-         + p_wallet.purchased - p_wallet.held_purchased;
+  return greatest(0, p_wallet.promotional - p_wallet.held_promotional
+                     + p_wallet.subscription - p_wallet.held_subscription
+                     + p_wallet.purchased - p_wallet.held_purchased - p_wallet.debt);
 end
 $$;
 
@@ -187,7 +199,8 @@ begin
   return jsonb_build_object(
     'account_id', p_wallet.account_id, 'promotional', p_wallet.promotional,
     'subscription', p_wallet.subscription, 'purchased', p_wallet.purchased, 'held', v_held,
-    'available', v_total - v_held, 'total', v_total, 'period_start', p_wallet.period_start,
+    'debt', p_wallet.debt, 'available', greatest(0, v_total - v_held - p_wallet.debt), 'total', v_total,
+    'period_start', p_wallet.period_start,
     'period_end', p_wallet.period_end, 'next_expiry', private.next_expiry(p_wallet));
 end
 $$;
@@ -212,7 +225,8 @@ create function private.post(
   p_period_start timestamptz default null, p_period_end timestamptz default null,
   p_operation text default null, p_model text default null,
   p_input_tokens integer default null, p_output_tokens integer default null,
-  p_id uuid default null, p_outcome jsonb default null, p_source text default null)
+  p_id uuid default null, p_outcome jsonb default null, p_source text default null,
+  p_debt bigint default 0, p_license_key_id uuid default null, p_price jsonb default null)
 returns public.credit_transactions
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -229,7 +243,8 @@ begin
          purchased = w.purchased + p_purchased,
          held_promotional = w.held_promotional + p_held_promotional,
          held_subscription = w.held_subscription + p_held_subscription,
-         held_purchased = w.held_purchased + p_held_purchased
+         held_purchased = w.held_purchased + p_held_purchased,
+         debt = w.debt + p_debt
    where w.account_id = p_account_id
   returning w.* into v_wallet;
   if p_promotional <> 0 or p_held_promotional <> 0 then
@@ -257,7 +272,8 @@ begin
     promotional, subscription, purchased,
     promotional_after, subscription_after, purchased_after, held_after,
     period_start, period_end, next_expiry_amount, next_expiry_at,
-    ref_id, stripe_ref, operation, model, input_tokens, output_tokens, description, metadata, outcome, actor_id)
+    ref_id, stripe_ref, operation, model, input_tokens, output_tokens, description, metadata, outcome, actor_id,
+    debt, debt_after, license_key_id, price)
   values (
     v_id, p_account_id, p_kind, p_origin, p_key, p_hash,
     p_promotional, p_subscription, p_purchased,
@@ -266,7 +282,7 @@ begin
     coalesce(p_period_start, v_wallet.period_start), coalesce(p_period_end, v_wallet.period_end),
     (v_expiry ->> 'amount')::bigint, (v_expiry ->> 'at')::timestamptz,
     p_ref_id, p_stripe_ref, p_operation, p_model, p_input_tokens, p_output_tokens, p_description,
-    coalesce(p_metadata, '{}'::jsonb), p_outcome, p_actor)
+    coalesce(p_metadata, '{}'::jsonb), p_outcome, p_actor, p_debt, v_wallet.debt, p_license_key_id, p_price)
   returning * into v_entry;
   return v_entry;
 end
@@ -296,7 +312,7 @@ $$;
 -- is cheaper than jsonb_build_object with its variadic arguments.
 create type private.balance as (
   account_id uuid, promotional bigint, subscription bigint, purchased bigint, held bigint, available bigint,
-  total bigint, period_start timestamptz, period_end timestamptz, next_expiry jsonb);
+  total bigint, period_start timestamptz, period_end timestamptz, next_expiry jsonb, debt bigint);
 create type private.spend_answer as (
   transaction_id uuid, account_id uuid, charged bigint, from_promotional bigint, from_subscription bigint,
   from_purchased bigint, replayed boolean, balance private.balance);
@@ -313,11 +329,13 @@ declare
   v_balance private.balance := row(
     p_entry.account_id, p_entry.promotional_after, p_entry.subscription_after, p_entry.purchased_after,
     p_entry.held_after,
-    p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after - p_entry.held_after,
+    greatest(0, p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after
+                - p_entry.held_after - p_entry.debt_after),
     p_entry.promotional_after + p_entry.subscription_after + p_entry.purchased_after,
     p_entry.period_start, p_entry.period_end,
     case when p_entry.next_expiry_at is not null
-         then jsonb_build_object('amount', p_entry.next_expiry_amount, 'at', p_entry.next_expiry_at) end
+         then jsonb_build_object('amount', p_entry.next_expiry_amount, 'at', p_entry.next_expiry_at) end,
+    p_entry.debt_after
   )::private.balance;
 begin
   case p_entry.kind
@@ -327,9 +345,14 @@ begin
                           -p_entry.promotional, -p_entry.subscription, -p_entry.purchased, p_replayed,
                           v_balance)::private.spend_answer);
     when 'reserve' then
-      select jsonb_build_object('hold_id', h.id, 'account_id', h.account_id, 'amount', h.amount,
-                                'expires_at', h.expires_at)
+      select jsonb_build_object('hold_id', h.id, 'account_id', h.account_id,
+                                'amount', coalesce((p_entry.outcome ->> 'amount')::bigint, h.amount),
+                                'expires_at', coalesce((p_entry.outcome ->> 'expires_at')::timestamptz, h.expires_at),
+                                'overage', h.overage)
         into v_result from public.credit_holds h where h.id = p_entry.ref_id;
+    when 'extend' then
+      v_result := jsonb_build_object('hold_id', p_entry.ref_id, 'amount', (p_entry.outcome ->> 'amount')::bigint,
+                                     'expires_at', (p_entry.outcome ->> 'expires_at')::timestamptz);
     when 'purchase' then
       v_result := jsonb_build_object('transaction_id', p_entry.id, 'added', p_entry.purchased);
     when 'plan_change' then
@@ -371,7 +394,7 @@ revoke all on function private.result(public.credit_transactions, boolean) from 
 revoke all on function
   private.post(uuid, private.entry_kind, bigint, bigint, bigint, bigint, bigint, bigint, private.entry_origin,
                text, uuid, uuid, text, text, jsonb, uuid, timestamptz, timestamptz, text, text, integer, integer,
-               uuid, jsonb, text),
+               uuid, jsonb, text, bigint, uuid, jsonb),
   private.find_key(uuid, text, uuid, private.entry_origin)
   from public;
 
@@ -399,7 +422,8 @@ select t.seq as id,
   from public.credit_transactions t
  cross join lateral (values ('promotional', t.promotional, t.promotional_after),
                             ('subscription', t.subscription, t.subscription_after),
-                            ('purchased', t.purchased, t.purchased_after)) v(pool, amount, balance_after)
+                            ('purchased', t.purchased, t.purchased_after),
+                            ('debt', t.debt, t.debt_after)) v(pool, amount, balance_after)
  where v.amount <> 0;
 comment on view public.credit_ledger is 'The ledger: one row per change of one pool (read through RLS).';
 
@@ -419,7 +443,9 @@ select t.id as transaction_id,
                   where r.ref_id = t.id and r.kind = 'refund'), 0)::bigint as refunded,
        t.metadata,
        t.actor_id,
-       t.created_at
+       t.created_at,
+       t.license_key_id,
+       t.price
   from public.credit_transactions t
   join public.credit_accounts a on a.id = t.account_id
  where t.kind = 'spend';

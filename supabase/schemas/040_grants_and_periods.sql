@@ -352,14 +352,14 @@ as $$
     insert into public.credit_transactions (
       id, account_id, kind, origin, idempotency_key, request_hash, promotional, subscription, purchased,
       promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
-      next_expiry_amount, next_expiry_at, ref_id, stripe_ref, metadata)
+      next_expiry_amount, next_expiry_at, ref_id, stripe_ref, metadata, debt_after)
     select e.id, c.account_id, e.kind, e.origin, e.key, e.hash, e.d_promo, e.d_sub, 0,
            n.promotional, e.sub_after, n.purchased,
            n.held_promotional + n.held_subscription + n.held_purchased, e.pstart, e.pend,
            (private.next_expiry(n) ->> 'amount')::bigint, (private.next_expiry(n) ->> 'at')::timestamptz,
            e.ref_id,
            case when e.ord = 1 then c.roll_ref else p_stripe_ref end,
-           coalesce(p_metadata, '{}'::jsonb)
+           coalesce(p_metadata, '{}'::jsonb), n.debt
       from calc c
       join renewed n on n.account_id = c.account_id
      cross join lateral (values
@@ -571,6 +571,7 @@ begin
     v_entry := private.post(p_account_id, 'purchase', p_purchased => p_amount, p_origin => p_origin,
                             p_key => p_key, p_hash => v_hash, p_stripe_ref => p_stripe_ref,
                             p_description => p_description, p_metadata => p_metadata);
+    perform private.settle_debt(p_account_id);
     return private.result(v_entry, false);
   end if;
   return private.result(v_entry, true);
@@ -657,6 +658,7 @@ begin
   end if;
   perform private.renew(array[p_account_id], array[p_amount::bigint], array[coalesce(v_cap, 0)],
                         p_period_start, p_period_end, p_origin, p_key, v_hash, p_stripe_ref, p_metadata);
+  perform private.settle_debt(p_account_id);
   return private.result(private.find_key(p_account_id, p_key, v_hash, p_origin), false);
 end
 $$;
@@ -758,6 +760,7 @@ begin
   end if;
   v_entry := private.add_promotion(v_wallet, 'promotion', p_amount, p_expires_at, p_origin, p_key, v_hash,
                                    p_stripe_ref, p_reason, p_metadata, null, 'promotion');
+  perform private.settle_debt(p_account_id);
   return private.result(v_entry, false);
 end
 $$;

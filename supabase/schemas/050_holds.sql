@@ -68,7 +68,18 @@ create table public.credit_holds (
   -- The answer a repeated capture or release replays.
   result jsonb,
   created_at timestamptz not null default now(),
-  settled_at timestamptz
+  settled_at timestamptz,
+  -- Who made it (null: the service): its credits count against their spend limits.
+  actor_id uuid,
+  -- Above the hold at capture: reject, if_available or overdraft.
+  overage text not null default 'reject' check (overage in ('reject', 'if_available', 'overdraft')),
+  -- A hold priced from an operation: the price fixed when it was made
+  -- ({credits, credits_per_1k_input_tokens, credits_per_1k_output_tokens}) and the estimate.
+  price jsonb,
+  input_tokens integer,
+  output_tokens integer,
+  model text,
+  extensions integer not null default 0
 );
 create index credit_holds_active_account_idx on public.credit_holds (account_id, expires_at)
   where status = 'active';
@@ -197,11 +208,13 @@ end
 $$;
 
 -- End a hold (locked by the caller, who holds its wallet's lock): charge
--- p_charge from its pools and apply the fates of the rest; the caller marks
--- the hold's status (with its answer, in one update). Returns the spend row
--- when something was charged.
+-- p_charge from its pools (and p_extra more from the free credits, a capture
+-- above the hold) and apply the fates of the rest; released credits pay debt
+-- first. The caller marks the hold's status (with its answer, in one update).
+-- Returns the spend row when something was charged.
 create function private.end_hold(p_hold public.credit_holds, p_charge bigint,
-                                 p_metadata jsonb default null, p_actor uuid default null)
+                                 p_metadata jsonb default null, p_actor uuid default null,
+                                 p_extra bigint default 0, p_usage jsonb default null)
 returns public.credit_transactions
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -212,8 +225,14 @@ declare
   v_row record;
   v_sum record;
   v_fates jsonb;
+  v_extra private.split := row(0, 0, 0)::private.split;
 begin
   select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
+  if p_extra > 0 then
+    v_extra := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
+                                   v_wallet.subscription - v_wallet.held_subscription,
+                                   v_wallet.purchased - v_wallet.held_purchased, p_extra);
+  end if;
   select coalesce(jsonb_agg(to_jsonb(f)), '[]'::jsonb) into v_fates
     from private.hold_fates(p_hold, p_charge, v_wallet.sub_epoch, now()) f;
 
@@ -227,13 +246,21 @@ begin
          coalesce(sum(f.f_amount) filter (where f.f_pool = 'purchased' and f.f_fate = 'free'), 0)::bigint as fu
     into v_sum from private.fates(v_fates) f;
 
-  if v_sum.sp + v_sum.ss + v_sum.su > 0 then
-    v_spend := private.post(p_hold.account_id, 'spend', -v_sum.sp, -v_sum.ss, -v_sum.su,
+  if v_sum.sp + v_sum.ss + v_sum.su + p_extra > 0 then
+    v_spend := private.post(p_hold.account_id, 'spend', -v_sum.sp - v_extra.promotional,
+                            -v_sum.ss - v_extra.subscription, -v_sum.su - v_extra.purchased,
                             -v_sum.sp, -v_sum.ss, -v_sum.su, p_origin => 'system', p_ref_id => p_hold.id,
                             p_metadata => p_metadata, p_actor => p_actor,
                             p_period_start => case when v_sum.ss > 0 then p_hold.period_start end,
                             p_period_end => case when v_sum.ss > 0 then p_hold.period_end end,
-                            p_operation => p_hold.operation);
+                            p_operation => p_hold.operation, p_model => p_usage ->> 'model',
+                            p_input_tokens => (p_usage ->> 'input_tokens')::integer,
+                            p_output_tokens => (p_usage ->> 'output_tokens')::integer,
+                            p_price => p_hold.price,
+                            p_outcome => case when p_extra > 0 then jsonb_build_object(
+                                           'extra', jsonb_build_object('promotional', v_extra.promotional,
+                                                                       'subscription', v_extra.subscription,
+                                                                       'purchased', v_extra.purchased)) end);
   end if;
   -- One clawback row per claim's payment, key and grant (a won dispute gives
   -- back what its claims took, into the same grants).
@@ -292,6 +319,12 @@ begin
   returning w.* into v_wallet;
   if v_sum.fp > 0 then
     perform private.materialize_grants(v_wallet);
+  end if;
+  if v_wallet.limited then
+    perform private.count_usage(v_wallet, p_hold.actor_id, p_charge + p_extra, -p_hold.amount);
+  end if;
+  if v_sum.fp + v_sum.fs + v_sum.fu > 0 then
+    perform private.settle_debt(p_hold.account_id);
   end if;
   return v_spend;
 end
@@ -416,7 +449,7 @@ $$;
 
 revoke all on function private.spend_split(bigint, bigint, bigint, bigint), private.fates(jsonb),
   private.hold_fates(public.credit_holds, bigint, integer, timestamptz),
-  private.end_hold(public.credit_holds, bigint, jsonb, uuid),
+  private.end_hold(public.credit_holds, bigint, jsonb, uuid, bigint, jsonb),
   private.sweep_due(public.credit_wallets), private.lock_wallet(uuid),
   private.current_wallet(public.credit_wallets)
   from public;
@@ -468,9 +501,47 @@ revoke all on function private.write_bounds(), private.check_hold_bounds(public.
 -- Reserve, capture, release.
 -- ---------------------------------------------------------------------------
 
-create function private.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer default null,
-                                       p_operation text default null, p_ttl_seconds integer default 900,
-                                       p_metadata jsonb default '{}'::jsonb)
+-- A price row as a hold fixes it.
+create function private.price_of(p_operation text) returns jsonb
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+  select jsonb_build_object('credits', p.credits, 'credits_per_1k_input_tokens', p.credits_per_1k_input_tokens,
+                            'credits_per_1k_output_tokens', p.credits_per_1k_output_tokens)
+    from public.credit_prices p where p.operation = p_operation
+$$;
+
+-- Tokens priced at a fixed price: flat plus per-1,000 rates, the total rounded up.
+create function private.priced(p_price jsonb, p_input_tokens bigint, p_output_tokens bigint) returns bigint
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+  select ceil((p_price ->> 'credits')::numeric
+              + coalesce(p_input_tokens, 0) * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000
+              + coalesce(p_output_tokens, 0) * (p_price ->> 'credits_per_1k_output_tokens')::numeric / 1000)::bigint
+$$;
+
+-- The most output tokens p_budget credits cover at a price with these input
+-- tokens (null when the price has no output rate).
+create function private.max_output_tokens(p_price jsonb, p_input_tokens bigint, p_budget bigint) returns bigint
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+  select case when p_price is null or (p_price ->> 'credits_per_1k_output_tokens')::numeric = 0 then null
+              else least(greatest(0, floor((p_budget - (p_price ->> 'credits')::numeric
+                                            - coalesce(p_input_tokens, 0)
+                                              * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000)
+                                           * 1000 / (p_price ->> 'credits_per_1k_output_tokens')::numeric)),
+                         (private.limits() ->> 'tokens')::bigint)::bigint end
+$$;
+
+revoke all on function private.price_of(text), private.priced(jsonb, bigint, bigint),
+  private.max_output_tokens(jsonb, bigint, bigint) from public, anon, authenticated, service_role;
+
+create function private.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
+                                        p_operation text, p_ttl_seconds integer, p_metadata jsonb,
+                                        p_model text, p_input_tokens integer, p_output_tokens integer,
+                                        p_overage text)
 returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -486,17 +557,31 @@ declare
   v_tx uuid := private.uuid_v7();
   v_expires timestamptz;
   v_actor uuid;
+  v_price jsonb;
+  v_room bigint;
 begin
-  v_actor := private.authorize(p_account_id, true);
-  v_cost := private.spend_cost(p_idempotency_key, p_amount, p_operation, null, null, null, p_metadata);
+  v_actor := private.authorize(p_account_id, true, true);
+  v_cost := private.spend_cost(p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens,
+                               p_output_tokens, p_metadata);
   if v_cost < 1 then
     perform private.invalid('p_operation', 'a hold must reserve at least 1 credit');
   end if;
   if p_ttl_seconds is null or p_ttl_seconds not between 1 and (private.limits() ->> 'ttl_seconds')::integer then
     perform private.invalid('p_ttl_seconds', format('must be 1 to %s seconds', private.limits() ->> 'ttl_seconds'));
   end if;
-  v_hash := private.request_hash('reserve', jsonb_build_array(p_amount, p_operation, p_ttl_seconds, p_metadata));
+  if p_overage is null or p_overage not in ('reject', 'if_available', 'overdraft') then
+    perform private.invalid('p_overage', 'must be reject, if_available or overdraft');
+  end if;
+  if p_overage = 'overdraft' and not private.is_service() then
+    perform private.fail('PT403', 'forbidden', '{"reason": "only the service makes overdraft holds"}'::jsonb);
+  end if;
+  v_hash := private.request_hash('reserve', jsonb_build_array(p_amount, p_operation, p_ttl_seconds, p_metadata,
+                                                              p_model, p_input_tokens, p_output_tokens,
+                                                              p_overage));
   v_expires := now() + make_interval(secs => p_ttl_seconds);
+  if p_operation is not null then
+    v_price := private.price_of(p_operation);
+  end if;
 
   v_wallet := private.lock_wallet(p_account_id);
   v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
@@ -504,7 +589,17 @@ begin
     return private.result(v_entry, true);
   end if;
   perform private.check_hold_bounds(v_wallet);
+  if v_wallet.limited then
+    perform private.check_limits(v_wallet, v_actor, null, v_cost);
+    v_room := private.limit_room(v_wallet, v_actor, null);
+  end if;
   if private.available(v_wallet) < v_cost then
+    if v_price is not null then
+      perform private.fail('PT402', 'insufficient_credits', jsonb_build_object(
+        'required', v_cost, 'available', private.available(v_wallet),
+        'max_output_tokens', private.max_output_tokens(v_price, p_input_tokens,
+                                                       least(private.available(v_wallet), v_room))));
+    end if;
     perform private.insufficient(v_cost, private.available(v_wallet));
   end if;
   v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
@@ -522,10 +617,11 @@ begin
   end if;
   insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
                                    parts, sub_epoch, period_start, period_end, expires_at, operation,
-                                   metadata)
+                                   metadata, actor_id, overage, price, input_tokens, output_tokens, model)
   values (v_hold, p_account_id, v_tx, v_cost, v_split.promotional, v_split.subscription, v_split.purchased,
           v_parts, v_wallet.sub_epoch, v_wallet.period_start, v_wallet.period_end, v_expires, p_operation,
-          coalesce(p_metadata, '{}'::jsonb));
+          coalesce(p_metadata, '{}'::jsonb), v_actor, p_overage, v_price, p_input_tokens, p_output_tokens,
+          p_model);
   update public.credit_wallets w
      set next_hold_expiry = least(coalesce(w.next_hold_expiry, v_expires), v_expires),
          hold_minute = date_trunc('minute', now()),
@@ -536,7 +632,11 @@ begin
                           p_held_promotional => v_split.promotional, p_held_subscription => v_split.subscription,
                           p_held_purchased => v_split.purchased, p_key => p_idempotency_key, p_hash => v_hash,
                           p_ref_id => v_hold, p_metadata => p_metadata, p_actor => v_actor,
-                          p_operation => p_operation, p_id => v_tx);
+                          p_operation => p_operation, p_id => v_tx,
+                          p_outcome => jsonb_build_object('amount', v_cost, 'expires_at', v_expires));
+  if v_wallet.limited then
+    perform private.count_usage(v_wallet, v_actor, 0, v_cost);
+  end if;
   return private.result(v_entry, false);
 end
 $$;
@@ -544,56 +644,73 @@ $$;
 create function public.reserve_credits(p_account_id uuid, p_idempotency_key text,
                                        p_amount integer default null,
                                        p_operation text default null, p_ttl_seconds integer default 900,
-                                       p_metadata jsonb default '{}'::jsonb)
+                                       p_metadata jsonb default '{}'::jsonb, p_model text default null,
+                                       p_input_tokens integer default null, p_output_tokens integer default null,
+                                       p_overage text default 'reject')
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 begin
   return private.reserve_credits(coalesce(p_account_id, private.personal_account()), p_idempotency_key,
-                                 p_amount, p_operation, p_ttl_seconds, p_metadata);
+                                 p_amount, p_operation, p_ttl_seconds, p_metadata, p_model, p_input_tokens,
+                                 p_output_tokens, p_overage);
 end
 $$;
-comment on function public.reserve_credits(uuid, text, integer, text, integer, jsonb) is
-  'Reserve credits for work in progress; a null account is the caller''s own. '
-  '{hold_id, account_id, amount, expires_at, replayed, balance}.';
+comment on function public.reserve_credits(uuid, text, integer, text, integer, jsonb, text, integer, integer, text) is
+  'Reserve credits for work in progress (an amount, or an operation priced from token estimates, the price '
+  'fixed now); a null account is the caller''s own. {hold_id, account_id, amount, expires_at, overage, replayed, '
+  'balance}.';
 
--- Find a hold and check the caller may spend from its account.
+-- Find a hold and check the caller may spend from its account (a plain
+-- member: only the holds they made).
 create function private.hold_account(p_hold_id uuid) returns uuid
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  v_account_id uuid;
+  v_hold record;
+  v_actor uuid;
 begin
   if p_hold_id is null then
     perform private.invalid('p_hold_id', 'required');
   end if;
-  select h.account_id into v_account_id from public.credit_holds h where h.id = p_hold_id;
+  select h.account_id, h.actor_id into v_hold from public.credit_holds h where h.id = p_hold_id;
   if not found then
     perform private.fail('PT404', 'hold_not_found');
   end if;
-  perform private.authorize(v_account_id, true);
-  return v_account_id;
+  v_actor := private.authorize(v_hold.account_id, true, true);
+  if v_actor is not null and v_hold.actor_id is distinct from v_actor
+     and private.is_plain_member(v_hold.account_id, v_actor) then
+    perform private.fail('PT403', 'forbidden');
+  end if;
+  return v_hold.account_id;
 end
 $$;
 
--- End a hold from the API: capture (p_charge > 0) or release (p_charge = 0).
-create function private.settle_hold(p_hold_id uuid, p_charge integer, p_metadata jsonb, p_capture boolean)
+-- End a hold from the API: capture (with its cost) or release.
+create function private.settle_hold(p_hold_id uuid, p_amount integer, p_metadata jsonb, p_capture boolean,
+                                    p_input_tokens integer default null, p_output_tokens integer default null,
+                                    p_model text default null)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_account_id uuid := private.hold_account(p_hold_id);
+  v_wallet public.credit_wallets;
   v_hold public.credit_holds;
   v_spend public.credit_transactions;
-  v_charge bigint;
+  v_overdraft public.credit_transactions;
+  v_cost bigint := 0;
+  v_over bigint := 0;
+  v_room bigint;
+  v_extra bigint := 0;
+  v_debt bigint := 0;
   v_metadata jsonb;
-  v_split private.split;
   v_result jsonb;
 begin
-  perform private.lock_wallet(v_account_id);
+  v_wallet := private.lock_wallet(v_account_id);
   select * into v_hold from public.credit_holds h where h.id = p_hold_id for update;
   if v_hold.status = (case when p_capture then 'captured' else 'released' end) then
     return v_hold.result || '{"replayed": true}'::jsonb;
@@ -602,25 +719,80 @@ begin
   if v_hold.status <> 'active' then
     perform private.fail('PT409', 'hold_not_active', jsonb_build_object('status', v_hold.status));
   end if;
-  v_charge := 0;
   if p_capture then
-    if p_charge is not null then
-      perform private.check_amount('p_amount', p_charge);
-      if p_charge > v_hold.amount then
-        perform private.invalid('p_amount', format('must not exceed the held amount (%s)', v_hold.amount));
-      end if;
+    if p_amount is not null and (p_input_tokens is not null or p_output_tokens is not null) then
+      perform private.invalid('p_amount', 'give p_amount or token counts, not both');
     end if;
-    v_charge := coalesce(p_charge, v_hold.amount);
+    if (p_input_tokens is not null or p_output_tokens is not null) and v_hold.price is null then
+      perform private.invalid(case when p_input_tokens is not null then 'p_input_tokens' else 'p_output_tokens' end,
+                              'the hold was not priced from an operation');
+    end if;
+    if p_input_tokens not between 0 and (private.limits() ->> 'tokens')::integer then
+      perform private.invalid('p_input_tokens', format('must be 0 to %s', private.limits() ->> 'tokens'));
+    end if;
+    if p_output_tokens not between 0 and (private.limits() ->> 'tokens')::integer then
+      perform private.invalid('p_output_tokens', format('must be 0 to %s', private.limits() ->> 'tokens'));
+    end if;
+    perform private.check_text('p_model', p_model, 'model');
+    if p_amount is not null then
+      perform private.check_amount('p_amount', p_amount);
+      v_cost := p_amount;
+    elsif p_input_tokens is not null or p_output_tokens is not null then
+      -- A missing count is priced from the hold's estimate.
+      v_cost := private.priced(v_hold.price, coalesce(p_input_tokens, v_hold.input_tokens),
+                               coalesce(p_output_tokens, v_hold.output_tokens));
+    else
+      v_cost := v_hold.amount;
+    end if;
+    if v_cost > (private.limits() ->> 'amount')::bigint then
+      perform private.invalid('p_amount', format('cost exceeds %s credits', private.limits() ->> 'amount'));
+    end if;
+    v_over := greatest(0, v_cost - v_hold.amount);
+    if v_over > 0 and v_hold.overage = 'reject' then
+      perform private.invalid(case when p_amount is not null then 'p_amount' else 'p_output_tokens' end,
+                              format('costs %s, more than the held amount (%s); the hold''s overage policy is reject',
+                                     v_cost, v_hold.amount));
+    end if;
     v_metadata := v_hold.metadata || coalesce(p_metadata, '{}'::jsonb);
     perform private.check_metadata(v_metadata, 'p_metadata (merged with the hold''s)');
+    if v_over > 0 then
+      -- Above the hold: what is available, then (overdraft) debt up to the
+      -- account's overdraft limit, all within the maker's spend limits.
+      if v_wallet.limited then
+        v_room := private.limit_room(v_wallet, v_hold.actor_id, null);
+      end if;
+      v_extra := least(v_over, private.available(v_wallet), coalesce(v_room, v_over));
+      if v_hold.overage = 'overdraft' then
+        v_debt := greatest(0, least(v_over - v_extra,
+                                    (select a.overdraft_limit from public.credit_accounts a
+                                      where a.id = v_account_id) - v_wallet.debt,
+                                    coalesce(v_room, v_over) - v_extra));
+      end if;
+    end if;
   end if;
-  v_spend := private.end_hold(v_hold, v_charge, v_metadata, private.actor());
+  v_spend := private.end_hold(v_hold, least(v_cost, v_hold.amount), v_metadata,
+                              coalesce(v_hold.actor_id, private.actor()), v_extra,
+                              jsonb_build_object('model', coalesce(p_model, v_hold.model),
+                                                 'input_tokens', coalesce(p_input_tokens, v_hold.input_tokens),
+                                                 'output_tokens', coalesce(p_output_tokens, v_hold.output_tokens)));
+  if v_debt > 0 then
+    v_overdraft := private.post(v_account_id, 'overdraft', p_origin => 'system', p_ref_id => p_hold_id,
+                                p_debt => v_debt, p_actor => coalesce(v_hold.actor_id, private.actor()),
+                                p_metadata => '{"reason": "capture above the hold (overdraft)"}'::jsonb);
+    select * into v_wallet from public.credit_wallets w where w.account_id = v_account_id;
+    if v_wallet.limited then
+      perform private.count_usage(v_wallet, v_hold.actor_id, v_debt, 0);
+    end if;
+  end if;
   if p_capture then
-    v_split := private.spend_split(v_hold.promotional, v_hold.subscription, v_hold.purchased, v_charge);
     v_result := jsonb_build_object(
-      'transaction_id', v_spend.id, 'hold_id', p_hold_id, 'charged', v_charge,
-      'released', v_hold.amount - v_charge, 'from_promotional', v_split.promotional,
-      'from_subscription', v_split.subscription, 'from_purchased', v_split.purchased, 'replayed', false);
+      'transaction_id', coalesce(v_spend.id, v_overdraft.id), 'hold_id', p_hold_id, 'requested', v_cost,
+      'charged', least(v_cost, v_hold.amount) + v_extra + v_debt,
+      'released', v_hold.amount - least(v_cost, v_hold.amount),
+      'uncovered', v_cost - least(v_cost, v_hold.amount) - v_extra - v_debt, 'debt_added', v_debt,
+      'from_promotional', coalesce(-v_spend.promotional, 0),
+      'from_subscription', coalesce(-v_spend.subscription, 0),
+      'from_purchased', coalesce(-v_spend.purchased, 0), 'replayed', false);
   else
     v_result := jsonb_build_object('hold_id', p_hold_id, 'released', v_hold.amount, 'replayed', false);
   end if;
@@ -633,29 +805,31 @@ begin
 end
 $$;
 
-create function private.capture_hold(p_hold_id uuid, p_amount integer default null,
-                                    p_metadata jsonb default '{}'::jsonb)
+create function private.capture_hold(p_hold_id uuid, p_amount integer, p_metadata jsonb, p_input_tokens integer,
+                                     p_output_tokens integer, p_model text)
 returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-  return private.settle_hold(p_hold_id, p_amount, p_metadata, true);
+  return private.settle_hold(p_hold_id, p_amount, p_metadata, true, p_input_tokens, p_output_tokens, p_model);
 end
 $$;
 
 create function public.capture_hold(p_hold_id uuid, p_amount integer default null,
-                                    p_metadata jsonb default '{}'::jsonb)
+                                    p_metadata jsonb default '{}'::jsonb, p_input_tokens integer default null,
+                                    p_output_tokens integer default null, p_model text default null)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-  return private.capture_hold(p_hold_id, p_amount, p_metadata);
+  return private.capture_hold(p_hold_id, p_amount, p_metadata, p_input_tokens, p_output_tokens, p_model);
 end
 $$;
-comment on function public.capture_hold(uuid, integer, jsonb) is
-  'Charge up to the held amount (default all) from the pools the hold reserved; release the rest.';
+comment on function public.capture_hold(uuid, integer, jsonb, integer, integer, text) is
+  'Charge the hold (an amount, the actual tokens at the hold''s price, or all of it) and release the rest; '
+  'above the hold its overage policy applies.';
 
 create function private.release_hold(p_hold_id uuid)
 returns jsonb
@@ -678,17 +852,142 @@ end
 $$;
 comment on function public.release_hold(uuid) is 'Release a hold: {hold_id, released, replayed, balance}.';
 
-revoke all on function private.hold_account(uuid), private.settle_hold(uuid, integer, jsonb, boolean),
-  public.reserve_credits(uuid, text, integer, text, integer, jsonb), public.capture_hold(uuid, integer, jsonb),
-  public.release_hold(uuid)
+-- Grow an active hold from available credits (all or nothing) and/or move
+-- its expiry; at most 100 extensions per hold. The hold's new credits come
+-- from the front grants of each pool, like a reserve's.
+create function private.extend_hold(p_hold_id uuid, p_idempotency_key text, p_add_amount integer,
+                                    p_ttl_seconds integer)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_account_id uuid := private.hold_account(p_hold_id);
+  v_hash uuid;
+  v_wallet public.credit_wallets;
+  v_hold public.credit_holds;
+  v_entry public.credit_transactions;
+  v_split private.split := row(0, 0, 0)::private.split;
+  v_parts jsonb := '[]'::jsonb;
+  v_add bigint := coalesce(p_add_amount, 0);
+  v_expires timestamptz;
+begin
+  perform private.check_key(p_idempotency_key);
+  if v_add <> 0 then
+    perform private.check_amount('p_add_amount', v_add);
+  end if;
+  if p_ttl_seconds is not null
+     and p_ttl_seconds not between 1 and (private.limits() ->> 'ttl_seconds')::integer then
+    perform private.invalid('p_ttl_seconds', format('must be 1 to %s seconds', private.limits() ->> 'ttl_seconds'));
+  end if;
+  if v_add = 0 and p_ttl_seconds is null then
+    perform private.invalid('p_add_amount', 'give p_add_amount, p_ttl_seconds or both');
+  end if;
+  v_hash := private.request_hash('extend', jsonb_build_array(p_hold_id, v_add, p_ttl_seconds));
+  v_wallet := private.lock_wallet(v_account_id);
+  v_entry := private.find_key(v_account_id, p_idempotency_key, v_hash);
+  if v_entry.id is not null then
+    return private.result(v_entry, true);
+  end if;
+  select * into v_hold from public.credit_holds h where h.id = p_hold_id for update;
+  if v_hold.status <> 'active' then
+    perform private.fail('PT409', 'hold_not_active', jsonb_build_object('status', v_hold.status));
+  end if;
+  if v_hold.extensions >= 100 then
+    perform private.fail('PT409', 'hold_extension_limit', '{"limit": 100}'::jsonb);
+  end if;
+  if v_add > 0 then
+    if v_wallet.limited then
+      perform private.check_limits(v_wallet, v_hold.actor_id, null, v_add);
+    end if;
+    if private.available(v_wallet) < v_add then
+      perform private.insufficient(v_add, private.available(v_wallet));
+    end if;
+    v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
+                                   v_wallet.subscription - v_wallet.held_subscription,
+                                   v_wallet.purchased - v_wallet.held_purchased, v_add);
+    if v_split.subscription > 0 and v_hold.sub_epoch <> v_wallet.sub_epoch then
+      -- Its subscription credits are of an earlier period: one hold keeps one period's.
+      perform private.invalid('p_add_amount', 'the hold predates the current period; reserve a new hold');
+    end if;
+    if v_split.promotional > 0 then
+      v_parts := private.take_front(v_wallet, 'promotional', v_split.promotional);
+    end if;
+    if v_split.subscription > 0 then
+      v_parts := v_parts || private.take_front(v_wallet, 'subscription', v_split.subscription);
+    end if;
+    if v_split.purchased > 0 then
+      v_parts := v_parts || private.take_front(v_wallet, 'purchased', v_split.purchased);
+    end if;
+    -- One part per grant (a clawback's claim on a grant is matched once), in the spending order.
+    select coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object('p', x.p, 'g', x.g, 'a', x.a, 'e', x.e))
+                              order by x.pool_order, x.e nulls last, x.first), '[]'::jsonb)
+      into v_parts
+      from (select e ->> 'p' as p, e ->> 'g' as g, sum((e ->> 'a')::bigint) as a, e -> 'e' as e,
+                   min(o) as first,
+                   case coalesce(e ->> 'p', 'promotional') when 'promotional' then 1
+                                                            when 'subscription' then 2 else 3 end as pool_order
+              from jsonb_array_elements(v_hold.parts || v_parts) with ordinality x(e, o)
+             group by e ->> 'p', e ->> 'g', e -> 'e') x;
+  end if;
+  v_expires := case when p_ttl_seconds is not null then now() + make_interval(secs => p_ttl_seconds)
+                    else v_hold.expires_at end;
+  update public.credit_holds h
+     set amount = h.amount + v_add, promotional = h.promotional + v_split.promotional,
+         subscription = h.subscription + v_split.subscription, purchased = h.purchased + v_split.purchased,
+         parts = case when v_add > 0 then v_parts else h.parts end, expires_at = v_expires,
+         extensions = h.extensions + 1
+   where h.id = p_hold_id;
+  update public.credit_wallets w
+     set next_hold_expiry = (select min(h.expires_at) from public.credit_holds h
+                              where h.account_id = v_account_id and h.status = 'active')
+   where w.account_id = v_account_id;
+  v_entry := private.post(v_account_id, 'extend',
+                          p_held_promotional => v_split.promotional, p_held_subscription => v_split.subscription,
+                          p_held_purchased => v_split.purchased, p_key => p_idempotency_key, p_hash => v_hash,
+                          p_ref_id => p_hold_id, p_actor => private.actor(),
+                          p_outcome => jsonb_build_object('amount', v_hold.amount + v_add, 'expires_at', v_expires));
+  if v_wallet.limited and v_add > 0 then
+    perform private.count_usage(v_wallet, v_hold.actor_id, 0, v_add);
+  end if;
+  return private.result(v_entry, false);
+end
+$$;
+
+create function public.extend_hold(p_hold_id uuid, p_idempotency_key text, p_add_amount integer default 0,
+                                   p_ttl_seconds integer default null)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.extend_hold(p_hold_id, p_idempotency_key, p_add_amount, p_ttl_seconds);
+end
+$$;
+comment on function public.extend_hold(uuid, text, integer, integer) is
+  'Grow an active hold from available credits and/or move its expiry to now + ttl (at most 100 times). '
+  '{hold_id, amount, expires_at, replayed, balance}.';
+
+revoke all on function private.hold_account(uuid),
+  private.settle_hold(uuid, integer, jsonb, boolean, integer, integer, text),
+  public.reserve_credits(uuid, text, integer, text, integer, jsonb, text, integer, integer, text),
+  public.capture_hold(uuid, integer, jsonb, integer, integer, text), public.release_hold(uuid),
+  public.extend_hold(uuid, text, integer, integer)
   from public, anon, authenticated, service_role;
-grant execute on function public.reserve_credits(uuid, text, integer, text, integer, jsonb),
-  public.capture_hold(uuid, integer, jsonb), public.release_hold(uuid) to authenticated, service_role;
+grant execute on function public.reserve_credits(uuid, text, integer, text, integer, jsonb, text, integer, integer, text),
+  public.capture_hold(uuid, integer, jsonb, integer, integer, text), public.release_hold(uuid),
+  public.extend_hold(uuid, text, integer, integer) to authenticated, service_role;
 
 -- The definer code behind the public entry points.
-revoke all on function private.reserve_credits(uuid, text, integer, text, integer, jsonb) from public, anon, authenticated, service_role;
-grant execute on function private.reserve_credits(uuid, text, integer, text, integer, jsonb) to authenticated, service_role;
-revoke all on function private.capture_hold(uuid, integer, jsonb) from public, anon, authenticated, service_role;
-grant execute on function private.capture_hold(uuid, integer, jsonb) to authenticated, service_role;
+revoke all on function private.reserve_credits(uuid, text, integer, text, integer, jsonb, text, integer, integer, text)
+  from public, anon, authenticated, service_role;
+grant execute on function private.reserve_credits(uuid, text, integer, text, integer, jsonb, text, integer, integer, text)
+  to authenticated, service_role;
+revoke all on function private.capture_hold(uuid, integer, jsonb, integer, integer, text)
+  from public, anon, authenticated, service_role;
+grant execute on function private.capture_hold(uuid, integer, jsonb, integer, integer, text)
+  to authenticated, service_role;
 revoke all on function private.release_hold(uuid) from public, anon, authenticated, service_role;
 grant execute on function private.release_hold(uuid) to authenticated, service_role;
+revoke all on function private.extend_hold(uuid, text, integer, integer) from public, anon, authenticated, service_role;
+grant execute on function private.extend_hold(uuid, text, integer, integer) to authenticated, service_role;

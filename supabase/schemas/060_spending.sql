@@ -103,13 +103,14 @@ $$;
 -- check), then the wallet. The license-key deduct calls this too.
 create function private.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
                                        p_operation text, p_model text, p_input_tokens integer,
-                                       p_output_tokens integer, p_metadata jsonb)
+                                       p_output_tokens integer, p_metadata jsonb,
+                                       p_license_key_id uuid default null)
 returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  v_actor uuid := private.authorize(p_account_id, true);
+  v_actor uuid := private.authorize(p_account_id, true, true);
   v_cost bigint := private.spend_cost(p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens,
                                       p_output_tokens, p_metadata);
   v_hash uuid := private.request_hash('deduct', jsonb_build_array(p_amount, p_operation, p_model,
@@ -125,6 +126,14 @@ begin
   end if;
   if private.sweep_due(v_wallet) then
     v_wallet := private.lock_wallet(p_account_id);
+  end if;
+  if v_wallet.limited and coalesce(p_license_key_id, v_actor) is not null then
+    -- Limits come after the replay (a replay always replays), before the credits.
+    v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+    if v_entry.id is not null then
+      return private.result(v_entry, true);
+    end if;
+    perform private.check_limits(v_wallet, v_actor, p_license_key_id, v_cost);
   end if;
   if private.available(v_wallet) < v_cost then
     -- A replay still answers when the balance could not pay again.
@@ -170,18 +179,23 @@ begin
   insert into public.credit_transactions (
     account_id, kind, idempotency_key, request_hash, promotional, subscription, purchased,
     promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
-    next_expiry_amount, next_expiry_at, operation, model, input_tokens, output_tokens, metadata, actor_id)
+    next_expiry_amount, next_expiry_at, operation, model, input_tokens, output_tokens, metadata, actor_id,
+    debt_after, license_key_id, price)
   values (
     p_account_id, 'spend', p_idempotency_key, v_hash, -v_split.promotional, -v_split.subscription, -v_split.purchased,
     v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
     v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
     v_wallet.period_start, v_wallet.period_end, (v_expiry ->> 'amount')::bigint, (v_expiry ->> 'at')::timestamptz,
-    p_operation, p_model, p_input_tokens, p_output_tokens, coalesce(p_metadata, '{}'::jsonb), v_actor)
+    p_operation, p_model, p_input_tokens, p_output_tokens, coalesce(p_metadata, '{}'::jsonb), v_actor,
+    v_wallet.debt, p_license_key_id, case when p_operation is not null then private.price_of(p_operation) end)
   returning * into v_entry;
   update public.credit_wallets w
      set promotional = v_wallet.promotional, subscription = v_wallet.subscription,
          purchased = v_wallet.purchased, promo_front_left = v_wallet.promo_front_left
    where w.account_id = p_account_id;
+  if v_wallet.limited then
+    perform private.count_usage(v_wallet, coalesce(p_license_key_id, v_actor), v_cost, 0);
+  end if;
   return private.result(v_entry, false);
 end
 $$;
@@ -200,12 +214,60 @@ set search_path = pg_catalog, pg_temp
 as $$
 begin
   return private.deduct_credits(coalesce(p_account_id, private.personal_account()), p_idempotency_key,
-                                p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata);
+                                p_amount, p_operation, p_model, p_input_tokens, p_output_tokens, p_metadata, null);
 end
 $$;
 comment on function public.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) is
   'Spend now (promotional, then subscription, then purchased); a null account is the caller''s own. '
   '{transaction_id, account_id, charged, from_promotional, from_subscription, from_purchased, replayed, balance}.';
+
+-- What a spend would cost and whether the caller can afford it now: no lock,
+-- no write; authorized and checked as a deduct.
+create function private.estimate_cost(p_account_id uuid, p_operation text, p_amount integer,
+                                      p_input_tokens integer, p_output_tokens integer)
+returns jsonb
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_account_id uuid := coalesce(p_account_id, private.personal_account());
+  v_actor uuid := private.authorize(v_account_id, true, true);
+  v_cost bigint := private.spend_cost('estimate', p_amount, p_operation, null, p_input_tokens, p_output_tokens,
+                                      null);
+  v_wallet public.credit_wallets;
+  v_available bigint;
+  v_room bigint;
+begin
+  select * into v_wallet from public.credit_wallets w where w.account_id = v_account_id;
+  v_wallet := private.current_wallet(v_wallet);
+  v_available := private.available(v_wallet);
+  if v_wallet.limited and v_actor is not null then
+    v_room := private.limit_room(v_wallet, v_actor, null);
+  end if;
+  return jsonb_build_object(
+    'cost', v_cost, 'available', v_available,
+    'affordable', v_cost <= v_available and v_cost <= coalesce(v_room, v_cost),
+    'max_output_tokens', case when p_operation is not null
+                              then private.max_output_tokens(private.price_of(p_operation), p_input_tokens,
+                                                             least(v_available, v_room)) end,
+    'limit_remaining', v_room);
+end
+$$;
+
+create function public.estimate_cost(p_account_id uuid default null, p_operation text default null,
+                                     p_amount integer default null, p_input_tokens integer default null,
+                                     p_output_tokens integer default null)
+returns jsonb
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.estimate_cost(p_account_id, p_operation, p_amount, p_input_tokens, p_output_tokens);
+end
+$$;
+comment on function public.estimate_cost(uuid, text, integer, integer, integer) is
+  'The cost of a spend, what is available, whether it is affordable, the most output tokens it covers and '
+  'the caller''s remaining limit: {cost, available, affordable, max_output_tokens, limit_remaining}.';
 
 create function private.get_credit_balance(p_account_id uuid default null) returns jsonb
 language plpgsql stable security definer
@@ -252,7 +314,8 @@ select a.id as account_id, a.user_id, a.tenant_id, a.plan_id,
        (b ->> 'total')::bigint as total,
        (b ->> 'period_start')::timestamptz as period_start,
        (b ->> 'period_end')::timestamptz as period_end,
-       b -> 'next_expiry' as next_expiry
+       b -> 'next_expiry' as next_expiry,
+       (b ->> 'debt')::bigint as debt
   from public.credit_accounts a
   join public.credit_wallets w on w.account_id = a.id
  cross join lateral private.balance_json(private.current_wallet(w)) b;
@@ -313,7 +376,13 @@ grant execute on function private.balance_json(public.credit_wallets), private.n
   to authenticated, service_role;
 
 -- The definer code behind the public entry points.
-revoke all on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) from public, anon, authenticated, service_role;
-grant execute on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb) to authenticated, service_role;
+revoke all on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb, uuid)
+  from public, anon, authenticated, service_role;
+grant execute on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb, uuid)
+  to authenticated, service_role;
+revoke all on function private.estimate_cost(uuid, text, integer, integer, integer),
+  public.estimate_cost(uuid, text, integer, integer, integer) from public, anon, authenticated, service_role;
+grant execute on function private.estimate_cost(uuid, text, integer, integer, integer),
+  public.estimate_cost(uuid, text, integer, integer, integer) to authenticated, service_role;
 revoke all on function private.get_credit_balance(uuid) from public, anon, authenticated, service_role;
 grant execute on function private.get_credit_balance(uuid) to authenticated, service_role;

@@ -125,8 +125,8 @@ end
 $$;
 comment on function public.revoke_license_key(uuid) is 'Revoke a license key: {key_id, revoked_at}.';
 
--- The account behind a license key, checked in the contract's order.
-create function private.license_account(p_license_key text) returns uuid
+-- The license key (its account, its id: the spender its limits name), checked in the contract's order.
+create function private.license_key(p_license_key text) returns public.credit_license_keys
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
@@ -147,7 +147,7 @@ begin
   if v_key.expires_at is not null and v_key.expires_at <= now() then
     perform private.fail('PT403', 'license_key_expired');
   end if;
-  return v_key.account_id;
+  return v_key;
 end
 $$;
 
@@ -161,12 +161,12 @@ language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  v_account_id uuid;
+  v_key public.credit_license_keys;
 begin
   perform private.require_service();
-  v_account_id := private.license_account(p_license_key);
-  return private.deduct_credits(v_account_id, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens,
-                                p_output_tokens, p_metadata);
+  v_key := private.license_key(p_license_key);
+  return private.deduct_credits(v_key.account_id, p_idempotency_key, p_amount, p_operation, p_model,
+                                p_input_tokens, p_output_tokens, p_metadata, v_key.id);
 end
 $$;
 
@@ -187,7 +187,7 @@ comment on function public.deduct_credits_by_license(text, text, integer, text, 
   'Service: deduct_credits for the account of an active, unexpired license key.';
 
 revoke all on function public.create_license_key(uuid, text, timestamptz), public.revoke_license_key(uuid),
-  private.license_account(text),
+  private.license_key(text),
   public.deduct_credits_by_license(text, text, integer, text, text, integer, integer, jsonb)
   from public, anon, authenticated, service_role;
 grant execute on function public.create_license_key(uuid, text, timestamptz), public.revoke_license_key(uuid)

@@ -146,6 +146,7 @@ declare
   v_refundable bigint;
   v_done bigint;
   v_amount bigint;
+  v_wallet public.credit_wallets;
 begin
   perform private.require_service();
   perform private.check_key(p_idempotency_key);
@@ -158,7 +159,7 @@ begin
     perform private.fail('PT404', 'transaction_not_found');
   end if;
   v_hash := private.request_hash('refund', jsonb_build_array(p_transaction_id, p_amount, p_reason));
-  perform private.lock_wallet(v_spend.account_id);
+  v_wallet := private.lock_wallet(v_spend.account_id);
   v_entry := private.find_key(v_spend.account_id, p_idempotency_key, v_hash);
   if v_entry.id is not null then
     return private.result(v_entry, true);
@@ -190,6 +191,12 @@ begin
             from (select s.source, s.stripe_ref, s.amount, sum(s.amount) over (order by s.ord) as cum
                     from private.spend_sources(v_spend) with ordinality s(source, stripe_ref, amount, ord)) s) p
    where p.amount > 0;
+  -- A spend counts against its spender's limits net of its refunds.
+  if v_wallet.limited then
+    perform private.count_usage(v_wallet, coalesce(v_spend.license_key_id, v_spend.actor_id), -v_amount, 0,
+                                v_spend.created_at);
+  end if;
+  perform private.settle_debt(v_spend.account_id);
   return private.result(v_entry, false);
 end
 $$;
@@ -244,6 +251,7 @@ declare
   v_hold record;
   v_claim bigint;
   v_part jsonb;
+  v_debt bigint := 0;
 begin
   perform private.require_service();
   perform private.check_key(p_key);
@@ -264,7 +272,7 @@ begin
   end if;
 
   -- Taken back so far (clawback and reinstatement rows), plus what holds still owe.
-  select coalesce(-sum(t.promotional + t.subscription + t.purchased), 0) into v_done
+  select coalesce(-sum(t.promotional + t.subscription + t.purchased) + sum(t.debt), 0) into v_done
     from public.credit_transactions t
    where t.stripe_ref = p_stripe_ref and t.account_id = v_grants.account_id
      and t.kind in ('clawback', 'reinstate');
@@ -318,6 +326,10 @@ begin
       update public.credit_holds h set claims = v_hold.claims where h.id = v_hold.id;
     end loop;
   end if;
+  -- Of what was spent, the part that paid debt is owed again (not a shortfall).
+  if v_outstanding - v_total - v_claimed > 0 then
+    v_debt := least(v_outstanding - v_total - v_claimed, private.debt_paid_by(v_grants.account_id, p_stripe_ref));
+  end if;
   v_entry := private.post(
     v_grants.account_id, 'clawback',
     p_promotional => -(v_by_pool ->> 'promotional')::bigint,
@@ -325,9 +337,10 @@ begin
     p_purchased => -(v_by_pool ->> 'purchased')::bigint,
     p_origin => p_origin, p_key => p_key, p_hash => v_hash, p_stripe_ref => p_stripe_ref,
     p_description => p_reason,
-    p_metadata => jsonb_build_object('reason', p_reason),
-    p_outcome => jsonb_build_object('pending', v_claimed, 'shortfall', v_outstanding - v_total - v_claimed,
-                                    'grants', v_taken));
+    p_metadata => jsonb_build_object('reason', p_reason), p_debt => v_debt,
+    p_outcome => jsonb_build_object('pending', v_claimed,
+                                    'shortfall', v_outstanding - v_total - v_claimed - v_debt,
+                                    'grants', v_taken, 'debt', v_debt));
   return private.result(v_entry, false);
 end
 $$;
@@ -369,11 +382,14 @@ declare
 begin
   perform private.require_service();
   perform private.authorize(p_account_id, true);
-  if p_pool is null or p_pool not in ('promotional', 'subscription', 'purchased') then
-    perform private.invalid('p_pool', 'must be promotional, subscription or purchased');
+  if p_pool is null or p_pool not in ('promotional', 'subscription', 'purchased', 'debt') then
+    perform private.invalid('p_pool', 'must be promotional, subscription, purchased or debt');
   end if;
   if p_amount is null or p_amount = 0 or abs(p_amount::bigint) > (private.limits() ->> 'amount')::bigint then
     perform private.invalid('p_amount', 'must be a non-zero whole number from -1000000000 to 1000000000');
+  end if;
+  if p_pool = 'debt' and p_amount > 0 then
+    perform private.invalid('p_amount', 'debt is only written off (a negative amount)');
   end if;
   if p_pool = 'promotional' and p_amount > 0 then
     perform private.invalid('p_pool', 'promotional credits are granted with an expiry (grant_promotional_credits)');
@@ -391,6 +407,7 @@ begin
   end if;
   v_free := case p_pool when 'promotional' then v_wallet.promotional - v_wallet.held_promotional
                         when 'subscription' then v_wallet.subscription - v_wallet.held_subscription
+                        when 'debt' then v_wallet.debt
                         else v_wallet.purchased - v_wallet.held_purchased end;
   if p_amount < 0 and v_free < -p_amount then
     perform private.insufficient(-p_amount, v_free);
@@ -399,8 +416,12 @@ begin
                           p_promotional => case when p_pool = 'promotional' then p_amount else 0 end,
                           p_subscription => case when p_pool = 'subscription' then p_amount else 0 end,
                           p_purchased => case when p_pool = 'purchased' then p_amount else 0 end,
+                          p_debt => case when p_pool = 'debt' then p_amount else 0 end,
                           p_key => p_idempotency_key, p_hash => v_hash, p_description => p_reason,
                           p_metadata => jsonb_build_object('reason', p_reason));
+  if p_amount > 0 then
+    perform private.settle_debt(p_account_id);
+  end if;
   return private.result(v_entry, false);
 end
 $$;
@@ -428,7 +449,7 @@ set search_path = pg_catalog, pg_temp
 as $$
   with sums as (
     select t.account_id, sum(t.promotional)::bigint as promotional, sum(t.subscription)::bigint as subscription,
-           sum(t.purchased)::bigint as purchased
+           sum(t.purchased)::bigint as purchased, sum(t.debt)::bigint as debt
       from public.credit_transactions t group by t.account_id
   ), holds as (
     select h.account_id, sum(h.promotional)::bigint as promotional, sum(h.subscription)::bigint as subscription,
@@ -453,6 +474,11 @@ as $$
      cross join lateral (values ('promotional', w.promotional, s.promotional),
                                 ('subscription', w.subscription, s.subscription),
                                 ('purchased', w.purchased, s.purchased),
+                                ('debt', w.debt, s.debt),
+                                -- Debt is paid as soon as there are free credits.
+                                ('debt_unpaid', least(w.debt, w.promotional - w.held_promotional
+                                                              + w.subscription - w.held_subscription
+                                                              + w.purchased - w.held_purchased), 0),
                                 ('held_promotional', w.held_promotional, h.promotional),
                                 ('held_subscription', w.held_subscription, h.subscription),
                                 ('held_purchased', w.held_purchased, h.purchased),

@@ -178,6 +178,9 @@ begin
   v_processed := v_result.processed;
   v_expired := v_result.expired;
   v_granted := v_result.granted;
+  -- A renewal pays what the account owes (rare: a partial index finds them).
+  perform private.settle_debt(w.account_id) from public.credit_wallets w
+   where w.debt > 0 and w.account_id = any (coalesce(v_ids, '{}'));
 
   -- Yearly prices: each account's month from its own anniversary, with the
   -- plan, seats and paid share current now, never past the paid period; the
@@ -199,6 +202,7 @@ begin
                             array[least(v_month.month_end, v_yearly.stripe_paid_through)], v_month.month_start,
                             'system', null, null, v_yearly.stripe_paid_ref,
                             '{"reason": "yearly_month"}'::jsonb) r;
+    perform private.settle_debt(v_yearly.id);
     v_processed := v_processed + v_result.processed;
     v_expired := v_expired + v_result.expired;
     v_granted := v_granted + v_result.granted;

@@ -654,6 +654,7 @@ begin
                           p_metadata => p_metadata || jsonb_build_object('allowance', p_allowance,
                                                                          'previous_allowance', v_best),
                           p_source => 'plan_change');
+  perform private.settle_debt(p_account_id);
   return private.stripe_result('applied', 'allowance_raised', p_account_id, private.result(v_entry, false),
                                p_touched);
 end
@@ -1045,6 +1046,9 @@ begin
                           p_key => 'reinstate:' || v_dispute, p_hash => v_hash,
                           p_ref_id => v_taken.id, p_stripe_ref => v_taken.stripe_ref,
                           p_metadata => jsonb_build_object('reason', 'dispute won', 'dispute', v_dispute),
+                          -- The debt this dispute made owed again is owed no more.
+                          p_debt => -least(v_taken.debt, (select w.debt from public.credit_wallets w
+                                                           where w.account_id = v_taken.account_id)),
                           p_outcome => jsonb_build_object('grants', (
                             select coalesce(jsonb_object_agg(e ->> 'g', (e ->> 'amount')::bigint), '{}'::jsonb)
                               from jsonb_array_elements(v_claims) e)));
@@ -1056,6 +1060,7 @@ begin
   end if;
   -- A promotional grant whose date passed expires what it got back now.
   perform private.lock_wallet(v_taken.account_id);
+  perform private.settle_debt(v_taken.account_id);
   -- A won dispute of a yearly price's payment resumes its months.
   update public.credit_accounts a
      set stripe_paid_through = a.stripe_paid_until, updated_at = now()
