@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import Caller, Db, expect_error, new_key, select_as
 
-BALANCE_KEYS = {"account_id", "promotional", "subscription", "purchased", "held", "available", "total",
+BALANCE_KEYS = {"account_id", "promotional", "subscription", "purchased", "held", "debt", "available", "total",
                 "period_start", "period_end", "next_expiry"}
 
 
@@ -274,8 +274,9 @@ def test_reconcile_finds_a_balance_the_ledger_does_not_explain(database: Db) -> 
     database.call("reserve_credits", caller, p_account_id=account_id, p_idempotency_key=new_key(), p_amount=1)
     clean = database.call("reconcile_credit_balances")
     assert clean["mismatches"] == []
-    # Per account: three pools against the ledger, three held counters, three pools against their grants.
-    assert clean["checked"] == 9 * database.one("select count(*) from public.credit_accounts")
+    # Per account: three pools and debt against the ledger, three held counters, three pools against
+    # their grants, and debt left unpaid beside free credits.
+    assert clean["checked"] == 11 * database.one("select count(*) from public.credit_accounts")
     # Tamper behind the functions' back (as only the database owner could), then put it right.
     database.sql("update public.credit_wallets set purchased = 5, subscription = 3, held_subscription = 0 "
                  "where account_id = %s", account_id)

@@ -11,9 +11,9 @@ import pytest
 
 from tests.support import Caller, Db, expect_error, new_key, select_as, snapshot
 
-HOLD_KEYS = {"hold_id", "account_id", "amount", "expires_at", "replayed", "balance"}
-CAPTURE_KEYS = {"transaction_id", "hold_id", "charged", "released", "from_promotional", "from_subscription",
-                "from_purchased", "replayed", "balance"}
+HOLD_KEYS = {"hold_id", "account_id", "amount", "expires_at", "overage", "replayed", "balance"}
+CAPTURE_KEYS = {"transaction_id", "hold_id", "requested", "charged", "released", "uncovered", "debt_added",
+                "from_promotional", "from_subscription", "from_purchased", "replayed", "balance"}
 
 
 @pytest.fixture(scope="module", autouse=True)

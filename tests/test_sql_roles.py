@@ -155,6 +155,15 @@ FUNCTIONS: dict[str, tuple[str, Prepare, set[str]]] = {
                                                   "p_after": "ffffffff-ffff-ffff-ffff-ffffffffffff"},
                           {"processed", "next_after", "done"}),
     "reconcile_credit_balances": (SERVICE, lambda db, a: {}, {"checked", "mismatches"}),
+    "estimate_cost": (SPEND, lambda db, a: {"p_account_id": a, "p_amount": 1},
+                      {"cost", "available", "affordable", "max_output_tokens", "limit_remaining"}),
+    "extend_hold": (SPEND, lambda db, a: {"p_hold_id": _hold(db, a), "p_idempotency_key": key(),
+                                          "p_ttl_seconds": 60},
+                    {"hold_id", "amount", "expires_at", "balance"}),
+    # Removing a limit that is not there: a complete call that leaves the world as it is.
+    "set_spend_limit": (SPEND, lambda db, a: {"p_account_id": a, "p_subject": "default_member", "p_limit": None,
+                                              "p_period": "day"},
+                        {"account_id", "subject", "subject_id", "limit", "period", "spent", "held", "resets_at"}),
 }
 
 CALLER_NAMES = ["anon", "no_sub", "self", "other_user", "tenant_member", "tenant_admin", "tenant_owner",
@@ -251,6 +260,8 @@ PER_ACCOUNT = {
     "tenants": "select id from public.tenants",
     "tenant_members": "select tenant_id from public.tenant_members",
 }
+# Ledger and usage rows: a plain member of a tenant reads only those of their own spends.
+OWN_SPENDS_ONLY = {"credit_transactions", "credit_ledger", "credit_usage", "credit_pool_usage"}
 SEES = {
     "no_sub": set(), "self": {"P"}, "other_user": set(),
     "tenant_member": {"T"}, "tenant_admin": {"T"}, "tenant_owner": {"T"},
@@ -269,6 +280,8 @@ def test_row_visibility(database: Db, world: World, table: str, caller_name: str
     labels = {world.personal: "P", world.tenant_account: "T", world.tenant_id: "T"}
     seen = {labels[str(r[0])] for r in as_caller(database.conn, caller, query) if str(r[0]) in labels}
     expected = SEES[caller_name]
+    if caller_name == "tenant_member" and table in OWN_SPENDS_ONLY:
+        expected = set()  # a plain member reads only the rows of their own spends (this one made none)
     if table in ("tenants", "tenant_members"):
         expected = expected & {"T"}
     assert seen == expected

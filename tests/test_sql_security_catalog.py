@@ -18,7 +18,7 @@ from tests.support import Db
 
 USER_CALLABLE = {
     "get_credit_balance", "deduct_credits", "reserve_credits", "capture_hold", "release_hold",
-    "create_license_key", "revoke_license_key",
+    "create_license_key", "revoke_license_key", "extend_hold", "estimate_cost", "set_spend_limit",
 }
 SERVICE_ONLY_CONTRACT = {
     "deduct_credits_by_license", "add_purchased_credits", "add_subscription_credits",
@@ -194,7 +194,7 @@ def test_private_definer_code_is_not_reachable_by_anon(database: Db, functions: 
     # the credit_balances and credit_grants views compute with (pure, or
     # reading under RLS), and the caller's own account for a null p_account_id.
     allowed = USER_CALLABLE | {"is_service", "is_super_admin", "member_tenant_ids", "readable_account_ids",
-                               "personal_account",
+                               "managed_account_ids", "personal_account", "window_bounds",
                                "balance_json", "next_expiry", "current_wallet", "sweep_due", "hold_fates",
                                "fates", "spend_split", "grant_attribution"}
     reachable = {name for oid, schema, name, *_ in functions
@@ -282,7 +282,7 @@ def test_service_role_may_only_read_the_views(database: Db) -> None:
 
 def test_service_role_cannot_rewrite_the_books(database: Db) -> None:
     # Ledger, transactions and holds change only through the functions; on
-    # accounts service_role may change the plan, never a balance.
+    # accounts service_role may change the plan and the overdraft limit, never a balance.
     for table in ("credit_ledger", "credit_transactions", "credit_holds"):
         assert database.one(
             "select has_table_privilege('service_role', %s::regclass, 'INSERT, UPDATE, DELETE, TRUNCATE')",
@@ -293,7 +293,7 @@ def test_service_role_cannot_rewrite_the_books(database: Db) -> None:
         "and a.attnum > 0 and not a.attisdropped "
         "and has_column_privilege('service_role', a.attrelid, a.attnum, 'INSERT, UPDATE')"
     )
-    assert [r[0] for r in writable] == ["plan_id"]
+    assert [r[0] for r in writable] == ["plan_id", "overdraft_limit"]
 
 
 @pytest.fixture

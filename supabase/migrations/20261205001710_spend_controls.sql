@@ -230,6 +230,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_result jsonb;
+  v_paid public.credit_transactions;
   -- The balance object as it was right after the row.
   v_balance private.balance := row(
     p_entry.account_id, p_entry.promotional_after, p_entry.subscription_after, p_entry.purchased_after,
@@ -243,6 +244,23 @@ declare
     p_entry.debt_after
   )::private.balance;
 begin
+  if p_entry.kind in ('purchase', 'grant', 'promotion', 'refund', 'reinstate', 'adjustment', 'plan_change') then
+    -- Credits that arrived paid debt: the answer shows the balance after the payment.
+    select * into v_paid from public.credit_transactions t
+     where t.ref_id = p_entry.id and t.account_id = p_entry.account_id and t.kind = 'debt_payment';
+    if found then
+      v_balance := row(
+        v_paid.account_id, v_paid.promotional_after, v_paid.subscription_after, v_paid.purchased_after,
+        v_paid.held_after,
+        greatest(0, v_paid.promotional_after + v_paid.subscription_after + v_paid.purchased_after
+                    - v_paid.held_after - v_paid.debt_after),
+        v_paid.promotional_after + v_paid.subscription_after + v_paid.purchased_after,
+        v_paid.period_start, v_paid.period_end,
+        case when v_paid.next_expiry_at is not null
+             then jsonb_build_object('amount', v_paid.next_expiry_amount, 'at', v_paid.next_expiry_at) end,
+        v_paid.debt_after)::private.balance;
+    end if;
+  end if;
   case p_entry.kind
     when 'spend' then
       return to_jsonb(row(p_entry.id, p_entry.account_id,
@@ -409,7 +427,7 @@ begin
     v_entry := private.post(p_account_id, 'purchase', p_purchased => p_amount, p_origin => p_origin,
                             p_key => p_key, p_hash => v_hash, p_stripe_ref => p_stripe_ref,
                             p_description => p_description, p_metadata => p_metadata);
-    perform private.settle_debt(p_account_id);
+    perform private.settle_debt(p_account_id, v_entry.id);
     return private.result(v_entry, false);
   end if;
   return private.result(v_entry, true);
@@ -468,8 +486,9 @@ begin
   end if;
   perform private.renew(array[p_account_id], array[p_amount::bigint], array[coalesce(v_cap, 0)],
                         p_period_start, p_period_end, p_origin, p_key, v_hash, p_stripe_ref, p_metadata);
-  perform private.settle_debt(p_account_id);
-  return private.result(private.find_key(p_account_id, p_key, v_hash, p_origin), false);
+  v_entry := private.find_key(p_account_id, p_key, v_hash, p_origin);
+  perform private.settle_debt(p_account_id, v_entry.id);
+  return private.result(v_entry, false);
 end
 $$;
 
@@ -502,7 +521,7 @@ begin
   end if;
   v_entry := private.add_promotion(v_wallet, 'promotion', p_amount, p_expires_at, p_origin, p_key, v_hash,
                                    p_stripe_ref, p_reason, p_metadata, null, 'promotion');
-  perform private.settle_debt(p_account_id);
+  perform private.settle_debt(p_account_id, v_entry.id);
   return private.result(v_entry, false);
 end
 $$;
@@ -553,8 +572,9 @@ as $$
 $$;
 
 -- Pay what the account owes from its free credits (the caller holds the
--- wallet's lock and has written the credits that arrived).
-create function private.settle_debt(p_account_id uuid) returns void
+-- wallet's lock and has written the credits that arrived, p_ref: their row,
+-- whose answer then shows the balance after the payment).
+create function private.settle_debt(p_account_id uuid, p_ref uuid default null) returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
@@ -584,7 +604,7 @@ begin
           union all
           select * from private.front_parts(v_wallet, 'purchased', v_split.purchased)) x;
   perform private.post(p_account_id, 'debt_payment', -v_split.promotional, -v_split.subscription,
-                       -v_split.purchased, p_origin => 'system', p_debt => -v_pay,
+                       -v_split.purchased, p_origin => 'system', p_debt => -v_pay, p_ref_id => p_ref,
                        p_period_start => case when v_split.subscription > 0 then v_wallet.period_start end,
                        p_metadata => '{"reason": "debt paid by arriving credits"}'::jsonb,
                        p_outcome => jsonb_build_object('grants', v_grants));
@@ -607,7 +627,7 @@ as $$
                  where t.account_id = p_account_id and t.stripe_ref = p_stripe_ref and t.kind = 'reinstate'), 0))::bigint
 $$;
 
-revoke all on function private.front_parts(public.credit_wallets, text, bigint), private.settle_debt(uuid),
+revoke all on function private.front_parts(public.credit_wallets, text, bigint), private.settle_debt(uuid, uuid),
   private.debt_paid_by(uuid, text) from public, anon, authenticated, service_role;
 
 -- ---------------------------------------------------------------------------
@@ -1819,7 +1839,11 @@ begin
   -- Under the wallet's lock: refunds of one spend queue here.
   select coalesce(sum(r.purchased), 0) into v_done
     from public.credit_transactions r where r.ref_id = p_transaction_id and r.kind = 'refund';
-  v_refundable := -(v_spend.promotional + v_spend.subscription + v_spend.purchased) - v_done;
+  -- What the spend charged: its credits, and the debt a capture above its hold added.
+  v_refundable := -(v_spend.promotional + v_spend.subscription + v_spend.purchased) - v_done
+                  + coalesce((select sum(o.debt) from public.credit_transactions o
+                               where v_spend.ref_id is not null and o.ref_id = v_spend.ref_id
+                                 and o.account_id = v_spend.account_id and o.kind = 'overdraft'), 0);
   v_amount := coalesce(p_amount, v_refundable);
   if v_amount < 1 then
     perform private.invalid('p_transaction_id', 'nothing left to refund');
@@ -1848,7 +1872,7 @@ begin
     perform private.count_usage(v_wallet, coalesce(v_spend.license_key_id, v_spend.actor_id), -v_amount, 0,
                                 v_spend.created_at);
   end if;
-  perform private.settle_debt(v_spend.account_id);
+  perform private.settle_debt(v_spend.account_id, v_entry.id);
   return private.result(v_entry, false);
 end
 $$;
@@ -2021,7 +2045,7 @@ begin
                           p_key => p_idempotency_key, p_hash => v_hash, p_description => p_reason,
                           p_metadata => jsonb_build_object('reason', p_reason));
   if p_amount > 0 then
-    perform private.settle_debt(p_account_id);
+    perform private.settle_debt(p_account_id, v_entry.id);
   end if;
   return private.result(v_entry, false);
 end
@@ -2299,7 +2323,7 @@ begin
                           p_metadata => p_metadata || jsonb_build_object('allowance', p_allowance,
                                                                          'previous_allowance', v_best),
                           p_source => 'plan_change');
-  perform private.settle_debt(p_account_id);
+  perform private.settle_debt(p_account_id, v_entry.id);
   return private.stripe_result('applied', 'allowance_raised', p_account_id, private.result(v_entry, false),
                                p_touched);
 end
@@ -2417,7 +2441,7 @@ begin
   end if;
   -- A promotional grant whose date passed expires what it got back now.
   perform private.lock_wallet(v_taken.account_id);
-  perform private.settle_debt(v_taken.account_id);
+  perform private.settle_debt(v_taken.account_id, v_entry.id);
   -- A won dispute of a yearly price's payment resumes its months.
   update public.credit_accounts a
      set stripe_paid_through = a.stripe_paid_until, updated_at = now()
@@ -2509,7 +2533,11 @@ select t.id as transaction_id,
        t.model,
        t.input_tokens,
        t.output_tokens,
-       -(t.promotional + t.subscription + t.purchased) as credits,
+       -(t.promotional + t.subscription + t.purchased)
+       -- A capture above its hold charged debt too.
+       + coalesce((select sum(o.debt)::bigint from public.credit_transactions o
+                    where t.ref_id is not null and o.ref_id = t.ref_id and o.account_id = t.account_id
+                      and o.kind = 'overdraft'), 0) as credits,
        coalesce((select sum(r.purchased) from public.credit_transactions r
                   where r.ref_id = t.id and r.kind = 'refund'), 0)::bigint as refunded,
        t.metadata,

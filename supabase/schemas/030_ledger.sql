@@ -325,6 +325,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
   v_result jsonb;
+  v_paid public.credit_transactions;
   -- The balance object as it was right after the row.
   v_balance private.balance := row(
     p_entry.account_id, p_entry.promotional_after, p_entry.subscription_after, p_entry.purchased_after,
@@ -338,6 +339,23 @@ declare
     p_entry.debt_after
   )::private.balance;
 begin
+  if p_entry.kind in ('purchase', 'grant', 'promotion', 'refund', 'reinstate', 'adjustment', 'plan_change') then
+    -- Credits that arrived paid debt: the answer shows the balance after the payment.
+    select * into v_paid from public.credit_transactions t
+     where t.ref_id = p_entry.id and t.account_id = p_entry.account_id and t.kind = 'debt_payment';
+    if found then
+      v_balance := row(
+        v_paid.account_id, v_paid.promotional_after, v_paid.subscription_after, v_paid.purchased_after,
+        v_paid.held_after,
+        greatest(0, v_paid.promotional_after + v_paid.subscription_after + v_paid.purchased_after
+                    - v_paid.held_after - v_paid.debt_after),
+        v_paid.promotional_after + v_paid.subscription_after + v_paid.purchased_after,
+        v_paid.period_start, v_paid.period_end,
+        case when v_paid.next_expiry_at is not null
+             then jsonb_build_object('amount', v_paid.next_expiry_amount, 'at', v_paid.next_expiry_at) end,
+        v_paid.debt_after)::private.balance;
+    end if;
+  end if;
   case p_entry.kind
     when 'spend' then
       return to_jsonb(row(p_entry.id, p_entry.account_id,
@@ -438,7 +456,11 @@ select t.id as transaction_id,
        t.model,
        t.input_tokens,
        t.output_tokens,
-       -(t.promotional + t.subscription + t.purchased) as credits,
+       -(t.promotional + t.subscription + t.purchased)
+       -- A capture above its hold charged debt too.
+       + coalesce((select sum(o.debt)::bigint from public.credit_transactions o
+                    where t.ref_id is not null and o.ref_id = t.ref_id and o.account_id = t.account_id
+                      and o.kind = 'overdraft'), 0) as credits,
        coalesce((select sum(r.purchased) from public.credit_transactions r
                   where r.ref_id = t.id and r.kind = 'refund'), 0)::bigint as refunded,
        t.metadata,

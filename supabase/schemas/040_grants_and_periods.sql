@@ -571,7 +571,7 @@ begin
     v_entry := private.post(p_account_id, 'purchase', p_purchased => p_amount, p_origin => p_origin,
                             p_key => p_key, p_hash => v_hash, p_stripe_ref => p_stripe_ref,
                             p_description => p_description, p_metadata => p_metadata);
-    perform private.settle_debt(p_account_id);
+    perform private.settle_debt(p_account_id, v_entry.id);
     return private.result(v_entry, false);
   end if;
   return private.result(v_entry, true);
@@ -658,8 +658,9 @@ begin
   end if;
   perform private.renew(array[p_account_id], array[p_amount::bigint], array[coalesce(v_cap, 0)],
                         p_period_start, p_period_end, p_origin, p_key, v_hash, p_stripe_ref, p_metadata);
-  perform private.settle_debt(p_account_id);
-  return private.result(private.find_key(p_account_id, p_key, v_hash, p_origin), false);
+  v_entry := private.find_key(p_account_id, p_key, v_hash, p_origin);
+  perform private.settle_debt(p_account_id, v_entry.id);
+  return private.result(v_entry, false);
 end
 $$;
 
@@ -760,7 +761,7 @@ begin
   end if;
   v_entry := private.add_promotion(v_wallet, 'promotion', p_amount, p_expires_at, p_origin, p_key, v_hash,
                                    p_stripe_ref, p_reason, p_metadata, null, 'promotion');
-  perform private.settle_debt(p_account_id);
+  perform private.settle_debt(p_account_id, v_entry.id);
   return private.result(v_entry, false);
 end
 $$;

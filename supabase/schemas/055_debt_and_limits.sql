@@ -44,8 +44,9 @@ as $$
 $$;
 
 -- Pay what the account owes from its free credits (the caller holds the
--- wallet's lock and has written the credits that arrived).
-create function private.settle_debt(p_account_id uuid) returns void
+-- wallet's lock and has written the credits that arrived, p_ref: their row,
+-- whose answer then shows the balance after the payment).
+create function private.settle_debt(p_account_id uuid, p_ref uuid default null) returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
@@ -75,7 +76,7 @@ begin
           union all
           select * from private.front_parts(v_wallet, 'purchased', v_split.purchased)) x;
   perform private.post(p_account_id, 'debt_payment', -v_split.promotional, -v_split.subscription,
-                       -v_split.purchased, p_origin => 'system', p_debt => -v_pay,
+                       -v_split.purchased, p_origin => 'system', p_debt => -v_pay, p_ref_id => p_ref,
                        p_period_start => case when v_split.subscription > 0 then v_wallet.period_start end,
                        p_metadata => '{"reason": "debt paid by arriving credits"}'::jsonb,
                        p_outcome => jsonb_build_object('grants', v_grants));
@@ -98,7 +99,7 @@ as $$
                  where t.account_id = p_account_id and t.stripe_ref = p_stripe_ref and t.kind = 'reinstate'), 0))::bigint
 $$;
 
-revoke all on function private.front_parts(public.credit_wallets, text, bigint), private.settle_debt(uuid),
+revoke all on function private.front_parts(public.credit_wallets, text, bigint), private.settle_debt(uuid, uuid),
   private.debt_paid_by(uuid, text) from public, anon, authenticated, service_role;
 
 -- ---------------------------------------------------------------------------

@@ -167,7 +167,11 @@ begin
   -- Under the wallet's lock: refunds of one spend queue here.
   select coalesce(sum(r.purchased), 0) into v_done
     from public.credit_transactions r where r.ref_id = p_transaction_id and r.kind = 'refund';
-  v_refundable := -(v_spend.promotional + v_spend.subscription + v_spend.purchased) - v_done;
+  -- What the spend charged: its credits, and the debt a capture above its hold added.
+  v_refundable := -(v_spend.promotional + v_spend.subscription + v_spend.purchased) - v_done
+                  + coalesce((select sum(o.debt) from public.credit_transactions o
+                               where v_spend.ref_id is not null and o.ref_id = v_spend.ref_id
+                                 and o.account_id = v_spend.account_id and o.kind = 'overdraft'), 0);
   v_amount := coalesce(p_amount, v_refundable);
   if v_amount < 1 then
     perform private.invalid('p_transaction_id', 'nothing left to refund');
@@ -196,7 +200,7 @@ begin
     perform private.count_usage(v_wallet, coalesce(v_spend.license_key_id, v_spend.actor_id), -v_amount, 0,
                                 v_spend.created_at);
   end if;
-  perform private.settle_debt(v_spend.account_id);
+  perform private.settle_debt(v_spend.account_id, v_entry.id);
   return private.result(v_entry, false);
 end
 $$;
@@ -420,7 +424,7 @@ begin
                           p_key => p_idempotency_key, p_hash => v_hash, p_description => p_reason,
                           p_metadata => jsonb_build_object('reason', p_reason));
   if p_amount > 0 then
-    perform private.settle_debt(p_account_id);
+    perform private.settle_debt(p_account_id, v_entry.id);
   end if;
   return private.result(v_entry, false);
 end

@@ -654,7 +654,7 @@ begin
                           p_metadata => p_metadata || jsonb_build_object('allowance', p_allowance,
                                                                          'previous_allowance', v_best),
                           p_source => 'plan_change');
-  perform private.settle_debt(p_account_id);
+  perform private.settle_debt(p_account_id, v_entry.id);
   return private.stripe_result('applied', 'allowance_raised', p_account_id, private.result(v_entry, false),
                                p_touched);
 end
@@ -1060,7 +1060,7 @@ begin
   end if;
   -- A promotional grant whose date passed expires what it got back now.
   perform private.lock_wallet(v_taken.account_id);
-  perform private.settle_debt(v_taken.account_id);
+  perform private.settle_debt(v_taken.account_id, v_entry.id);
   -- A won dispute of a yearly price's payment resumes its months.
   update public.credit_accounts a
      set stripe_paid_through = a.stripe_paid_until, updated_at = now()
