@@ -194,7 +194,7 @@ def test_private_definer_code_is_not_reachable_by_anon(database: Db, functions: 
     # the credit_balances and credit_grants views compute with (pure, or
     # reading under RLS), and the caller's own account for a null p_account_id.
     allowed = USER_CALLABLE | {"is_service", "is_super_admin", "member_tenant_ids", "readable_account_ids",
-                               "managed_account_ids", "personal_account", "window_bounds",
+                               "managed_account_ids", "personal_account", "window_bounds", "lapsed_held",
                                "balance_json", "next_expiry", "current_wallet", "sweep_due", "hold_fates",
                                "fates", "spend_split", "grant_attribution"}
     reachable = {name for oid, schema, name, *_ in functions

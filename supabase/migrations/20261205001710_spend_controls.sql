@@ -697,6 +697,16 @@ begin
 end
 $$;
 
+-- What a spender's holds past their expiry still count as held until the next write sweeps them.
+create function private.lapsed_held(p_account_id uuid, p_spender uuid) returns bigint
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+  select coalesce(sum(h.amount), 0)::bigint from public.credit_holds h
+   where h.account_id = p_account_id and h.status = 'active' and h.expires_at <= now()
+     and h.actor_id = p_spender
+$$;
+
 -- A plain member of the account's tenant (the only ones default_member limits cover).
 create function private.is_plain_member(p_account_id uuid, p_user uuid) returns boolean
 language sql stable
@@ -714,8 +724,7 @@ returns table (credit_limit bigint, period text, spent bigint, held bigint, rese
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select l.credit_limit, l.period, x.spent, coalesce(u.held, 0), b.w_end,
-         l.credit_limit - x.spent - coalesce(u.held, 0)
+  select l.credit_limit, l.period, x.spent, x.held, b.w_end, l.credit_limit - x.spent - x.held
     from private.spend_limits l
     left join private.spend_usage u on u.account_id = l.account_id and u.spender = coalesce(p_key, p_user)
    cross join lateral private.window_bounds(l.period, p_wallet, now()) b
@@ -724,7 +733,9 @@ as $$
                                          when 'week' then case when u.week_start = b.w_start then u.week_spent end
                                          when 'month' then case when u.month_start = b.w_start then u.month_spent end
                                          else case when u.period_start = b.w_start then u.period_spent end
-                                       end, 0) as spent) x
+                                       end, 0) as spent,
+                              -- Holds past their expiry are no longer held (a read before the sweep).
+                              coalesce(u.held, 0) - private.lapsed_held(l.account_id, p_user) as held) x
    where l.account_id = p_wallet.account_id
      and coalesce(p_key, p_user) is not null
      and case when p_key is not null then l.subject = 'license_key' and l.subject_id = p_key
@@ -742,7 +753,8 @@ create function private.limit_room(p_wallet public.credit_wallets, p_user uuid, 
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select greatest(0, min(l.room))::bigint from private.applicable_limits(p_wallet, p_user, p_key) l
+  select case when count(*) > 0 then greatest(0, min(l.room))::bigint end
+    from private.applicable_limits(p_wallet, p_user, p_key) l
 $$;
 
 -- Refuse a spend of p_amount that would pass a limit (spend_limit_exceeded, the tightest limit's figures).
@@ -854,6 +866,7 @@ end
 $$;
 
 revoke all on function private.window_bounds(text, public.credit_wallets, timestamptz),
+  private.lapsed_held(uuid, uuid),
   private.is_plain_member(uuid, uuid), private.applicable_limits(public.credit_wallets, uuid, uuid),
   private.limit_room(public.credit_wallets, uuid, uuid),
   private.check_limits(public.credit_wallets, uuid, uuid, bigint),
@@ -975,7 +988,7 @@ select l.account_id, l.subject, s.subject_id, l.credit_limit as "limit", l.perio
                               when 'month' then case when u.month_start = b.w_start then u.month_spent end
                               else case when u.period_start = b.w_start then u.period_spent end end, 0)::bigint
          as spent,
-       coalesce(u.held, 0)::bigint as held,
+       (coalesce(u.held, 0) - private.lapsed_held(l.account_id, s.subject_id))::bigint as held,
        b.w_end as resets_at
   from private.spend_limits l
   join public.credit_wallets w on w.account_id = l.account_id
@@ -997,8 +1010,8 @@ comment on view public.credit_spend_limits is
   'Spend limits and, per spender they cover, what was spent and is held in the current window.';
 revoke all on public.credit_spend_limits from anon, authenticated, service_role;
 grant select on public.credit_spend_limits to authenticated, service_role;
-grant execute on function private.window_bounds(text, public.credit_wallets, timestamptz)
-  to authenticated, service_role;
+grant execute on function private.window_bounds(text, public.credit_wallets, timestamptz),
+  private.lapsed_held(uuid, uuid) to authenticated, service_role;
 
 create function private.end_hold(p_hold public.credit_holds, p_charge bigint,
                                  p_metadata jsonb default null, p_actor uuid default null,
