@@ -196,3 +196,27 @@ def load_naive(conn: psycopg.Connection, count: int, *, balance: int) -> None:
     conn.execute(f"insert into bench.naive_accounts select {account_id_sql('n')}, 3, %s "
                  "from generate_series(1, %s) n", (balance, count))
     conn.execute("vacuum analyze bench.naive_accounts")
+
+
+def load_limits(conn: psycopg.Connection, count: int) -> None:
+    """Odd accounts of 1..count get spend limits their owner spends under: a
+    member limit naming the owner and a default member limit, both far above
+    what a run spends (what set_spend_limit writes for an account with no spends yet)."""
+    with conn.transaction():
+        conn.execute(
+            f"""
+            insert into private.spend_limits (account_id, subject, subject_id, period, credit_limit)
+            select {account_id_sql('n')}, s.subject,
+                   case when s.subject = 'member' then md5('bench-user-' || n)::uuid end, 'day', 1000000000
+              from generate_series(1, %(count)s, 2) n
+             cross join (values ('member'), ('default_member')) s(subject)
+            """,
+            {"count": count},
+        )
+        conn.execute(
+            f"update public.credit_wallets set limited = true "
+            f"where account_id in (select {account_id_sql('n')} from generate_series(1, %(count)s, 2) n)",
+            {"count": count},
+        )
+        conn.execute("analyze private.spend_limits")
+

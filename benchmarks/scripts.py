@@ -52,3 +52,27 @@ RESERVE_CAPTURE = (_PICK + _AS_SERVICE
 DEDUCT_BY_LICENSE = (_PICK + _AS_SERVICE
                      + f"SELECT public.deduct_credits_by_license({license_key_sql(':n')}, "
                      f"{_KEY.format(prefix='l')}, 1);\nEND;\n")
+
+# Holds priced from tokens (the 'bench-llm' price: 1 credit + 1 per 1k input + 2 per 1k output tokens),
+# captured with the actual tokens: compared with RESERVE_CAPTURE (fixed amounts).
+RESERVE_CAPTURE_TOKENS = (
+    _PICK + _AS_SERVICE
+    + f"SELECT public.reserve_credits({_ACCOUNT}, {_KEY.format(prefix='t')}, p_operation => 'bench-llm', "
+    "p_input_tokens => 200, p_output_tokens => 400) ->> 'hold_id' AS hold \\gset\nEND;\n"
+    + _AS_SERVICE
+    + "SELECT public.capture_hold(:hold::uuid, p_input_tokens => 180, p_output_tokens => 250);\nEND;\n")
+
+
+def _as_owner(n: str) -> str:
+    """The REST layer's statements for the account's own user (authenticated, its JWT claims)."""
+    return ("BEGIN;\nSET LOCAL ROLE authenticated;\n"
+            "SELECT set_config('request.jwt.claims', json_build_object('sub', md5('bench-user-' || "
+            f"{n})::uuid, 'role', 'authenticated')::text, true);\n")
+
+
+# The owner's own deduct on an account without limits (even n) and on one
+# whose limits apply to them (odd n, benchmarks/load.py load_limits).
+DEDUCT_AS_OWNER = ("\\set n 2 * random(1, :accounts / 2)\n" + _as_owner(":n")
+                   + f"SELECT public.deduct_credits({_ACCOUNT}, {_KEY.format(prefix='o')}, 1);\nEND;\n")
+DEDUCT_AS_LIMITED = ("\\set n 2 * random(1, :accounts / 2) - 1\n" + _as_owner(":n")
+                     + f"SELECT public.deduct_credits({_ACCOUNT}, {_KEY.format(prefix='m')}, 1);\nEND;\n")

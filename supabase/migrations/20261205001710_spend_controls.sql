@@ -19,7 +19,7 @@ grant update (plan_id, overdraft_limit) on public.credit_accounts to service_rol
 alter table public.credit_wallets
   add column debt private.credits,
   add column limited boolean not null default false;
-create index credit_wallets_debt_idx on public.credit_wallets (account_id) where debt > 0;
+create index credit_wallets_attention_idx on public.credit_wallets (account_id) where debt > 0 or limited;
 
 alter table public.credit_transactions
   add column debt bigint not null default 0,
@@ -488,6 +488,8 @@ begin
                         p_period_start, p_period_end, p_origin, p_key, v_hash, p_stripe_ref, p_metadata);
   v_entry := private.find_key(p_account_id, p_key, v_hash, p_origin);
   perform private.settle_debt(p_account_id, v_entry.id);
+  -- A new billing period: spend limits count it from its start.
+  perform private.recount_usage(w) from public.credit_wallets w where w.account_id = p_account_id and w.limited;
   return private.result(v_entry, false);
 end
 $$;
@@ -839,6 +841,9 @@ declare
   v_period timestamptz := p_wallet.period_start;
   v_from timestamptz := least(v_day, v_week, v_month, coalesce(p_wallet.period_start, v_month));
 begin
+  if not p_wallet.limited then
+    return;
+  end if;
   delete from private.spend_usage u where u.account_id = p_wallet.account_id;
   insert into private.spend_usage (account_id, spender, held, day_start, day_spent, week_start, week_spent,
                                    month_start, month_spent, period_start, period_spent)
@@ -2240,9 +2245,10 @@ begin
   v_processed := v_result.processed;
   v_expired := v_result.expired;
   v_granted := v_result.granted;
-  -- A renewal pays what the account owes (rare: a partial index finds them).
-  perform private.settle_debt(w.account_id) from public.credit_wallets w
-   where w.debt > 0 and w.account_id = any (coalesce(v_ids, '{}'));
+  -- A renewal pays what the account owes, and spend limits count the new
+  -- billing period from its start (rare: a partial index finds them).
+  perform private.settle_debt(w.account_id), private.recount_usage(w) from public.credit_wallets w
+   where (w.debt > 0 or w.limited) and w.account_id = any (coalesce(v_ids, '{}'));
 
   -- Yearly prices: each account's month from its own anniversary, with the
   -- plan, seats and paid share current now, never past the paid period; the
@@ -2265,6 +2271,7 @@ begin
                             'system', null, null, v_yearly.stripe_paid_ref,
                             '{"reason": "yearly_month"}'::jsonb) r;
     perform private.settle_debt(v_yearly.id);
+    perform private.recount_usage(w) from public.credit_wallets w where w.account_id = v_yearly.id and w.limited;
     v_processed := v_processed + v_result.processed;
     v_expired := v_expired + v_result.expired;
     v_granted := v_granted + v_result.granted;

@@ -200,9 +200,10 @@ create table public.credit_wallets (
 -- fillfactor 50: the monthly reset rewrites every row of a batch in one
 -- transaction; room for a second version of each row keeps updates HOT.
 ) with (fillfactor = 50);
--- The few wallets that owe (the reset pays their debt from the renewal);
--- spends never change debt, so their updates stay HOT.
-create index credit_wallets_debt_idx on public.credit_wallets (account_id) where debt > 0;
+-- The few wallets that owe or have spend limits (the reset pays their debt
+-- from the renewal and counts their new period); spends change neither, so
+-- their updates stay HOT.
+create index credit_wallets_attention_idx on public.credit_wallets (account_id) where debt > 0 or limited;
 comment on table public.credit_wallets is
   'Balances of an account (three pools and what holds reserve of each). Function-only writes.';
 

@@ -660,6 +660,8 @@ begin
                         p_period_start, p_period_end, p_origin, p_key, v_hash, p_stripe_ref, p_metadata);
   v_entry := private.find_key(p_account_id, p_key, v_hash, p_origin);
   perform private.settle_debt(p_account_id, v_entry.id);
+  -- A new billing period: spend limits count it from its start.
+  perform private.recount_usage(w) from public.credit_wallets w where w.account_id = p_account_id and w.limited;
   return private.result(v_entry, false);
 end
 $$;

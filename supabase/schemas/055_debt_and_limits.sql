@@ -311,6 +311,9 @@ declare
   v_period timestamptz := p_wallet.period_start;
   v_from timestamptz := least(v_day, v_week, v_month, coalesce(p_wallet.period_start, v_month));
 begin
+  if not p_wallet.limited then
+    return;
+  end if;
   delete from private.spend_usage u where u.account_id = p_wallet.account_id;
   insert into private.spend_usage (account_id, spender, held, day_start, day_spent, week_start, week_spent,
                                    month_start, month_spent, period_start, period_spent)

@@ -178,9 +178,10 @@ begin
   v_processed := v_result.processed;
   v_expired := v_result.expired;
   v_granted := v_result.granted;
-  -- A renewal pays what the account owes (rare: a partial index finds them).
-  perform private.settle_debt(w.account_id) from public.credit_wallets w
-   where w.debt > 0 and w.account_id = any (coalesce(v_ids, '{}'));
+  -- A renewal pays what the account owes, and spend limits count the new
+  -- billing period from its start (rare: a partial index finds them).
+  perform private.settle_debt(w.account_id), private.recount_usage(w) from public.credit_wallets w
+   where (w.debt > 0 or w.limited) and w.account_id = any (coalesce(v_ids, '{}'));
 
   -- Yearly prices: each account's month from its own anniversary, with the
   -- plan, seats and paid share current now, never past the paid period; the
@@ -203,6 +204,7 @@ begin
                             'system', null, null, v_yearly.stripe_paid_ref,
                             '{"reason": "yearly_month"}'::jsonb) r;
     perform private.settle_debt(v_yearly.id);
+    perform private.recount_usage(w) from public.credit_wallets w where w.account_id = v_yearly.id and w.limited;
     v_processed := v_processed + v_result.processed;
     v_expired := v_expired + v_result.expired;
     v_granted := v_granted + v_result.granted;
