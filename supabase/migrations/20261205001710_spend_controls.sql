@@ -737,7 +737,9 @@ as $$
                                          else case when u.period_start = b.w_start then u.period_spent end
                                        end, 0) as spent,
                               -- Holds past their expiry are no longer held (a read before the sweep).
-                              coalesce(u.held, 0) - private.lapsed_held(l.account_id, p_user) as held) x
+                              coalesce(u.held, 0)
+                              - case when p_wallet.next_hold_expiry <= now()
+                                     then private.lapsed_held(l.account_id, p_user) else 0 end as held) x
    where l.account_id = p_wallet.account_id
      and coalesce(p_key, p_user) is not null
      and case when p_key is not null then l.subject = 'license_key' and l.subject_id = p_key
@@ -787,15 +789,22 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  v_at timestamptz := coalesce(p_at, now());
-  v_day timestamptz := (private.window_bounds('day', p_wallet, v_at)).w_start;
-  v_week timestamptz := (private.window_bounds('week', p_wallet, v_at)).w_start;
-  v_month timestamptz := (private.window_bounds('month', p_wallet, v_at)).w_start;
+  v_at timestamptz;
+  v_utc timestamp;
+  v_day timestamptz;
+  v_week timestamptz;
+  v_month timestamptz;
   v_period timestamptz := p_wallet.period_start;
 begin
   if p_spender is null or not p_wallet.limited then
     return;
   end if;
+  -- The windows containing p_at (private.window_bounds, inline: this runs on every limited spend).
+  v_at := coalesce(p_at, now());
+  v_utc := v_at at time zone 'UTC';
+  v_day := date_trunc('day', v_utc) at time zone 'UTC';
+  v_week := date_trunc('week', v_utc) at time zone 'UTC';
+  v_month := date_trunc('month', v_utc) at time zone 'UTC';
   if p_spent < 0 then
     -- A refund: it lowers what was spent in the windows its spend fell in, if they are current.
     update private.spend_usage u
@@ -1745,15 +1754,17 @@ declare
   v_actor uuid := private.authorize(v_account_id, true, true);
   v_cost bigint := private.spend_cost('estimate', p_amount, p_operation, null, p_input_tokens, p_output_tokens,
                                       null);
+  v_stored public.credit_wallets;
   v_wallet public.credit_wallets;
   v_available bigint;
   v_room bigint;
 begin
-  select * into v_wallet from public.credit_wallets w where w.account_id = v_account_id;
-  v_wallet := private.current_wallet(v_wallet);
+  select * into v_stored from public.credit_wallets w where w.account_id = v_account_id;
+  v_wallet := private.current_wallet(v_stored);
   v_available := private.available(v_wallet);
   if v_wallet.limited and v_actor is not null then
-    v_room := private.limit_room(v_wallet, v_actor, null);
+    -- As stored: its next hold expiry tells whether lapsed holds are still counted as held.
+    v_room := private.limit_room(v_stored, v_actor, null);
   end if;
   return jsonb_build_object(
     'cost', v_cost, 'available', v_available,

@@ -207,7 +207,9 @@ as $$
                                          else case when u.period_start = b.w_start then u.period_spent end
                                        end, 0) as spent,
                               -- Holds past their expiry are no longer held (a read before the sweep).
-                              coalesce(u.held, 0) - private.lapsed_held(l.account_id, p_user) as held) x
+                              coalesce(u.held, 0)
+                              - case when p_wallet.next_hold_expiry <= now()
+                                     then private.lapsed_held(l.account_id, p_user) else 0 end as held) x
    where l.account_id = p_wallet.account_id
      and coalesce(p_key, p_user) is not null
      and case when p_key is not null then l.subject = 'license_key' and l.subject_id = p_key
@@ -257,15 +259,22 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  v_at timestamptz := coalesce(p_at, now());
-  v_day timestamptz := (private.window_bounds('day', p_wallet, v_at)).w_start;
-  v_week timestamptz := (private.window_bounds('week', p_wallet, v_at)).w_start;
-  v_month timestamptz := (private.window_bounds('month', p_wallet, v_at)).w_start;
+  v_at timestamptz;
+  v_utc timestamp;
+  v_day timestamptz;
+  v_week timestamptz;
+  v_month timestamptz;
   v_period timestamptz := p_wallet.period_start;
 begin
   if p_spender is null or not p_wallet.limited then
     return;
   end if;
+  -- The windows containing p_at (private.window_bounds, inline: this runs on every limited spend).
+  v_at := coalesce(p_at, now());
+  v_utc := v_at at time zone 'UTC';
+  v_day := date_trunc('day', v_utc) at time zone 'UTC';
+  v_week := date_trunc('week', v_utc) at time zone 'UTC';
+  v_month := date_trunc('month', v_utc) at time zone 'UTC';
   if p_spent < 0 then
     -- A refund: it lowers what was spent in the windows its spend fell in, if they are current.
     update private.spend_usage u

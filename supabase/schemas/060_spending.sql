@@ -234,15 +234,17 @@ declare
   v_actor uuid := private.authorize(v_account_id, true, true);
   v_cost bigint := private.spend_cost('estimate', p_amount, p_operation, null, p_input_tokens, p_output_tokens,
                                       null);
+  v_stored public.credit_wallets;
   v_wallet public.credit_wallets;
   v_available bigint;
   v_room bigint;
 begin
-  select * into v_wallet from public.credit_wallets w where w.account_id = v_account_id;
-  v_wallet := private.current_wallet(v_wallet);
+  select * into v_stored from public.credit_wallets w where w.account_id = v_account_id;
+  v_wallet := private.current_wallet(v_stored);
   v_available := private.available(v_wallet);
   if v_wallet.limited and v_actor is not null then
-    v_room := private.limit_room(v_wallet, v_actor, null);
+    -- As stored: its next hold expiry tells whether lapsed holds are still counted as held.
+    v_room := private.limit_room(v_stored, v_actor, null);
   end if;
   return jsonb_build_object(
     'cost', v_cost, 'available', v_available,
