@@ -1,17 +1,19 @@
-"""The credits HTTP API: balance, ledger listing, spend, and holds.
+"""The credits HTTP API: balance, ledger listing, spend, holds, and cost estimates.
 
 A thin edge over the contract's SQL functions. The caller is authenticated here
 (access token verified locally, or a license key for servers), then every call
 runs in the database *as that user* through the REST layer, so the database's
 own rules (RLS, who may spend from which account) decide; this app never
 widens them. License-key calls are the exception by design: the key is checked
-by ``deduct_credits_by_license`` itself, which only the service role may run.
+by ``deduct_credits_by_license`` itself, which only the service role may run,
+and a license key may do nothing else. One rule is the API's own: overdraft
+holds are the service's (``overage: overdraft`` is 403 for every caller here).
 """
 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
@@ -38,11 +40,18 @@ MAX_BODY_BYTES = 262_144
 
 Amount = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT)]
 TokenCount = Annotated[StrictInt, Field(ge=0, le=limits.TOKENS)]
+TtlSeconds = Annotated[StrictInt, Field(ge=1, le=limits.TTL_SECONDS)]
+Model = Annotated[str, Field(min_length=1, max_length=limits.MODEL)]
+Operation = Annotated[str, Field(min_length=1, max_length=limits.OPERATION)]
+# What a capture above its hold does; `overdraft` is the service's (403 here, see `reserve`).
+Overage = Literal["reject", "if_available", "overdraft"]
 
 
-class _Body(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class _Body(_Strict):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Stored with the ledger/usage rows.")
 
     @field_validator("metadata")
@@ -55,8 +64,8 @@ class _Body(BaseModel):
 
 class _Spend(_Body):
     amount: Amount | None = Field(default=None, description="Credits; or give `operation`.")
-    operation: str | None = Field(default=None, min_length=1, max_length=limits.OPERATION,
-                                  description="Priced by the credit_prices table; or give `amount`.")
+    operation: Operation | None = Field(default=None,
+                                       description="Priced by the credit_prices table; or give `amount`.")
     account_id: UUID | None = Field(default=None, description="Default: the caller's personal account.")
 
     @model_validator(mode="after")
@@ -67,18 +76,59 @@ class _Spend(_Body):
 
 
 class DeductRequest(_Spend):
-    model: str | None = Field(default=None, min_length=1, max_length=limits.MODEL)
+    model: Model | None = None
     input_tokens: TokenCount | None = None
     output_tokens: TokenCount | None = None
 
 
-class ReserveRequest(_Spend):
-    ttl_seconds: Annotated[StrictInt, Field(ge=1, le=limits.TTL_SECONDS)] | None = Field(
+class ReserveRequest(DeductRequest):
+    ttl_seconds: TtlSeconds | None = Field(
         default=None, description="How long the hold lives before it is released (default 900).")
+    overage: Overage | None = Field(
+        default=None, description="A capture above the hold: `reject` (default) or `if_available` "
+                                  "(`overdraft` is the service's only).")
 
 
 class CaptureRequest(_Body):
-    amount: Amount | None = Field(default=None, description="Up to the held amount; default all of it.")
+    amount: Amount | None = Field(default=None, description="The cost; default: the actual tokens at the "
+                                                            "hold's price, or, without them, all of it.")
+    input_tokens: TokenCount | None = Field(default=None, description="Actual tokens (a priced hold).")
+    output_tokens: TokenCount | None = Field(default=None, description="Actual tokens (a priced hold).")
+    model: Model | None = Field(default=None, description="The model actually used (logged).")
+
+    @model_validator(mode="after")
+    def _amount_or_tokens(self) -> CaptureRequest:
+        if self.amount is not None and (self.input_tokens is not None or self.output_tokens is not None):
+            raise ValueError("give amount or token counts, not both")
+        return self
+
+
+class ExtendRequest(_Strict):
+    add_amount: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = Field(
+        default=None, description="Credits to add to the hold from what is available (all or nothing).")
+    ttl_seconds: TtlSeconds | None = Field(default=None, description="New expiry: now + this many seconds.")
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> ExtendRequest:
+        if not self.add_amount and self.ttl_seconds is None:
+            raise ValueError("give add_amount, ttl_seconds or both")
+        return self
+
+
+class EstimateQuery(BaseModel):
+    # Query strings are text: numbers are parsed here (not strict as in JSON bodies), with the same bounds.
+    amount: Annotated[int, Field(ge=1, le=MAX_AMOUNT)] | None = Field(
+        default=None, description="Credits; or give `operation`.")
+    operation: Operation | None = Field(default=None, description="Priced by the credit_prices table.")
+    input_tokens: Annotated[int, Field(ge=0, le=limits.TOKENS)] | None = None
+    output_tokens: Annotated[int, Field(ge=0, le=limits.TOKENS)] | None = None
+    account_id: UUID | None = Field(default=None, description="Default: the caller's personal account.")
+
+    @model_validator(mode="after")
+    def _amount_or_operation(self) -> EstimateQuery:
+        if (self.amount is None) == (self.operation is None):
+            raise ValueError("give exactly one of amount and operation")
+        return self
 
 
 class ErrorBody(BaseModel):
@@ -91,8 +141,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "Invalid argument or missing Idempotency-Key", 401: "Missing, invalid or expired credentials",
-        402: "insufficient_credits", 403: "forbidden / license key errors", 404: "Not found",
-        409: "idempotency_conflict / hold_not_active", 422: "Body does not match the schema",
+        402: "insufficient_credits / spend_limit_exceeded", 403: "forbidden / license key errors",
+        404: "Not found", 409: "idempotency_conflict / hold_not_active / hold_extension_limit",
+        422: "Body does not match the schema", 429: "too_many_holds (see Retry-After)",
         503: "Database unavailable (see Retry-After)",
     }.items()
 }
@@ -203,14 +254,28 @@ def deduct(body: DeductRequest, db: Db, who: AnyCaller,
     return result
 
 
+@router.get("/estimate", summary="What a spend would cost, and whether it is affordable now")
+def estimate(query: Annotated[EstimateQuery, Query()], db: Db, who: UserCaller) -> dict[str, Any]:
+    result: dict[str, Any] = db.user(who.token, "estimate_cost", _params(
+        p_account_id=query.account_id, p_operation=query.operation, p_amount=query.amount,
+        p_input_tokens=query.input_tokens, p_output_tokens=query.output_tokens))
+    return result
+
+
 @router.post("/holds", summary="Reserve credits (a hold)")
 def reserve(body: ReserveRequest, db: Db, who: UserCaller,
             idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    if body.overage == "overdraft":
+        # Debt is the operator's decision: only the service makes overdraft holds (in SQL).
+        raise Forbidden("only the service makes overdraft holds",
+                        detail={"reason": "only the service makes overdraft holds"})
     key = _idempotency_key(idempotency_key)
     result: dict[str, Any] = db.user(who.token, "reserve_credits", {
         "p_account_id": _uuid(body.account_id),
         **_params(p_idempotency_key=key, p_amount=body.amount, p_operation=body.operation,
-                  p_ttl_seconds=body.ttl_seconds, p_metadata=body.metadata)})
+                  p_ttl_seconds=body.ttl_seconds, p_metadata=body.metadata, p_model=body.model,
+                  p_input_tokens=body.input_tokens, p_output_tokens=body.output_tokens,
+                  p_overage=body.overage)})
     if not result.get("replayed"):
         count("HoldsReserved")
     return result
@@ -220,7 +285,8 @@ def reserve(body: ReserveRequest, db: Db, who: UserCaller,
 def capture(hold_id: UUID, db: Db, who: UserCaller, body: CaptureRequest | None = None) -> dict[str, Any]:
     body = body or CaptureRequest()
     result: dict[str, Any] = db.user(who.token, "capture_hold", _params(
-        p_hold_id=hold_id, p_amount=body.amount, p_metadata=body.metadata))
+        p_hold_id=hold_id, p_amount=body.amount, p_metadata=body.metadata, p_input_tokens=body.input_tokens,
+        p_output_tokens=body.output_tokens, p_model=body.model))
     if not result.get("replayed"):
         count("HoldsCaptured")
         count("CreditsCharged", result.get("charged") or 0)
@@ -235,6 +301,18 @@ def release(hold_id: UUID, db: Db, who: UserCaller) -> dict[str, Any]:
     return result
 
 
+@router.post("/holds/{hold_id}/extend", summary="Grow a hold and/or move its expiry")
+def extend(hold_id: UUID, body: ExtendRequest, db: Db, who: UserCaller,
+           idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    key = _idempotency_key(idempotency_key)
+    result: dict[str, Any] = db.user(who.token, "extend_hold", _params(
+        p_hold_id=hold_id, p_idempotency_key=key, p_add_amount=body.add_amount,
+        p_ttl_seconds=body.ttl_seconds))
+    if not result.get("replayed"):
+        count("HoldsExtended")
+    return result
+
+
 def create_app(settings: CreditsApiSettings | SettingsSource[CreditsApiSettings], *,
                rpc: Rpc | None = None) -> FastAPI:
     """The credits app for these settings (one per cold start; a ``LiveSettings`` is read per request)."""
@@ -242,7 +320,7 @@ def create_app(settings: CreditsApiSettings | SettingsSource[CreditsApiSettings]
     app = FastAPI(
         title="Credits API",
         version="1.0.0",
-        description="Balances, ledger, spending and holds of the credits engine.",
+        description="Balances, ledger, spending, holds and cost estimates of the credits engine.",
         openapi_url="/credits/openapi.json",
         docs_url="/credits/docs",
         redoc_url=None,

@@ -12,8 +12,8 @@ import pytest
 
 from tests.support import Caller, Db, expect_error, new_key, select_as
 
-BALANCE_KEYS = {"account_id", "promotional", "subscription", "purchased", "held", "debt", "available", "total",
-                "period_start", "period_end", "next_expiry"}
+BALANCE_KEYS = {"account_id", "promotional", "subscription", "purchased", "held", "debt", "available",
+                "total", "period_start", "period_end", "next_expiry"}
 
 
 def month_bounds() -> tuple[dt.datetime, dt.datetime]:

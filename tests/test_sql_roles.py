@@ -161,9 +161,10 @@ FUNCTIONS: dict[str, tuple[str, Prepare, set[str]]] = {
                                           "p_ttl_seconds": 60},
                     {"hold_id", "amount", "expires_at", "balance"}),
     # Removing a limit that is not there: a complete call that leaves the world as it is.
-    "set_spend_limit": (SPEND, lambda db, a: {"p_account_id": a, "p_subject": "default_member", "p_limit": None,
-                                              "p_period": "day"},
-                        {"account_id", "subject", "subject_id", "limit", "period", "spent", "held", "resets_at"}),
+    "set_spend_limit": (SPEND, lambda db, a: {"p_account_id": a, "p_subject": "default_member",
+                                              "p_limit": None, "p_period": "day"},
+                        {"account_id", "subject", "subject_id", "limit", "period", "spent", "held",
+                         "resets_at"}),
 }
 
 CALLER_NAMES = ["anon", "no_sub", "self", "other_user", "tenant_member", "tenant_admin", "tenant_owner",
