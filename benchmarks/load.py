@@ -220,3 +220,11 @@ def load_limits(conn: psycopg.Connection, count: int) -> None:
         )
         conn.execute("analyze private.spend_limits")
 
+
+def drop_limits(conn: psycopg.Connection) -> None:
+    """Undo load_limits: no account of the benchmark database has spend limits."""
+    with conn.transaction():
+        conn.execute("delete from private.spend_limits")
+        conn.execute("delete from private.spend_usage")
+        conn.execute("update public.credit_wallets set limited = false where limited")
+

@@ -128,7 +128,7 @@ def test_a_changed_chapter_is_reported(pg_server: str, from_migrations: dict[str
     found = differences(from_migrations, _build(pg_server, f"credits_from_edited_{os.getpid()}", tmp_path))
     reported = "\n".join(found)
     for key in (
-        "function private.deduct_credits(uuid,text,integer,text,text,integer,integer,jsonb,uuid): differs",
+        "function private.deduct_checked(uuid,text,integer,text,text,integer,integer,jsonb,uuid): differs",
         "function private.get_credit_balance(uuid): differs",
         "policy public.tenants tenants_read: differs",
         "relation public.credit_accounts: differs",

@@ -194,7 +194,13 @@ create table public.credit_wallets (
   -- What overdraft captures left owed (paid first by any credits that arrive).
   debt private.credits,
   -- The account has spend limits: spends check them (one comparison otherwise).
-  limited boolean not null default false
+  limited boolean not null default false,
+  -- Scratch of the spend's fast path (private.deduct_credits): the split its
+  -- UPDATE made and the promotional front before it, read back by the same
+  -- call (RETURNING shows only the new row).
+  split_promotional bigint,
+  split_subscription bigint,
+  front_before bigint
   -- Never more held than there is: every path that changes a pool or what is
   -- held takes free credits only, under this row's lock (reconcile checks).
 -- fillfactor 50: the monthly reset rewrites every row of a batch in one

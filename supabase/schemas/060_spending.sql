@@ -98,15 +98,42 @@ begin
 end
 $$;
 
--- Spend now: check the caller and the arguments, lock the wallet, decide in
--- memory, write the transaction row (whose unique key is the idempotency
--- check), then the wallet. The license-key deduct calls this too.
-create function private.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
+-- The earlier deduct with this key (null when none); idempotency_conflict
+-- when its arguments differed. A fast-path spend keeps no hash: its hash is
+-- computed again from its columns, which are its arguments.
+create function private.find_deduct(p_account_id uuid, p_key text, p_hash uuid)
+returns public.credit_transactions
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_entry public.credit_transactions;
+begin
+  select * into v_entry from public.credit_transactions t
+   where t.account_id = p_account_id and t.idempotency_key = p_key and t.origin = 'api';
+  if found and v_entry.request_hash is null and v_entry.kind = 'spend' and v_entry.ref_id is null then
+    v_entry.request_hash := private.request_hash('deduct', jsonb_build_array(
+      -(v_entry.promotional + v_entry.subscription + v_entry.purchased), v_entry.operation, v_entry.model,
+      v_entry.input_tokens, v_entry.output_tokens, v_entry.metadata));
+  end if;
+  if found and v_entry.request_hash is distinct from p_hash then
+    perform private.fail('PT409', 'idempotency_conflict', jsonb_build_object('idempotency_key', p_key));
+  end if;
+  return v_entry;
+end
+$$;
+
+-- Spend now, every case: check the caller and the arguments, lock the
+-- wallet, decide in memory, write the transaction row (whose unique key is
+-- the idempotency check), then the wallet. The exact errors and the rare
+-- cases (a sweep, spend limits, debt, crossing promotional grants, an
+-- operation's price, a tenant's members) live here; private.deduct_credits
+-- is the same rule for the common case in one statement.
+create function private.deduct_checked(p_account_id uuid, p_idempotency_key text, p_amount integer,
                                        p_operation text, p_model text, p_input_tokens integer,
-                                       p_output_tokens integer, p_metadata jsonb,
-                                       p_license_key_id uuid default null)
+                                       p_output_tokens integer, p_metadata jsonb, p_license_key_id uuid)
 returns jsonb
-language plpgsql security definer
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -129,7 +156,7 @@ begin
   end if;
   if v_wallet.limited and coalesce(p_license_key_id, v_actor) is not null then
     -- Limits come after the replay (a replay always replays), before the credits.
-    v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+    v_entry := private.find_deduct(p_account_id, p_idempotency_key, v_hash);
     if v_entry.id is not null then
       return private.result(v_entry, true);
     end if;
@@ -137,7 +164,7 @@ begin
   end if;
   if private.available(v_wallet) < v_cost then
     -- A replay still answers when the balance could not pay again.
-    v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+    v_entry := private.find_deduct(p_account_id, p_idempotency_key, v_hash);
     if v_entry.id is not null then
       return private.result(v_entry, true);
     end if;
@@ -157,7 +184,7 @@ begin
     else
       -- Across grants: write the wallet now and attribute the spend to grants
       -- (after the replay check, so that nothing is written for a replay).
-      v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+      v_entry := private.find_deduct(p_account_id, p_idempotency_key, v_hash);
       if v_entry.id is not null then
         return private.result(v_entry, true);
       end if;
@@ -174,7 +201,7 @@ begin
   -- of this account's rows holds the wallet's lock, which this call holds).
   if exists (select from public.credit_transactions t where t.account_id = p_account_id
                 and t.idempotency_key = p_idempotency_key and t.origin = 'api') then
-    return private.result(private.find_key(p_account_id, p_idempotency_key, v_hash), true);
+    return private.result(private.find_deduct(p_account_id, p_idempotency_key, v_hash), true);
   end if;
   insert into public.credit_transactions (
     account_id, kind, idempotency_key, request_hash, promotional, subscription, purchased,
@@ -197,6 +224,123 @@ begin
     perform private.count_usage(v_wallet, coalesce(p_license_key_id, v_actor), v_cost, 0);
   end if;
   return private.result(v_entry, false);
+end
+$$;
+
+
+-- Spend now: the common case in one wallet UPDATE and one transaction row.
+-- The caller is the service or a user on their own personal account; a
+-- plain amount with its arguments in bounds (private.limits()); nothing
+-- lapsed (private.sweep_due), no spend limit, no debt; the free credits
+-- cover it (private.available) without crossing promotional grants. The
+-- UPDATE's WHERE is those rules and takes the wallet's lock; its SET is the
+-- spending order (private.spend_split) and records the split it made. The
+-- transaction row's unique key is the idempotency check: a key used before
+-- undoes the UPDATE and answers as private.deduct_checked does, which also
+-- takes every other case and raises the exact errors.
+create function private.deduct_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
+                                       p_operation text, p_model text, p_input_tokens integer,
+                                       p_output_tokens integer, p_metadata jsonb,
+                                       p_license_key_id uuid default null)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_role text := current_setting('role', true);
+  v_actor uuid;
+  v_wallet public.credit_wallets;
+  v_id uuid;
+  v_promo_at timestamptz;
+  v_sub_at timestamptz;
+  v_at timestamptz;
+begin
+  if p_amount between 1 and (private.limits() ->> 'amount')::integer and p_operation is null
+     and length(p_idempotency_key) between 1 and (private.limits() ->> 'idempotency_key')::integer
+     and (p_model is null or length(p_model) between 1 and (private.limits() ->> 'model')::integer)
+     and coalesce(p_input_tokens, 0) between 0 and (private.limits() ->> 'tokens')::integer
+     and coalesce(p_output_tokens, 0) between 0 and (private.limits() ->> 'tokens')::integer
+     and jsonb_typeof(p_metadata) = 'object'
+     and octet_length(p_metadata::text) <= (private.limits() ->> 'metadata_bytes')::integer
+     and (v_role in ('service_role', '', 'none') or v_role is null or v_role = 'authenticated') then
+    if v_role = 'authenticated' then
+      -- A user: the fast path only on their own personal account (authorize's first rule).
+      v_actor := auth.uid();
+      if not exists (select 1 from public.credit_accounts a where a.id = p_account_id and a.user_id = v_actor) then
+        return private.deduct_checked(p_account_id, p_idempotency_key, p_amount, p_operation, p_model,
+                                      p_input_tokens, p_output_tokens, p_metadata, p_license_key_id);
+      end if;
+    end if;
+    -- Plain parameters only in this statement: its plan stays generic (cached).
+    update public.credit_wallets w
+       set promotional = w.promotional - least(w.promotional - w.held_promotional, p_amount),
+           subscription = w.subscription - least(w.subscription - w.held_subscription,
+                                                  p_amount - least(w.promotional - w.held_promotional, p_amount)),
+           purchased = w.purchased - (p_amount - least(w.promotional - w.held_promotional, p_amount)
+                                      - least(w.subscription - w.held_subscription,
+                                              p_amount - least(w.promotional - w.held_promotional, p_amount))),
+           promo_front_left = greatest(w.promo_front_left - least(w.promotional - w.held_promotional, p_amount), 0),
+           split_promotional = least(w.promotional - w.held_promotional, p_amount),
+           split_subscription = least(w.subscription - w.held_subscription,
+                                      p_amount - least(w.promotional - w.held_promotional, p_amount)),
+           front_before = w.promo_front_left
+     where w.account_id = p_account_id
+       and w.promotional - w.held_promotional + w.subscription - w.held_subscription
+           + w.purchased - w.held_purchased - w.debt >= p_amount
+       and not w.limited
+       and w.debt = 0
+       and not coalesce(least(w.next_hold_expiry, w.promo_front_at) <= now(), false)
+       and (w.promotional = w.held_promotional or p_amount < w.promo_front_left
+            or w.promotional - w.held_promotional <= p_amount)
+    returning w.* into v_wallet;
+    if found then
+      v_promo_at := case when v_wallet.promo_front_left > 0 then v_wallet.promo_front_at end;
+      v_sub_at := case when v_wallet.subscription > v_wallet.held_subscription then v_wallet.period_end end;
+      v_at := least(v_promo_at, v_sub_at);
+      insert into public.credit_transactions (
+        account_id, kind, idempotency_key, promotional, subscription, purchased,
+        promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
+        next_expiry_amount, next_expiry_at, model, input_tokens, output_tokens, metadata, actor_id,
+        license_key_id)
+      values (
+        p_account_id, 'spend', p_idempotency_key, -v_wallet.split_promotional, -v_wallet.split_subscription,
+        v_wallet.split_promotional + v_wallet.split_subscription - p_amount,
+        v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
+        v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
+        v_wallet.period_start, v_wallet.period_end,
+        case when v_at is not null
+             then case when v_promo_at = v_at then v_wallet.promo_front_left else 0 end
+                  + case when v_sub_at = v_at then v_wallet.subscription - v_wallet.held_subscription else 0 end
+        end, v_at, p_model, p_input_tokens, p_output_tokens, p_metadata, v_actor, p_license_key_id)
+      on conflict (account_id, idempotency_key, origin) do nothing
+      returning id into v_id;
+      if v_id is not null then
+        return to_jsonb(row(
+          v_id, p_account_id, p_amount, v_wallet.split_promotional, v_wallet.split_subscription,
+          p_amount - v_wallet.split_promotional - v_wallet.split_subscription, false,
+          row(p_account_id, v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
+              v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
+              v_wallet.promotional - v_wallet.held_promotional + v_wallet.subscription - v_wallet.held_subscription
+              + v_wallet.purchased - v_wallet.held_purchased,
+              v_wallet.promotional + v_wallet.subscription + v_wallet.purchased,
+              v_wallet.period_start, v_wallet.period_end,
+              case when v_at is not null then jsonb_build_object(
+                'amount', case when v_promo_at = v_at then v_wallet.promo_front_left else 0 end
+                          + case when v_sub_at = v_at then v_wallet.subscription - v_wallet.held_subscription
+                                 else 0 end,
+                'at', v_at) end, 0)::private.balance)::private.spend_answer);
+      end if;
+      -- The key was used before: put the wallet back; the checked path answers.
+      update public.credit_wallets w
+         set promotional = w.promotional + w.split_promotional,
+             subscription = w.subscription + w.split_subscription,
+             purchased = w.purchased + (p_amount - w.split_promotional - w.split_subscription),
+             promo_front_left = w.front_before
+       where w.account_id = p_account_id;
+    end if;
+  end if;
+  return private.deduct_checked(p_account_id, p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens,
+                                p_output_tokens, p_metadata, p_license_key_id);
 end
 $$;
 
@@ -379,6 +523,9 @@ grant execute on function private.balance_json(public.credit_wallets), private.n
 
 -- The definer code behind the public entry points.
 revoke all on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb, uuid)
+  from public, anon, authenticated, service_role;
+revoke all on function private.find_deduct(uuid, text, uuid),
+  private.deduct_checked(uuid, text, integer, text, text, integer, integer, jsonb, uuid)
   from public, anon, authenticated, service_role;
 grant execute on function private.deduct_credits(uuid, text, integer, text, text, integer, integer, jsonb, uuid)
   to authenticated, service_role;
