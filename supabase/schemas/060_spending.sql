@@ -249,11 +249,23 @@ as $$
 declare
   v_role text := current_setting('role', true);
   v_actor uuid;
-  v_wallet public.credit_wallets;
   v_id uuid;
+  -- The wallet after the UPDATE, and the split it made.
+  v_promotional bigint;
+  v_subscription bigint;
+  v_purchased bigint;
+  v_held bigint;
+  v_period_start timestamptz;
+  v_period_end timestamptz;
+  v_front_left bigint;
+  v_sub_free bigint;
+  v_split_promotional bigint;
+  v_split_subscription bigint;
+  -- The balance's next expiry: the promotional front's, the allowance's, the sooner.
   v_promo_at timestamptz;
   v_sub_at timestamptz;
   v_at timestamptz;
+  v_expiring bigint;
 begin
   if p_amount between 1 and (private.limits() ->> 'amount')::integer and p_operation is null
      and length(p_idempotency_key) between 1 and (private.limits() ->> 'idempotency_key')::integer
@@ -292,43 +304,37 @@ begin
        and not coalesce(least(w.next_hold_expiry, w.promo_front_at) <= now(), false)
        and (w.promotional = w.held_promotional or p_amount < w.promo_front_left
             or w.promotional - w.held_promotional <= p_amount)
-    returning w.* into v_wallet;
+    returning w.promotional, w.subscription, w.purchased, w.held_promotional + w.held_subscription + w.held_purchased,
+              w.period_start, w.period_end, case when w.promo_front_left > 0 then w.promo_front_at end,
+              w.promo_front_left, case when w.subscription > w.held_subscription then w.period_end end,
+              w.subscription - w.held_subscription, w.split_promotional, w.split_subscription
+         into v_promotional, v_subscription, v_purchased, v_held, v_period_start, v_period_end, v_promo_at,
+              v_front_left, v_sub_at, v_sub_free, v_split_promotional, v_split_subscription;
     if found then
-      v_promo_at := case when v_wallet.promo_front_left > 0 then v_wallet.promo_front_at end;
-      v_sub_at := case when v_wallet.subscription > v_wallet.held_subscription then v_wallet.period_end end;
       v_at := least(v_promo_at, v_sub_at);
+      v_expiring := case when v_promo_at = v_at then v_front_left else 0 end
+                    + case when v_sub_at = v_at then v_sub_free else 0 end;
       insert into public.credit_transactions (
         account_id, kind, idempotency_key, promotional, subscription, purchased,
         promotional_after, subscription_after, purchased_after, held_after, period_start, period_end,
         next_expiry_amount, next_expiry_at, model, input_tokens, output_tokens, metadata, actor_id,
         license_key_id)
       values (
-        p_account_id, 'spend', p_idempotency_key, -v_wallet.split_promotional, -v_wallet.split_subscription,
-        v_wallet.split_promotional + v_wallet.split_subscription - p_amount,
-        v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
-        v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
-        v_wallet.period_start, v_wallet.period_end,
-        case when v_at is not null
-             then case when v_promo_at = v_at then v_wallet.promo_front_left else 0 end
-                  + case when v_sub_at = v_at then v_wallet.subscription - v_wallet.held_subscription else 0 end
-        end, v_at, p_model, p_input_tokens, p_output_tokens, p_metadata, v_actor, p_license_key_id)
+        p_account_id, 'spend', p_idempotency_key, -v_split_promotional, -v_split_subscription,
+        v_split_promotional + v_split_subscription - p_amount, v_promotional, v_subscription, v_purchased, v_held,
+        v_period_start, v_period_end, v_expiring, v_at, p_model, p_input_tokens, p_output_tokens, p_metadata,
+        v_actor, p_license_key_id)
       on conflict (account_id, idempotency_key, origin) do nothing
       returning id into v_id;
       if v_id is not null then
         return to_jsonb(row(
-          v_id, p_account_id, p_amount, v_wallet.split_promotional, v_wallet.split_subscription,
-          p_amount - v_wallet.split_promotional - v_wallet.split_subscription, false,
-          row(p_account_id, v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
-              v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
-              v_wallet.promotional - v_wallet.held_promotional + v_wallet.subscription - v_wallet.held_subscription
-              + v_wallet.purchased - v_wallet.held_purchased,
-              v_wallet.promotional + v_wallet.subscription + v_wallet.purchased,
-              v_wallet.period_start, v_wallet.period_end,
-              case when v_at is not null then jsonb_build_object(
-                'amount', case when v_promo_at = v_at then v_wallet.promo_front_left else 0 end
-                          + case when v_sub_at = v_at then v_wallet.subscription - v_wallet.held_subscription
-                                 else 0 end,
-                'at', v_at) end, 0)::private.balance)::private.spend_answer);
+          v_id, p_account_id, p_amount, v_split_promotional, v_split_subscription,
+          p_amount - v_split_promotional - v_split_subscription, false,
+          row(p_account_id, v_promotional, v_subscription, v_purchased, v_held,
+              v_promotional + v_subscription + v_purchased - v_held, v_promotional + v_subscription + v_purchased,
+              v_period_start, v_period_end,
+              case when v_at is not null then jsonb_build_object('amount', v_expiring, 'at', v_at) end,
+              0)::private.balance)::private.spend_answer);
       end if;
       -- The key was used before: put the wallet back; the checked path answers.
       update public.credit_wallets w
