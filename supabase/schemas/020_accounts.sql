@@ -172,8 +172,12 @@ grant update (plan_id, overdraft_limit) on public.credit_accounts to service_rol
 -- check runs on the value alone, far cheaper on the row every spend rewrites.
 create domain private.credits as bigint not null default 0 check (value >= 0);
 
+-- No foreign key to the account (a call that updates its wallet twice would
+-- pay the key's check each time): only definer code inserts a wallet, when
+-- it opens the account, and the books' delete trigger (the ledger chapter)
+-- removes it with the account.
 create table public.credit_wallets (
-  account_id uuid primary key references public.credit_accounts (id) on delete cascade,
+  account_id uuid primary key,
   promotional private.credits,
   subscription private.credits,
   purchased private.credits,

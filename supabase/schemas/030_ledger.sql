@@ -128,10 +128,11 @@ create trigger credit_transactions_no_truncate
   before truncate on public.credit_transactions
   for each statement execute function private.transactions_are_append_only();
 
--- The transaction rows (and the grants) reference their account without a
--- foreign key (a foreign key checks each insert with a query of its own and
--- locks the account row; only definer code inserts, under the wallet's lock,
--- so the account exists). This trigger is their ON DELETE CASCADE.
+-- The transaction rows (and the grants, holds, wallet and spend counters)
+-- reference their account without a foreign key (a foreign key checks each
+-- insert, and each update of a row the transaction wrote, with a query of its
+-- own; only definer code writes them, under the wallet's lock, so the account
+-- exists). This trigger is their ON DELETE CASCADE.
 create function private.delete_account_books() returns trigger
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -139,6 +140,9 @@ as $$
 begin
   delete from public.credit_transactions t where t.account_id = old.id;
   delete from private.grants g where g.account_id = old.id;
+  delete from public.credit_holds h where h.account_id = old.id;
+  delete from public.credit_wallets w where w.account_id = old.id;
+  delete from private.spend_usage u where u.account_id = old.id;
   return old;
 end
 $$;

@@ -39,9 +39,11 @@
 --     before any hold, grant or transaction row of that account. Only the
 --     monthly reset locks several wallets, in ascending account id.
 
+-- The account without a foreign key (as the ledger's rows and the wallet: a
+-- check per reserve); the books' delete trigger removes holds with the account.
 create table public.credit_holds (
   id uuid primary key default gen_random_uuid(),
-  account_id uuid not null references public.credit_accounts (id) on delete cascade,
+  account_id uuid not null,
   -- The reserve row in credit_transactions.
   transaction_id uuid not null,
   amount bigint not null check (amount > 0),

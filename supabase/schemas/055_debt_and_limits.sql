@@ -121,8 +121,10 @@ create table private.spend_limits (
 comment on table private.spend_limits is 'Spend limits: a cap per spender and calendar window (set_spend_limit).';
 
 -- Per spender of an account with limits: spent in the current windows, held now.
+-- (No foreign key: it is written on every limited spend; the books' delete
+-- trigger removes it with the account.)
 create table private.spend_usage (
-  account_id uuid not null references public.credit_accounts (id) on delete cascade,
+  account_id uuid not null,
   -- A user id, or a license key's id.
   spender uuid not null,
   held bigint not null default 0 check (held >= 0),
