@@ -180,3 +180,51 @@ def test_promotional_grants_and_a_hold_across_a_renewal(pg15: Db) -> None:
     released = pg15.call("release_hold", caller, p_hold_id=hold["hold_id"])
     assert (released["balance"]["subscription"], released["balance"]["total"]) == (5, 5)
     assert pg15.call("reconcile_credit_balances")["mismatches"] == []
+
+
+def test_contract_v3_paths(pg15: Db) -> None:
+    # The fast deduct (one UPDATE, one row) and its replay, priced holds with an
+    # overage policy and debt, extensions, estimates and spend limits, on 15.
+    pg15.sql("insert into public.credit_prices (operation, credits, credits_per_1k_input_tokens, "
+             "credits_per_1k_output_tokens) values ('pg15-llm', 1, 1, 2) on conflict (operation) do nothing")
+    caller, account = pg15.new_user()
+    pg15.call("add_purchased_credits", p_account_id=account, p_amount=30, p_idempotency_key="buy")
+    fast = pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="f1", p_amount=2)
+    assert (fast["from_subscription"], fast["balance"]["available"]) == (2, 31)
+    assert pg15.one("select request_hash from public.credit_transactions where id = %s",
+                    fast["transaction_id"]) is None
+    replay = pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="f1", p_amount=2)
+    assert (replay["replayed"], replay["transaction_id"]) == (True, fast["transaction_id"])
+    expect_error(lambda: pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="f1",
+                                   p_amount=3), "PT409", "idempotency_conflict")
+
+    hold = pg15.call("reserve_credits", caller, p_account_id=account, p_idempotency_key="h1",
+                     p_operation="pg15-llm", p_input_tokens=1000, p_output_tokens=2000, p_overage="if_available")
+    assert hold["amount"] == 6
+    extended = pg15.call("extend_hold", caller, p_hold_id=hold["hold_id"], p_idempotency_key="x1",
+                         p_add_amount=2, p_ttl_seconds=600)
+    assert extended["amount"] == 8
+    captured = pg15.call("capture_hold", caller, p_hold_id=hold["hold_id"], p_input_tokens=1000,
+                         p_output_tokens=500, p_model="m")
+    assert (captured["requested"], captured["charged"], captured["released"]) == (3, 3, 5)
+    estimate = pg15.call("estimate_cost", caller, p_account_id=account, p_operation="pg15-llm",
+                         p_input_tokens=1000)
+    assert (estimate["cost"], estimate["available"], estimate["limit_remaining"]) == (2, 28, None)
+
+    od = pg15.call("reserve_credits", p_account_id=account, p_idempotency_key="od", p_amount=20,
+                   p_overage="overdraft")
+    pg15.sql("update public.credit_accounts set overdraft_limit = 10 where id = %s", account)
+    over = pg15.call("capture_hold", p_hold_id=od["hold_id"], p_amount=40)
+    assert (over["charged"], over["debt_added"], over["uncovered"]) == (38, 10, 2)
+    assert (over["balance"]["debt"], over["balance"]["available"]) == (10, 0)
+    paid = pg15.call("add_purchased_credits", p_account_id=account, p_amount=15, p_idempotency_key="buy2")
+    assert (paid["balance"]["debt"], paid["balance"]["purchased"]) == (0, 5)
+
+    limit = pg15.call("set_spend_limit", caller, p_account_id=account, p_subject="member",
+                      p_subject_id=caller.user_id, p_limit=6, p_period="day")
+    assert (limit["spent"], limit["held"]) == (5, 0)
+    expect_error(lambda: pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="l1",
+                                   p_amount=2), "PT402", "spend_limit_exceeded")
+    assert pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="l2",
+                     p_amount=1)["charged"] == 1
+    assert pg15.call("reconcile_credit_balances")["mismatches"] == []
