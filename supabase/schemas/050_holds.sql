@@ -505,36 +505,48 @@ revoke all on function private.write_bounds(), private.check_hold_bounds(public.
 
 -- A price row as a hold fixes it.
 create function private.price_of(p_operation text) returns jsonb
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select jsonb_build_object('credits', p.credits, 'credits_per_1k_input_tokens', p.credits_per_1k_input_tokens,
-                            'credits_per_1k_output_tokens', p.credits_per_1k_output_tokens)
-    from public.credit_prices p where p.operation = p_operation
+begin
+  return (
+    select jsonb_build_object('credits', p.credits, 'credits_per_1k_input_tokens', p.credits_per_1k_input_tokens,
+                              'credits_per_1k_output_tokens', p.credits_per_1k_output_tokens)
+      from public.credit_prices p where p.operation = p_operation
+  );
+end
 $$;
 
 -- Tokens priced at a fixed price: flat plus per-1,000 rates, the total rounded up.
 create function private.priced(p_price jsonb, p_input_tokens bigint, p_output_tokens bigint) returns bigint
-language sql immutable
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select ceil((p_price ->> 'credits')::numeric
-              + coalesce(p_input_tokens, 0) * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000
-              + coalesce(p_output_tokens, 0) * (p_price ->> 'credits_per_1k_output_tokens')::numeric / 1000)::bigint
+begin
+  return (
+    select ceil((p_price ->> 'credits')::numeric
+                + coalesce(p_input_tokens, 0) * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000
+                + coalesce(p_output_tokens, 0) * (p_price ->> 'credits_per_1k_output_tokens')::numeric / 1000)::bigint
+  );
+end
 $$;
 
 -- The most output tokens p_budget credits cover at a price with these input
 -- tokens (null when the price has no output rate).
 create function private.max_output_tokens(p_price jsonb, p_input_tokens bigint, p_budget bigint) returns bigint
-language sql immutable
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-  select case when p_price is null or (p_price ->> 'credits_per_1k_output_tokens')::numeric = 0 then null
-              else least(greatest(0, floor((p_budget - (p_price ->> 'credits')::numeric
-                                            - coalesce(p_input_tokens, 0)
-                                              * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000)
-                                           * 1000 / (p_price ->> 'credits_per_1k_output_tokens')::numeric)),
-                         (private.limits() ->> 'tokens')::bigint)::bigint end
+begin
+  return (
+    select case when p_price is null or (p_price ->> 'credits_per_1k_output_tokens')::numeric = 0 then null
+                else least(greatest(0, floor((p_budget - (p_price ->> 'credits')::numeric
+                                              - coalesce(p_input_tokens, 0)
+                                                * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000)
+                                             * 1000 / (p_price ->> 'credits_per_1k_output_tokens')::numeric)),
+                           (private.limits() ->> 'tokens')::bigint)::bigint end
+  );
+end
 $$;
 
 revoke all on function private.price_of(text), private.priced(jsonb, bigint, bigint),

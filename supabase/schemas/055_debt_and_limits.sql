@@ -173,31 +173,41 @@ $$;
 
 -- What a spender's holds past their expiry still count as held until the next write sweeps them.
 create function private.lapsed_held(p_account_id uuid, p_spender uuid) returns bigint
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select coalesce(sum(h.amount), 0)::bigint from public.credit_holds h
-   where h.account_id = p_account_id and h.status = 'active' and h.expires_at <= now()
-     and h.actor_id = p_spender
+begin
+  return (
+    select coalesce(sum(h.amount), 0)::bigint from public.credit_holds h
+     where h.account_id = p_account_id and h.status = 'active' and h.expires_at <= now()
+       and h.actor_id = p_spender
+  );
+end
 $$;
 
 -- A plain member of the account's tenant (the only ones default_member limits cover).
 create function private.is_plain_member(p_account_id uuid, p_user uuid) returns boolean
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select exists (select 1 from public.credit_accounts a
-                   join public.tenant_members m on m.tenant_id = a.tenant_id
-                  where a.id = p_account_id and m.user_id = p_user and m.role = 'member')
+begin
+  return (
+    select exists (select 1 from public.credit_accounts a
+                     join public.tenant_members m on m.tenant_id = a.tenant_id
+                    where a.id = p_account_id and m.user_id = p_user and m.role = 'member')
+  );
+end
 $$;
 
 -- The limits that apply to a spender now, each with what was spent and is
 -- held in its window, tightest first.
 create function private.applicable_limits(p_wallet public.credit_wallets, p_user uuid, p_key uuid)
 returns table (credit_limit bigint, period text, spent bigint, held bigint, resets_at timestamptz, room bigint)
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
+begin
+  return query
   select l.credit_limit, l.period, x.spent, x.held, b.w_end, l.credit_limit - x.spent - x.held
     from private.spend_limits l
     left join private.spend_usage u on u.account_id = l.account_id and u.spender = coalesce(p_key, p_user)
@@ -221,16 +231,21 @@ as $$
                              where n.account_id = l.account_id and n.subject = 'member' and n.subject_id = p_user)
                 and private.is_plain_member(l.account_id, p_user)
               else false end
-   order by 6, 5
+   order by 6, 5;
+end
 $$;
 
 -- What the spender may still spend (null: no limit applies).
 create function private.limit_room(p_wallet public.credit_wallets, p_user uuid, p_key uuid) returns bigint
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-  select case when count(*) > 0 then greatest(0, min(l.room))::bigint end
-    from private.applicable_limits(p_wallet, p_user, p_key) l
+begin
+  return (
+    select case when count(*) > 0 then greatest(0, min(l.room))::bigint end
+      from private.applicable_limits(p_wallet, p_user, p_key) l
+  );
+end
 $$;
 
 -- Refuse a spend of p_amount that would pass a limit (spend_limit_exceeded, the tightest limit's figures).
