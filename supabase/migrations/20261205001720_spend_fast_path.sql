@@ -154,6 +154,8 @@ declare
   v_sub_free bigint;
   v_split_promotional bigint;
   v_split_subscription bigint;
+  v_limited boolean;
+  v_wallet public.credit_wallets;
   -- The balance's next expiry: the promotional front's, the allowance's, the sooner.
   v_promo_at timestamptz;
   v_sub_at timestamptz;
@@ -192,7 +194,6 @@ begin
      where w.account_id = p_account_id
        and w.promotional - w.held_promotional + w.subscription - w.held_subscription
            + w.purchased - w.held_purchased - w.debt >= p_amount
-       and not w.limited
        and w.debt = 0
        and not coalesce(least(w.next_hold_expiry, w.promo_front_at) <= now(), false)
        and (w.promotional = w.held_promotional or p_amount < w.promo_front_left
@@ -200,9 +201,9 @@ begin
     returning w.promotional, w.subscription, w.purchased, w.held_promotional + w.held_subscription + w.held_purchased,
               w.period_start, w.period_end, case when w.promo_front_left > 0 then w.promo_front_at end,
               w.promo_front_left, case when w.subscription > w.held_subscription then w.period_end end,
-              w.subscription - w.held_subscription, w.split_promotional, w.split_subscription
+              w.subscription - w.held_subscription, w.split_promotional, w.split_subscription, w.limited
          into v_promotional, v_subscription, v_purchased, v_held, v_period_start, v_period_end, v_promo_at,
-              v_front_left, v_sub_at, v_sub_free, v_split_promotional, v_split_subscription;
+              v_front_left, v_sub_at, v_sub_free, v_split_promotional, v_split_subscription, v_limited;
     if found then
       v_at := least(v_promo_at, v_sub_at);
       v_expiring := case when v_promo_at = v_at then v_front_left else 0 end
@@ -219,6 +220,13 @@ begin
         v_actor, p_license_key_id)
       on conflict (account_id, idempotency_key, origin) do nothing
       returning id into v_id;
+      if v_id is not null and v_limited and coalesce(p_license_key_id, v_actor) is not null then
+        -- Spend limits, after the idempotency check (a replay replays): over a
+        -- limit raises spend_limit_exceeded, which undoes this call's writes.
+        select * into v_wallet from public.credit_wallets w where w.account_id = p_account_id;
+        perform private.check_limits(v_wallet, v_actor, p_license_key_id, p_amount);
+        perform private.count_usage(v_wallet, coalesce(p_license_key_id, v_actor), p_amount, 0);
+      end if;
       if v_id is not null then
         return to_jsonb(row(
           v_id, p_account_id, p_amount, v_split_promotional, v_split_subscription,
