@@ -199,7 +199,8 @@ def test_contract_v3_paths(pg15: Db) -> None:
                                    p_amount=3), "PT409", "idempotency_conflict")
 
     hold = pg15.call("reserve_credits", caller, p_account_id=account, p_idempotency_key="h1",
-                     p_operation="pg15-llm", p_input_tokens=1000, p_output_tokens=2000, p_overage="if_available")
+                     p_operation="pg15-llm", p_input_tokens=1000, p_output_tokens=2000,
+                     p_overage="if_available")
     assert hold["amount"] == 6
     extended = pg15.call("extend_hold", caller, p_hold_id=hold["hold_id"], p_idempotency_key="x1",
                          p_add_amount=2, p_ttl_seconds=600)
