@@ -229,6 +229,33 @@ declare
   v_fates jsonb;
   v_extra private.split := row(0, 0, 0)::private.split;
 begin
+  if p_charge = p_hold.amount and p_extra = 0 and p_hold.claims = '[]'::jsonb then
+    -- Everything charged, nothing claimed: every part's fate is spend (the
+    -- rule below, without computing it); the grants gave these credits at
+    -- reserve, nothing goes back, nothing expires.
+    v_spend := private.post(p_hold.account_id, 'spend', -p_hold.promotional, -p_hold.subscription,
+                            -p_hold.purchased, -p_hold.promotional, -p_hold.subscription, -p_hold.purchased,
+                            p_origin => 'system', p_ref_id => p_hold.id, p_metadata => p_metadata,
+                            p_actor => p_actor,
+                            p_period_start => case when p_hold.subscription > 0 then p_hold.period_start end,
+                            p_period_end => case when p_hold.subscription > 0 then p_hold.period_end end,
+                            p_operation => p_hold.operation, p_model => p_usage ->> 'model',
+                            p_input_tokens => (p_usage ->> 'input_tokens')::integer,
+                            p_output_tokens => (p_usage ->> 'output_tokens')::integer, p_price => p_hold.price);
+    update public.credit_wallets w
+       set next_hold_expiry = (select min(h.expires_at) from public.credit_holds h
+                                where h.account_id = p_hold.account_id and h.status = 'active'
+                                  and h.id <> p_hold.id)
+     where w.account_id = p_hold.account_id and w.next_hold_expiry >= p_hold.expires_at
+    returning w.* into v_wallet;
+    if v_wallet.account_id is null then
+      select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
+    end if;
+    if v_wallet.limited then
+      perform private.count_usage(v_wallet, p_hold.actor_id, p_charge, -p_hold.amount);
+    end if;
+    return v_spend;
+  end if;
   select * into v_wallet from public.credit_wallets w where w.account_id = p_hold.account_id;
   if p_extra > 0 then
     v_extra := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
