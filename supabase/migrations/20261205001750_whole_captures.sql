@@ -1,6 +1,7 @@
 -- A hold captured whole with nothing claimed on it: every part's fate is
 -- spend, so private.end_hold writes the spend without computing the fates
 -- (the general rule stays for partial captures, claims and lapsed holds).
+-- A reserve by the service looks up no spend limit (none applies to it).
 
 create or replace function private.end_hold(p_hold public.credit_holds, p_charge bigint,
                                  p_metadata jsonb default null, p_actor uuid default null,
@@ -144,6 +145,109 @@ begin
     perform private.settle_debt(p_hold.account_id);
   end if;
   return v_spend;
+end
+$$;
+
+create or replace function private.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
+                                        p_operation text, p_ttl_seconds integer, p_metadata jsonb,
+                                        p_model text, p_input_tokens integer, p_output_tokens integer,
+                                        p_overage text)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_cost bigint;
+  v_hash uuid;
+  v_wallet public.credit_wallets;
+  v_entry public.credit_transactions;
+  v_split private.split;
+  v_parts jsonb := '[]'::jsonb;
+  v_hold uuid := gen_random_uuid();
+  v_tx uuid := private.uuid_v7();
+  v_expires timestamptz;
+  v_actor uuid;
+  v_price jsonb;
+  v_room bigint;
+begin
+  v_actor := private.authorize(p_account_id, true, true);
+  v_cost := private.spend_cost(p_idempotency_key, p_amount, p_operation, p_model, p_input_tokens,
+                               p_output_tokens, p_metadata);
+  if v_cost < 1 then
+    perform private.invalid('p_operation', 'a hold must reserve at least 1 credit');
+  end if;
+  if p_ttl_seconds is null or p_ttl_seconds not between 1 and (private.limits() ->> 'ttl_seconds')::integer then
+    perform private.invalid('p_ttl_seconds', format('must be 1 to %s seconds', private.limits() ->> 'ttl_seconds'));
+  end if;
+  if p_overage is null or p_overage not in ('reject', 'if_available', 'overdraft') then
+    perform private.invalid('p_overage', 'must be reject, if_available or overdraft');
+  end if;
+  if p_overage = 'overdraft' and not private.is_service() then
+    perform private.fail('PT403', 'forbidden', '{"reason": "only the service makes overdraft holds"}'::jsonb);
+  end if;
+  v_hash := private.request_hash('reserve', jsonb_build_array(p_amount, p_operation, p_ttl_seconds, p_metadata,
+                                                              p_model, p_input_tokens, p_output_tokens,
+                                                              p_overage));
+  v_expires := now() + make_interval(secs => p_ttl_seconds);
+  if p_operation is not null then
+    v_price := private.price_of(p_operation);
+  end if;
+
+  v_wallet := private.lock_wallet(p_account_id);
+  v_entry := private.find_key(p_account_id, p_idempotency_key, v_hash);
+  if v_entry.id is not null then
+    return private.result(v_entry, true);
+  end if;
+  perform private.check_hold_bounds(v_wallet);
+  if v_wallet.limited and v_actor is not null then
+    perform private.check_limits(v_wallet, v_actor, null, v_cost);
+    v_room := private.limit_room(v_wallet, v_actor, null);
+  end if;
+  if private.available(v_wallet) < v_cost then
+    if v_price is not null then
+      perform private.fail('PT402', 'insufficient_credits', jsonb_build_object(
+        'required', v_cost, 'available', private.available(v_wallet),
+        'max_output_tokens', private.max_output_tokens(v_price, p_input_tokens,
+                                                       least(private.available(v_wallet), v_room))));
+    end if;
+    perform private.insufficient(v_cost, private.available(v_wallet));
+  end if;
+  v_split := private.spend_split(v_wallet.promotional - v_wallet.held_promotional,
+                                 v_wallet.subscription - v_wallet.held_subscription,
+                                 v_wallet.purchased - v_wallet.held_purchased, v_cost);
+  -- Which grants, pool by pool: the front of each.
+  if v_split.promotional > 0 then
+    v_parts := private.take_front(v_wallet, 'promotional', v_split.promotional);
+  end if;
+  if v_split.subscription > 0 then
+    v_parts := v_parts || private.take_front(v_wallet, 'subscription', v_split.subscription);
+  end if;
+  if v_split.purchased > 0 then
+    v_parts := v_parts || private.take_front(v_wallet, 'purchased', v_split.purchased);
+  end if;
+  insert into public.credit_holds (id, account_id, transaction_id, amount, promotional, subscription, purchased,
+                                   parts, sub_epoch, period_start, period_end, expires_at, operation,
+                                   metadata, actor_id, overage, price, input_tokens, output_tokens, model)
+  values (v_hold, p_account_id, v_tx, v_cost, v_split.promotional, v_split.subscription, v_split.purchased,
+          v_parts, v_wallet.sub_epoch, v_wallet.period_start, v_wallet.period_end, v_expires, p_operation,
+          coalesce(p_metadata, '{}'::jsonb), v_actor, p_overage, v_price, p_input_tokens, p_output_tokens,
+          p_model);
+  update public.credit_wallets w
+     set next_hold_expiry = least(coalesce(w.next_hold_expiry, v_expires), v_expires),
+         hold_minute = date_trunc('minute', now()),
+         hold_minute_count = case when w.hold_minute = date_trunc('minute', now())
+                                  then w.hold_minute_count + 1 else 1 end
+   where w.account_id = p_account_id;
+  v_entry := private.post(p_account_id, 'reserve',
+                          p_held_promotional => v_split.promotional, p_held_subscription => v_split.subscription,
+                          p_held_purchased => v_split.purchased, p_key => p_idempotency_key, p_hash => v_hash,
+                          p_ref_id => v_hold, p_metadata => p_metadata, p_actor => v_actor,
+                          p_operation => p_operation, p_id => v_tx,
+                          p_outcome => jsonb_build_object('amount', v_cost, 'expires_at', v_expires));
+  if v_wallet.limited then
+    perform private.count_usage(v_wallet, v_actor, 0, v_cost);
+  end if;
+  return private.result(v_entry, false);
 end
 $$;
 

@@ -630,7 +630,7 @@ begin
     return private.result(v_entry, true);
   end if;
   perform private.check_hold_bounds(v_wallet);
-  if v_wallet.limited then
+  if v_wallet.limited and v_actor is not null then
     perform private.check_limits(v_wallet, v_actor, null, v_cost);
     v_room := private.limit_room(v_wallet, v_actor, null);
   end if;
