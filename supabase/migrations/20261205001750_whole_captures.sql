@@ -201,10 +201,13 @@ begin
   perform private.check_hold_bounds(v_wallet);
   if v_wallet.limited and v_actor is not null then
     perform private.check_limits(v_wallet, v_actor, null, v_cost);
-    v_room := private.limit_room(v_wallet, v_actor, null);
   end if;
   if private.available(v_wallet) < v_cost then
     if v_price is not null then
+      -- What the credits cover is also bounded by the maker's remaining limit.
+      if v_wallet.limited and v_actor is not null then
+        v_room := private.limit_room(v_wallet, v_actor, null);
+      end if;
       perform private.fail('PT402', 'insufficient_credits', jsonb_build_object(
         'required', v_cost, 'available', private.available(v_wallet),
         'max_output_tokens', private.max_output_tokens(v_price, p_input_tokens,
