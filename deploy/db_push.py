@@ -43,7 +43,8 @@ MIGRATIONS = ROOT / "supabase" / "migrations"
 PG15_BIN = Path(os.environ.get("PG15_BIN", "/usr/lib/postgresql/15/bin"))
 SERVER_USER = "postgres"  # Debian's server binaries refuse to run as root
 # Supabase's own schemas, not the project's.
-NOT_OURS = ("pg_catalog", "information_schema", "auth", "extensions", "supabase_migrations", "pg_toast")
+NOT_OURS = ("pg_catalog", "information_schema", "auth", "extensions", "realtime", "supabase_migrations",
+            "pg_toast")
 # A few of the contract's SQL functions, so that two empty sets never compare equal.
 CONTRACT_FUNCTIONS = {"get_credit_balance", "deduct_credits", "reserve_credits", "run_monthly_reset"}
 CLI_ENV = {"SUPABASE_TELEMETRY_DISABLED": "1", "DO_NOT_TRACK": "1", "SUPABASE_NO_UPDATE_NOTIFIER": "1"}

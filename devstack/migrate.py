@@ -62,6 +62,11 @@ def apply_pending(dsn: str, *, seed: bool = True) -> MigrationReport:
                         "(path text primary key, hash text not null)"
                     )
                 report.bootstrapped = True
+            elif conn.execute("select to_regclass('realtime.messages')").fetchone() == (None,):
+                # A database bootstrapped before the bootstrap reproduced Realtime's
+                # part: the bootstrap only creates what is missing.
+                with conn.transaction():
+                    _run(conn, db.BOOTSTRAP)
             versions = conn.execute("select version from supabase_migrations.schema_migrations")
             done = {row[0] for row in versions}
             for path in db.migration_files():

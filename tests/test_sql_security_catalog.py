@@ -19,6 +19,7 @@ from tests.support import Db
 USER_CALLABLE = {
     "get_credit_balance", "deduct_credits", "reserve_credits", "capture_hold", "release_hold",
     "create_license_key", "revoke_license_key", "extend_hold", "estimate_cost", "set_spend_limit",
+    "set_balance_alert",
 }
 SERVICE_ONLY_CONTRACT = {
     "deduct_credits_by_license", "add_purchased_credits", "add_subscription_credits",
@@ -196,7 +197,9 @@ def test_private_definer_code_is_not_reachable_by_anon(database: Db, functions: 
     allowed = USER_CALLABLE | {"is_service", "is_super_admin", "member_tenant_ids", "readable_account_ids",
                                "managed_account_ids", "personal_account", "window_bounds", "lapsed_held",
                                "balance_json", "next_expiry", "current_wallet", "sweep_due", "hold_fates",
-                               "fates", "spend_split", "grant_attribution"}
+                               "fates", "spend_split", "grant_attribution",
+                               # realtime.messages' policies: the account a credits topic names.
+                               "topic_account"}
     reachable = {name for oid, schema, name, *_ in functions
                  if schema == "private"
                  and database.one("select has_function_privilege('authenticated', %s::oid, 'EXECUTE')", oid)}

@@ -204,7 +204,12 @@ create table public.credit_wallets (
   -- call (RETURNING shows only the new row).
   split_promotional bigint,
   split_subscription bigint,
-  front_before bigint
+  front_before bigint,
+  -- Balance alerts (the events chapter): the highest armed threshold (0: none)
+  -- and the lowest re-arm level of a fired alert (null: none). A change can
+  -- fire or re-arm an alert only when available passes one of them.
+  alert_below bigint not null default 0,
+  alert_rearm bigint
   -- Never more held than there is: every path that changes a pool or what is
   -- held takes free credits only, under this row's lock (reconcile checks).
 -- fillfactor 50: the monthly reset rewrites every row of a batch in one

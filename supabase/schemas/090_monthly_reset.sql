@@ -82,6 +82,8 @@ declare
   v_granted bigint := 0;
 begin
   perform private.require_service();
+  -- Renewals are not broadcast (alerts are still evaluated).
+  perform set_config('credits.quiet', 'on', true);
   if p_period_start is null or extract(day from p_period_start) <> 1 then
     perform private.invalid('p_period_start', 'must be the first day of a month');
   end if;

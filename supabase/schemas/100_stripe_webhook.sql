@@ -1423,6 +1423,8 @@ begin
     perform private.invalid('p_limit', 'must be 1 to 10000');
   end if;
   perform pg_advisory_xact_lock(7349210455160013);
+  -- A batch release is not broadcast (alerts are still evaluated).
+  perform set_config('credits.quiet', 'on', true);
   v_out := private.stripe_unpark(array['ready'], p_limit);
   return jsonb_build_object('released', jsonb_array_length(v_out),
                             'remaining', (select count(*) from public.stripe_events e

@@ -1,0 +1,717 @@
+-- Events, balance alerts and the live balance (contract v3): the events
+-- chapter (110_events_and_alerts.sql) whole, the wallet's cached alert
+-- figures, and the monthly reset and batch releases of Stripe events marked
+-- quiet (no broadcast).
+
+alter table public.credit_wallets
+  add column alert_below bigint not null default 0,
+  add column alert_rearm bigint;
+
+-- ---------------------------------------------------------------------------
+-- Alerts.
+-- ---------------------------------------------------------------------------
+
+create table private.balance_alerts (
+  account_id uuid not null references public.credit_accounts (id) on delete cascade,
+  threshold bigint not null check (threshold >= 1),
+  rearm_at bigint not null,
+  armed boolean not null,
+  created_at timestamptz not null default now(),
+  primary key (account_id, threshold),
+  check (rearm_at >= threshold)
+);
+alter table private.balance_alerts enable row level security;
+comment on table private.balance_alerts is
+  'Balance alerts: a threshold of available credits, its re-arm level and whether it is armed.';
+
+-- ---------------------------------------------------------------------------
+-- Events.
+-- ---------------------------------------------------------------------------
+
+create table public.credit_events (
+  event_id uuid primary key default private.uuid_v7(),
+  account_id uuid not null references public.credit_accounts (id) on delete cascade,
+  seq bigint not null,
+  type text not null,
+  payload jsonb not null,
+  created_at timestamptz not null default now(),
+  -- Delivery to the operator's endpoint (the notify Lambda).
+  status text not null default 'pending' check (status in ('pending', 'delivered', 'failed')),
+  attempts integer not null default 0,
+  next_attempt_at timestamptz not null default now(),
+  leased_until timestamptz,
+  delivered_at timestamptz,
+  last_error text,
+  unique (account_id, seq)
+);
+-- What notify looks through: the undelivered events, in order per account.
+create index credit_events_pending_idx on public.credit_events (account_id, seq) where status = 'pending';
+comment on table public.credit_events is
+  'Notable changes of an account (alerts, top-up outcomes), numbered per account, delivered to the operator''s '
+  'webhook at least once and in order. Function-only writes.';
+
+alter table public.credit_events enable row level security;
+revoke all on public.credit_events from anon, authenticated, service_role;
+grant select on public.credit_events to authenticated, service_role;
+
+create policy credit_events_read on public.credit_events for select to authenticated
+  using (account_id in (select private.readable_account_ids()) or (select private.is_super_admin()));
+
+-- Write an event of an account whose wallet the caller has locked (which
+-- makes max(seq) + 1 safe).
+create function private.emit_event(p_account_id uuid, p_type text, p_payload jsonb) returns uuid
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_id uuid;
+begin
+  insert into public.credit_events (account_id, seq, type, payload)
+  values (p_account_id,
+          coalesce((select max(e.seq) from public.credit_events e where e.account_id = p_account_id), 0) + 1,
+          p_type, p_payload)
+  returning event_id into v_id;
+  return v_id;
+end
+$$;
+
+-- The wallet's cached alert figures, from the alerts as they are now.
+create function private.cache_alerts(p_account_id uuid) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  update public.credit_wallets w
+     set alert_below = coalesce((select max(a.threshold) from private.balance_alerts a
+                                  where a.account_id = p_account_id and a.armed), 0),
+         alert_rearm = (select min(a.rearm_at) from private.balance_alerts a
+                         where a.account_id = p_account_id and not a.armed)
+   where w.account_id = p_account_id;
+end
+$$;
+
+-- Fire and re-arm the alerts of a wallet at its final available credits.
+create function private.evaluate_alerts(p_wallet public.credit_wallets, p_available bigint) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_alert private.balance_alerts;
+  v_balance jsonb := private.balance_json(p_wallet);
+begin
+  for v_alert in select * from private.balance_alerts a
+                  where a.account_id = p_wallet.account_id
+                    and ((a.armed and a.threshold > p_available) or (not a.armed and a.rearm_at <= p_available))
+                  order by a.threshold desc loop
+    update private.balance_alerts a set armed = not v_alert.armed
+     where a.account_id = v_alert.account_id and a.threshold = v_alert.threshold;
+    perform private.emit_event(
+      p_wallet.account_id,
+      case when not v_alert.armed then 'balance.recovered'
+           when p_available = 0 then 'balance.depleted'
+           else 'balance.low' end,
+      jsonb_build_object('threshold', v_alert.threshold, 'rearm_at', v_alert.rearm_at,
+                         'available', p_available, 'balance', v_balance));
+  end loop;
+  perform private.cache_alerts(p_wallet.account_id);
+end
+$$;
+
+revoke all on function private.emit_event(uuid, text, jsonb), private.cache_alerts(uuid),
+  private.evaluate_alerts(public.credit_wallets, bigint) from public;
+
+-- ---------------------------------------------------------------------------
+-- The end of every transaction that changed a balance.
+-- ---------------------------------------------------------------------------
+
+-- Runs at commit (deferred), once per account and transaction: later queued
+-- calls for the same account find it in credits.watched and return. It reads
+-- the wallet as the transaction leaves it, under the lock the transaction
+-- already holds. Definer: at commit the caller's own role is back in force.
+create function private.watch_balance() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_seen text := coalesce(current_setting('credits.watched', true), '');
+  v_wallet public.credit_wallets;
+  v_available bigint;
+begin
+  if strpos(v_seen, new.account_id::text) > 0 then
+    return null;
+  end if;
+  perform set_config('credits.watched', v_seen || new.account_id::text || ',', true);
+  select * into v_wallet from public.credit_wallets w where w.account_id = new.account_id;
+  if not found then
+    return null;
+  end if;
+  v_available := private.available(v_wallet);
+  if v_wallet.alert_below > v_available or v_wallet.alert_rearm <= v_available then
+    perform private.evaluate_alerts(v_wallet, v_available);
+  end if;
+  -- The first queued row's OLD is the wallet as the transaction found it: a
+  -- change undone (a replayed spend's fast path) is no change.
+  if current_setting('credits.quiet', true) is distinct from 'on'
+     and (old.promotional, old.subscription, old.purchased, old.held_promotional, old.held_subscription,
+          old.held_purchased, old.debt, old.period_start, old.period_end, old.promo_front_at, old.promo_front_left)
+         is distinct from
+         (v_wallet.promotional, v_wallet.subscription, v_wallet.purchased, v_wallet.held_promotional,
+          v_wallet.held_subscription, v_wallet.held_purchased, v_wallet.debt, v_wallet.period_start,
+          v_wallet.period_end, v_wallet.promo_front_at, v_wallet.promo_front_left) then
+    perform realtime.send(private.balance_json(v_wallet), 'balance', 'credits:' || v_wallet.account_id::text, true);
+  end if;
+  return null;
+end
+$$;
+revoke all on function private.watch_balance() from public;
+
+-- Only what the balance object shows (pools, held, debt, period, next
+-- expiry) queues the watch; an account without alerts compares two cached
+-- figures it does not reach.
+create constraint trigger credit_wallets_watch
+  after update on public.credit_wallets
+  deferrable initially deferred
+  for each row
+  when (new.alert_below > new.promotional - new.held_promotional + new.subscription - new.held_subscription
+                          + new.purchased - new.held_purchased - new.debt
+        or new.alert_rearm <= new.promotional - new.held_promotional + new.subscription - new.held_subscription
+                              + new.purchased - new.held_purchased - new.debt
+        or ((new.promotional, new.subscription, new.purchased, new.held_promotional, new.held_subscription,
+             new.held_purchased, new.debt, new.period_start, new.period_end, new.promo_front_at,
+             new.promo_front_left)
+            is distinct from
+            (old.promotional, old.subscription, old.purchased, old.held_promotional, old.held_subscription,
+             old.held_purchased, old.debt, old.period_start, old.period_end, old.promo_front_at,
+             old.promo_front_left)
+            and current_setting('credits.quiet', true) is distinct from 'on'))
+  execute function private.watch_balance();
+
+-- ---------------------------------------------------------------------------
+-- set_balance_alert.
+-- ---------------------------------------------------------------------------
+
+create function private.set_balance_alert(p_account_id uuid, p_threshold integer, p_rearm_at integer)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_wallet public.credit_wallets;
+  v_alert private.balance_alerts;
+  v_rearm bigint := coalesce(p_rearm_at::bigint, 2 * p_threshold::bigint);
+begin
+  perform private.authorize(p_account_id, true);
+  if p_threshold is null or p_threshold < 1 or p_threshold > 1000000000 then
+    perform private.invalid('p_threshold', 'must be 1 to 1000000000');
+  end if;
+  v_wallet := private.lock_wallet(p_account_id);
+  select * into v_alert from private.balance_alerts a
+   where a.account_id = p_account_id and a.threshold = p_threshold;
+  if p_rearm_at = 0 and found then
+    delete from private.balance_alerts a where a.account_id = p_account_id and a.threshold = p_threshold;
+    perform private.cache_alerts(p_account_id);
+    return jsonb_build_object('account_id', p_account_id, 'threshold', p_threshold, 'rearm_at', 0,
+                              'armed', false);
+  end if;
+  if v_rearm < p_threshold then
+    perform private.invalid('p_rearm_at', 'must be at least p_threshold (0 removes an existing alert)');
+  end if;
+  if found then
+    update private.balance_alerts a set rearm_at = v_rearm
+     where a.account_id = p_account_id and a.threshold = p_threshold
+    returning * into v_alert;
+  else
+    if (select count(*) from private.balance_alerts a where a.account_id = p_account_id) >= 10 then
+      perform private.invalid('p_threshold', 'at most 10 alerts per account');
+    end if;
+    -- A new alert is armed iff available is at or above it, and fires nothing now.
+    insert into private.balance_alerts (account_id, threshold, rearm_at, armed)
+    values (p_account_id, p_threshold, v_rearm, private.available(private.current_wallet(v_wallet)) >= p_threshold)
+    returning * into v_alert;
+  end if;
+  perform private.cache_alerts(p_account_id);
+  return jsonb_build_object('account_id', v_alert.account_id, 'threshold', v_alert.threshold,
+                            'rearm_at', v_alert.rearm_at, 'armed', v_alert.armed);
+end
+$$;
+
+create function public.set_balance_alert(p_account_id uuid, p_threshold integer, p_rearm_at integer default null)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.set_balance_alert(p_account_id, p_threshold, p_rearm_at);
+end
+$$;
+comment on function public.set_balance_alert(uuid, integer, integer) is
+  'Add or change the balance alert at p_threshold (p_rearm_at >= threshold, default twice it; 0 removes it). '
+  '{account_id, threshold, rearm_at, armed}.';
+
+revoke all on function private.set_balance_alert(uuid, integer, integer),
+  public.set_balance_alert(uuid, integer, integer) from public, anon, authenticated, service_role;
+grant execute on function private.set_balance_alert(uuid, integer, integer),
+  public.set_balance_alert(uuid, integer, integer) to authenticated, service_role;
+
+-- ---------------------------------------------------------------------------
+-- Delivery (the notify Lambda, service only).
+-- ---------------------------------------------------------------------------
+
+create function private.event_json(p_event public.credit_events) returns jsonb
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+  select jsonb_build_object('event_id', p_event.event_id, 'account_id', p_event.account_id, 'seq', p_event.seq,
+                            'type', p_event.type, 'payload', p_event.payload, 'created_at', p_event.created_at,
+                            'status', p_event.status, 'attempts', p_event.attempts,
+                            'next_attempt_at', p_event.next_attempt_at, 'delivered_at', p_event.delivered_at,
+                            'last_error', p_event.last_error)
+$$;
+revoke all on function private.event_json(public.credit_events) from public;
+
+-- Hand out each account's next event, leased: events past 72 hours fail
+-- first, so they never hold their account's later events back.
+create function private.claim_credit_events(p_limit integer, p_lease_seconds integer) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_out jsonb;
+begin
+  perform private.require_service();
+  if p_limit is null or p_limit not between 1 and 1000 then
+    perform private.invalid('p_limit', 'must be 1 to 1000');
+  end if;
+  if p_lease_seconds is null or p_lease_seconds not between 1 and 900 then
+    perform private.invalid('p_lease_seconds', 'must be 1 to 900');
+  end if;
+  update public.credit_events e
+     set status = 'failed', leased_until = null,
+         last_error = case when e.attempts = 0 then 'not_sent' else 'expired' end
+   where e.status = 'pending' and e.created_at < now() - interval '72 hours'
+     and (e.leased_until is null or e.leased_until <= now());
+  with heads as (
+    select distinct on (e.account_id) e.event_id, e.next_attempt_at, e.leased_until
+      from public.credit_events e
+     where e.status = 'pending'
+     order by e.account_id, e.seq
+  ), due as (
+    select h.event_id from heads h
+     where h.next_attempt_at <= now() and (h.leased_until is null or h.leased_until <= now())
+     order by h.next_attempt_at
+     limit p_limit
+  ), locked as (
+    -- Re-checked on the row's newest version: a concurrent claim that leased it wins.
+    select e.event_id from public.credit_events e
+     where e.event_id in (select d.event_id from due d) and e.status = 'pending'
+       and (e.leased_until is null or e.leased_until <= now())
+       for update skip locked
+  ), leased as (
+    update public.credit_events e
+       set leased_until = now() + make_interval(secs => p_lease_seconds)
+      from locked l
+     where e.event_id = l.event_id
+    returning e.*
+  )
+  select coalesce(jsonb_agg(jsonb_build_object('event_id', l.event_id, 'account_id', l.account_id, 'seq', l.seq,
+                                               'type', l.type, 'payload', l.payload,
+                                               'created_at', l.created_at, 'attempts', l.attempts)
+                            order by l.account_id, l.seq), '[]'::jsonb)
+    into v_out from leased l;
+  return v_out;
+end
+$$;
+
+create function private.record_credit_event_delivery(p_event_id uuid, p_delivered boolean, p_error text)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_event public.credit_events;
+begin
+  perform private.require_service();
+  if p_delivered is null then
+    perform private.invalid('p_delivered', 'required');
+  end if;
+  update public.credit_events e
+     set status = case when p_delivered then 'delivered'
+                       when e.created_at < now() - interval '72 hours' then 'failed'
+                       else e.status end,
+         delivered_at = case when p_delivered then now() end,
+         attempts = e.attempts + 1,
+         next_attempt_at = case when p_delivered then e.next_attempt_at
+                                else now() + least(interval '1 hour',
+                                                   interval '5 seconds' * power(2, least(e.attempts, 20))) end,
+         leased_until = null,
+         last_error = case when p_delivered then null else left(coalesce(p_error, 'failed'), 500) end
+   where e.event_id = p_event_id and e.status <> 'delivered'
+  returning * into v_event;
+  if not found then
+    select * into v_event from public.credit_events e where e.event_id = p_event_id;
+    if not found then
+      perform private.fail('PT404', 'event_not_found');
+    end if;
+  end if;
+  return jsonb_build_object('event_id', v_event.event_id, 'status', v_event.status, 'attempts', v_event.attempts,
+                            'next_attempt_at', v_event.next_attempt_at);
+end
+$$;
+
+create function private.list_credit_events(p_status text, p_account_id uuid, p_limit integer) returns jsonb
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  perform private.require_service();
+  if p_status is not null and p_status not in ('pending', 'delivered', 'failed') then
+    perform private.invalid('p_status', 'must be pending, delivered or failed (null: all)');
+  end if;
+  if p_limit is null or p_limit not between 1 and 1000 then
+    perform private.invalid('p_limit', 'must be 1 to 1000');
+  end if;
+  return (select coalesce(jsonb_agg(private.event_json(e) order by e.created_at desc, e.seq desc), '[]'::jsonb)
+            from (select * from public.credit_events e
+                   where (p_status is null or e.status = p_status)
+                     and (p_account_id is null or e.account_id = p_account_id)
+                   order by e.created_at desc, e.seq desc
+                   limit p_limit) e);
+end
+$$;
+
+create function private.resend_credit_event(p_event_id uuid) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_event public.credit_events;
+begin
+  perform private.require_service();
+  update public.credit_events e
+     set status = 'pending', attempts = 0, next_attempt_at = now(), leased_until = null, delivered_at = null,
+         last_error = null, created_at = now()
+   where e.event_id = p_event_id
+  returning * into v_event;
+  if not found then
+    perform private.fail('PT404', 'event_not_found');
+  end if;
+  return private.event_json(v_event);
+end
+$$;
+
+-- Write what lapsed (expired holds, expired promotional grants) on accounts
+-- nobody wrote to since: their events and broadcasts happen here.
+create function private.sweep_credit_accounts(p_limit integer) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_account uuid;
+  v_swept integer := 0;
+begin
+  perform private.require_service();
+  if p_limit is null or p_limit not between 1 and 10000 then
+    perform private.invalid('p_limit', 'must be 1 to 10000');
+  end if;
+  for v_account in select w.account_id from public.credit_wallets w
+                    where least(w.next_hold_expiry, w.promo_front_at) <= now()
+                    limit p_limit
+                      for update skip locked loop
+    perform private.lock_wallet(v_account);
+    v_swept := v_swept + 1;
+  end loop;
+  return jsonb_build_object('swept', v_swept);
+end
+$$;
+
+create function public.claim_credit_events(p_limit integer default 100, p_lease_seconds integer default 60)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.claim_credit_events(p_limit, p_lease_seconds);
+end
+$$;
+comment on function public.claim_credit_events(integer, integer) is
+  'Service: lease each account''s next undelivered event (at most p_limit). '
+  '[{event_id, account_id, seq, type, payload, created_at, attempts}].';
+
+create function public.record_credit_event_delivery(p_event_id uuid, p_delivered boolean, p_error text default null)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.record_credit_event_delivery(p_event_id, p_delivered, p_error);
+end
+$$;
+comment on function public.record_credit_event_delivery(uuid, boolean, text) is
+  'Service: record a delivery attempt of a claimed event. {event_id, status, attempts, next_attempt_at}.';
+
+create function public.list_credit_events(p_status text default 'failed', p_account_id uuid default null,
+                                          p_limit integer default 100)
+returns jsonb
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.list_credit_events(p_status, p_account_id, p_limit);
+end
+$$;
+comment on function public.list_credit_events(text, uuid, integer) is
+  'Service: events by delivery status (null: all), newest first.';
+
+create function public.resend_credit_event(p_event_id uuid) returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.resend_credit_event(p_event_id);
+end
+$$;
+comment on function public.resend_credit_event(uuid) is
+  'Service: send an event again (same event_id and seq; its 72 hours start over).';
+
+create function public.sweep_credit_accounts(p_limit integer default 1000) returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return private.sweep_credit_accounts(p_limit);
+end
+$$;
+comment on function public.sweep_credit_accounts(integer) is
+  'Service: write what lapsed on up to p_limit accounts nobody wrote to. {swept}.';
+
+revoke all on function private.claim_credit_events(integer, integer),
+  private.record_credit_event_delivery(uuid, boolean, text), private.list_credit_events(text, uuid, integer),
+  private.resend_credit_event(uuid), private.sweep_credit_accounts(integer),
+  public.claim_credit_events(integer, integer), public.record_credit_event_delivery(uuid, boolean, text),
+  public.list_credit_events(text, uuid, integer), public.resend_credit_event(uuid),
+  public.sweep_credit_accounts(integer)
+  from public, anon, authenticated, service_role;
+grant execute on function private.claim_credit_events(integer, integer),
+  private.record_credit_event_delivery(uuid, boolean, text), private.list_credit_events(text, uuid, integer),
+  private.resend_credit_event(uuid), private.sweep_credit_accounts(integer),
+  public.claim_credit_events(integer, integer), public.record_credit_event_delivery(uuid, boolean, text),
+  public.list_credit_events(text, uuid, integer), public.resend_credit_event(uuid),
+  public.sweep_credit_accounts(integer)
+  to service_role;
+
+-- ---------------------------------------------------------------------------
+-- The live balance: who may join credits:<account_id>.
+-- ---------------------------------------------------------------------------
+
+-- The account a credits topic names (null for any other topic).
+create function private.topic_account(p_topic text) returns uuid
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  if p_topic ~ '^credits:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' then
+    return substr(p_topic, 9)::uuid;
+  end if;
+  return null;
+end
+$$;
+revoke all on function private.topic_account(text) from public;
+grant execute on function private.topic_account(text) to authenticated, service_role;
+
+-- Receive: those who can read the account. Restrictive, so that a project's
+-- own broader policies on realtime.messages never open credits topics to others.
+create policy credits_topic_receive on realtime.messages for select to authenticated
+  using (private.topic_account((select realtime.topic())) in (select private.readable_account_ids()));
+create policy credits_topic_readers_only on realtime.messages as restrictive for select to authenticated
+  using ((select realtime.topic()) is null or (select realtime.topic()) not like 'credits:%'
+         or private.topic_account((select realtime.topic())) in (select private.readable_account_ids()));
+create policy credits_topic_not_anon on realtime.messages as restrictive for select to anon
+  using ((select realtime.topic()) is null or (select realtime.topic()) not like 'credits:%');
+-- Send: nobody but the database (a restrictive policy: no client broadcast or
+-- presence on credits:*, whatever else the project allows).
+create policy credits_topic_no_client_send on realtime.messages as restrictive for insert to anon, authenticated
+  with check ((select realtime.topic()) is null or (select realtime.topic()) not like 'credits:%');
+
+create or replace function private.run_monthly_reset(p_period_start date, p_batch_size integer default 5000,
+                                         p_after uuid default null) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_start timestamptz;
+  v_end timestamptz;
+  v_last uuid;
+  v_scanned integer;
+  v_due uuid[];
+  v_calendar uuid[];
+  v_anniversary uuid[];
+  v_at timestamptz;
+  v_account uuid;
+  v_ids uuid[];
+  v_amounts bigint[];
+  v_caps bigint[];
+  v_ends timestamptz[];
+  v_result record;
+  v_yearly record;
+  v_month record;
+  v_processed integer := 0;
+  v_expired bigint := 0;
+  v_granted bigint := 0;
+begin
+  perform private.require_service();
+  -- Renewals are not broadcast (alerts are still evaluated).
+  perform set_config('credits.quiet', 'on', true);
+  if p_period_start is null or extract(day from p_period_start) <> 1 then
+    perform private.invalid('p_period_start', 'must be the first day of a month');
+  end if;
+  if p_period_start > (date_trunc('month', now() at time zone 'UTC') + interval '1 month')::date then
+    perform private.invalid('p_period_start', 'must not be more than one month ahead of the current UTC month');
+  end if;
+  if p_batch_size is null or p_batch_size not between 1 and 100000 then
+    perform private.invalid('p_batch_size', 'must be 1 to 100000');
+  end if;
+  v_start := p_period_start::timestamp at time zone 'UTC';
+  v_end := (p_period_start + interval '1 month')::timestamp at time zone 'UTC';
+  v_at := greatest(now(), v_start);
+
+  select count(*), (array_agg(b.id order by b.id desc))[1] into v_scanned, v_last
+    from (select a.id from public.credit_accounts a
+           where a.id > coalesce(p_after, '00000000-0000-0000-0000-000000000000'::uuid)
+           order by a.id limit p_batch_size) b;
+  if v_scanned = 0 then
+    return jsonb_build_object('processed', 0, 'expired', 0, 'granted', 0, 'next_after', null, 'done', true);
+  end if;
+
+  -- Lock, in ascending id, the wallets that need a renewal or a sweep, and
+  -- say which renewal each is due (the rule, written once, inline: a
+  -- function call per row would cost the reset a third of its time):
+  --   * 'anniversary': an active or trialing subscription on a yearly price
+  --     still paid at v_at whose current month has ended;
+  --   * nothing: a monthly price (its invoices renew it), or a yearly price
+  --     whose paid year ended less than 72 hours ago (its renewal invoice may
+  --     still come; a year stopped by a refund or a dispute does not wait);
+  --   * 'calendar': every other account on a period that began before v_start.
+  select array_agg(x.account_id order by x.account_id),
+         coalesce(array_agg(x.account_id order by x.account_id) filter (where x.due = 'calendar'), '{}'),
+         coalesce(array_agg(x.account_id order by x.account_id) filter (where x.due = 'anniversary'), '{}')
+    into v_due, v_calendar, v_anniversary
+    from (select w.account_id, d.due
+            from public.credit_wallets w
+            join public.credit_accounts a on a.id = w.account_id
+           cross join lateral (
+             select case when a.stripe_subscription_id is not null
+                              and a.subscription_status in ('active', 'trialing')
+                              and (a.stripe_paid_through is null
+                                   or a.stripe_paid_through > v_at
+                                   or (a.stripe_paid_through >= a.stripe_paid_until
+                                       and a.stripe_paid_through + interval '72 hours' > v_at))
+                         then case when a.stripe_paid_through > v_at and w.period_end <= v_at
+                                   then 'anniversary' end
+                         when w.period_start is null or w.period_start < v_start then 'calendar'
+                    end as due) d
+           where w.account_id > coalesce(p_after, '00000000-0000-0000-0000-000000000000'::uuid)
+             and w.account_id <= v_last
+             and (d.due is not null or private.sweep_due(w))
+           order by w.account_id
+             for update of w) x;
+  -- Sweep what lapsed, and attribute promotional spends where a rollover
+  -- grant is about to join grants whose rows lag behind the wallet (both
+  -- rare: a few accounts a batch; one set-based query finds them).
+  for v_account in
+    select w.account_id from public.credit_wallets w
+      join public.credit_accounts a on a.id = w.account_id
+      join public.credit_plans p on p.id = a.plan_id
+      left join (select g.account_id, sum(g.remaining) as remaining from private.grants g
+                  where g.account_id = any (v_due) and g.pool = 'promotional' and g.remaining > 0
+                  group by g.account_id) g
+        on g.account_id = w.account_id
+     where w.account_id = any (v_due)
+       and (private.sweep_due(w)
+            -- (the renewal may apply the free plan's cap instead of the account's plan's)
+            or ((p.rollover_cap > 0 or (select f.rollover_cap from public.credit_plans f where f.id = 'free') > 0)
+                and coalesce(g.remaining, 0) <> w.promotional - w.held_promotional))
+     order by w.account_id
+  loop
+    perform private.materialize_grants(private.lock_wallet(v_account));
+  end loop;
+
+  -- The calendar month, in one statement for the batch: the plan's allowance,
+  -- or the free plan's while the subscription does not pay (a yearly price
+  -- whose paid year ended or stopped included).
+  select array_agg(a.id order by a.id), array_agg(q.monthly_credits::bigint order by a.id),
+         array_agg(q.rollover_cap::bigint order by a.id), array_agg(v_end order by a.id)
+    into v_ids, v_amounts, v_caps, v_ends
+    from public.credit_accounts a
+    join public.credit_plans q
+      on q.id = case when coalesce(a.subscription_status, '') in ('past_due', 'unpaid', 'incomplete',
+                                                                  'incomplete_expired', 'paused', 'canceled')
+                          or (a.subscription_status in ('active', 'trialing') and a.stripe_paid_through is not null)
+                     then 'free' else a.plan_id end
+   where a.id = any (v_calendar);
+  select count(*)::integer as processed, coalesce(sum(r.expired), 0)::bigint as expired,
+         coalesce(sum(r.granted), 0)::bigint as granted
+    into v_result
+    from private.renew_to(coalesce(v_ids, '{}'), coalesce(v_amounts, '{}'), coalesce(v_caps, '{}'),
+                          coalesce(v_ends, '{}'), v_start, 'system', null, null, null,
+                          '{"reason": "monthly_reset"}'::jsonb) r;
+  v_processed := v_result.processed;
+  v_expired := v_result.expired;
+  v_granted := v_result.granted;
+  -- A renewal pays what the account owes, and spend limits count the new
+  -- billing period from its start (rare: a partial index finds them).
+  perform private.settle_debt(w.account_id), private.recount_usage(w) from public.credit_wallets w
+   where (w.debt > 0 or w.limited) and w.account_id = any (coalesce(v_ids, '{}'));
+
+  -- Yearly prices: each account's month from its own anniversary, with the
+  -- plan, seats and paid share current now, never past the paid period; the
+  -- grant carries the year's Stripe reference.
+  for v_yearly in
+    select a.id, a.stripe_period_start, a.stripe_paid_through, a.stripe_paid_ref,
+           floor(p.monthly_credits::numeric * coalesce(a.stripe_quantity, 1) * a.stripe_paid_scale)::bigint
+             as amount, p.rollover_cap::bigint as cap
+      from public.credit_accounts a
+      join public.credit_plans p on p.id = a.plan_id
+     where a.id = any (v_anniversary)
+     order by a.id
+  loop
+    v_month := private.anniversary_month(coalesce(v_yearly.stripe_period_start, v_start), v_at);
+    select count(*)::integer as processed, coalesce(sum(r.expired), 0)::bigint as expired,
+           coalesce(sum(r.granted), 0)::bigint as granted
+      into v_result
+      from private.renew_to(array[v_yearly.id], array[v_yearly.amount], array[v_yearly.cap],
+                            array[least(v_month.month_end, v_yearly.stripe_paid_through)], v_month.month_start,
+                            'system', null, null, v_yearly.stripe_paid_ref,
+                            '{"reason": "yearly_month"}'::jsonb) r;
+    perform private.settle_debt(v_yearly.id);
+    perform private.recount_usage(w) from public.credit_wallets w where w.account_id = v_yearly.id and w.limited;
+    v_processed := v_processed + v_result.processed;
+    v_expired := v_expired + v_result.expired;
+    v_granted := v_granted + v_result.granted;
+  end loop;
+
+  return jsonb_build_object('processed', v_processed, 'expired', v_expired,
+                            'granted', v_granted, 'next_after', v_last, 'done', v_scanned < p_batch_size);
+end
+$$;
+
+create or replace function private.release_stripe_events(p_limit integer) returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_out jsonb;
+begin
+  perform private.require_service();
+  if p_limit is null or p_limit not between 1 and 10000 then
+    perform private.invalid('p_limit', 'must be 1 to 10000');
+  end if;
+  perform pg_advisory_xact_lock(7349210455160013);
+  -- A batch release is not broadcast (alerts are still evaluated).
+  perform set_config('credits.quiet', 'on', true);
+  v_out := private.stripe_unpark(array['ready'], p_limit);
+  return jsonb_build_object('released', jsonb_array_length(v_out),
+                            'remaining', (select count(*) from public.stripe_events e
+                                           where e.outcome = 'parked' and 'ready' = any (e.parked_on)));
+end
+$$;
+
