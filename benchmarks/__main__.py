@@ -4,7 +4,7 @@ summary line per benchmark and a table.
     ./dev bench                 full run (about 15 minutes on 2 cores)
     ./dev bench --smoke         seconds: proves the command works, no timing verdicts
     ./dev bench --only 1,2      a subset (1 deduct, 2 hot, 3 holds/license, 4 reset, 5 cold start,
-                                6 parked Stripe events)
+                                6 parked Stripe events, 7 live balance and alerts)
     ./dev bench --json out.json raw numbers as well
 
 PostgreSQL is embedded unless DATABASE_URL names a server (the benchmark
@@ -23,12 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import coldstart, reset, spend, stripe_parked
+from benchmarks import coldstart, live_balance, reset, spend, stripe_parked
 from benchmarks.config import FULL, SMOKE, Config
 from benchmarks.results import Result, table, verdict
 from benchmarks.server import Server
 
-ALL = ("1", "2", "3", "4", "5", "6")
+ALL = ("1", "2", "3", "4", "5", "6", "7")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(cfg.server_settings)
     results: list[Result] = []
     try:
-        bench = spend.prepare(server, cfg) if {"1", "2", "3", "5"} & set(wanted) else None
+        bench = spend.prepare(server, cfg) if {"1", "2", "3", "5", "7"} & set(wanted) else None
         settings = bench.settings() if bench else {}
         print(f"# {machine()}" + (" [smoke]" if cfg.smoke else ""), flush=True)
         if settings:
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "4": lambda: reset.monthly_reset(server, cfg),
             "5": lambda: coldstart.cold_start(bench, cfg),
             "6": lambda: stripe_parked.parked_release(server, cfg),
+            "7": lambda: live_balance.live_balance(bench, cfg),
         }
         for key in wanted:
             result = steps[key]()

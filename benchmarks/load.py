@@ -228,3 +228,31 @@ def drop_limits(conn: psycopg.Connection) -> None:
         conn.execute("delete from private.spend_usage")
         conn.execute("update public.credit_wallets set limited = false where limited")
 
+
+
+def load_alerts(conn: psycopg.Connection, count: int) -> None:
+    """Odd accounts of 1..count get one balance alert far below their balance
+    (armed, never crossed by a run): what set_balance_alert writes."""
+    with conn.transaction():
+        conn.execute("set local credits.quiet = 'on'")
+        conn.execute(
+            f"""
+            insert into private.balance_alerts (account_id, threshold, rearm_at, armed)
+            select {account_id_sql('n')}, 1, 2, true from generate_series(1, %(count)s, 2) n
+            """,
+            {"count": count},
+        )
+        conn.execute(
+            f"update public.credit_wallets set alert_below = 1 "
+            f"where account_id in (select {account_id_sql('n')} from generate_series(1, %(count)s, 2) n)",
+            {"count": count},
+        )
+
+
+def drop_alerts(conn: psycopg.Connection) -> None:
+    """Undo load_alerts."""
+    with conn.transaction():
+        conn.execute("set local credits.quiet = 'on'")
+        conn.execute("delete from private.balance_alerts")
+        conn.execute("update public.credit_wallets set alert_below = 0, alert_rearm = null "
+                     "where alert_below <> 0 or alert_rearm is not null")

@@ -136,6 +136,10 @@ declare
   v_seen text := coalesce(current_setting('credits.watched', true), '');
   v_wallet public.credit_wallets;
   v_available bigint;
+  v_changed boolean;
+  v_total bigint;
+  v_held bigint;
+  v_expiry jsonb;
 begin
   if strpos(v_seen, new.account_id::text) > 0 then
     return null;
@@ -145,45 +149,51 @@ begin
   if not found then
     return null;
   end if;
-  v_available := private.available(v_wallet);
-  if v_wallet.alert_below > v_available or v_wallet.alert_rearm <= v_available then
-    perform private.evaluate_alerts(v_wallet, v_available);
-  end if;
   -- The first queued row's OLD is the wallet as the transaction found it: a
   -- change undone (a replayed spend's fast path) is no change.
-  if current_setting('credits.quiet', true) is distinct from 'on'
-     and (old.promotional, old.subscription, old.purchased, old.held_promotional, old.held_subscription,
-          old.held_purchased, old.debt, old.period_start, old.period_end, old.promo_front_at, old.promo_front_left)
-         is distinct from
-         (v_wallet.promotional, v_wallet.subscription, v_wallet.purchased, v_wallet.held_promotional,
-          v_wallet.held_subscription, v_wallet.held_purchased, v_wallet.debt, v_wallet.period_start,
-          v_wallet.period_end, v_wallet.promo_front_at, v_wallet.promo_front_left) then
-    perform realtime.send(private.balance_json(v_wallet), 'balance', 'credits:' || v_wallet.account_id::text, true);
+  v_changed := (old.promotional, old.subscription, old.purchased, old.held_promotional, old.held_subscription,
+                old.held_purchased, old.debt, old.period_start, old.period_end, old.promo_front_at,
+                old.promo_front_left)
+               is distinct from
+               (v_wallet.promotional, v_wallet.subscription, v_wallet.purchased, v_wallet.held_promotional,
+                v_wallet.held_subscription, v_wallet.held_purchased, v_wallet.debt, v_wallet.period_start,
+                v_wallet.period_end, v_wallet.promo_front_at, v_wallet.promo_front_left);
+  if v_wallet.alert_below > 0 or v_wallet.alert_rearm is not null then
+    v_available := private.available(v_wallet);
+    if v_wallet.alert_below > v_available or v_wallet.alert_rearm <= v_available then
+      perform private.evaluate_alerts(v_wallet, v_available);
+    end if;
+  end if;
+  if v_changed and current_setting('credits.quiet', true) is distinct from 'on' then
+    -- The balance object (private.balance_json's figures) as a typed row:
+    -- to_jsonb of a row is cheaper than jsonb_build_object.
+    v_total := v_wallet.promotional + v_wallet.subscription + v_wallet.purchased;
+    v_held := v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased;
+    if v_wallet.promo_front_left > 0 or v_wallet.subscription > v_wallet.held_subscription then
+      v_expiry := private.next_expiry(v_wallet);
+    end if;
+    perform realtime.send(
+      to_jsonb(row(v_wallet.account_id, v_wallet.promotional, v_wallet.subscription, v_wallet.purchased, v_held,
+                   greatest(0, v_total - v_held - v_wallet.debt), v_total, v_wallet.period_start,
+                   v_wallet.period_end, v_expiry, v_wallet.debt)::private.balance),
+      'balance', 'credits:' || v_wallet.account_id::text, true);
   end if;
   return null;
 end
 $$;
 revoke all on function private.watch_balance() from public;
 
--- Only what the balance object shows (pools, held, debt, period, next
--- expiry) queues the watch; an account without alerts compares two cached
--- figures it does not reach.
+-- Every change queues the watch, except in a quiet transaction (the reset,
+-- batch releases) on an account without alerts. The condition is short on
+-- purpose: PostgreSQL reads and prepares a trigger's WHEN on every execution
+-- of an UPDATE (a long one cost a spend as much as the rest of its work), and
+-- the watch itself returns early when nothing of the balance changed.
 create constraint trigger credit_wallets_watch
   after update on public.credit_wallets
   deferrable initially deferred
   for each row
-  when (new.alert_below > new.promotional - new.held_promotional + new.subscription - new.held_subscription
-                          + new.purchased - new.held_purchased - new.debt
-        or new.alert_rearm <= new.promotional - new.held_promotional + new.subscription - new.held_subscription
-                              + new.purchased - new.held_purchased - new.debt
-        or ((new.promotional, new.subscription, new.purchased, new.held_promotional, new.held_subscription,
-             new.held_purchased, new.debt, new.period_start, new.period_end, new.promo_front_at,
-             new.promo_front_left)
-            is distinct from
-            (old.promotional, old.subscription, old.purchased, old.held_promotional, old.held_subscription,
-             old.held_purchased, old.debt, old.period_start, old.period_end, old.promo_front_at,
-             old.promo_front_left)
-            and current_setting('credits.quiet', true) is distinct from 'on'))
+  when (new.alert_below > 0 or new.alert_rearm is not null
+        or current_setting('credits.quiet', true) is distinct from 'on')
   execute function private.watch_balance();
 
 -- ---------------------------------------------------------------------------
