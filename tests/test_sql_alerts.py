@@ -317,16 +317,18 @@ def test_every_committed_change_is_broadcast_once_with_the_final_balance(databas
     assert len(broadcasts(database, account_id)) == before + 2
 
 
-def test_the_monthly_reset_does_not_broadcast_but_still_fires_alerts(database: Db) -> None:
-    _, account_id = database.new_user()
+def test_quiet_transactions_do_not_broadcast_but_still_fire_alerts(database: Db) -> None:
+    # The monthly reset and batch releases of Stripe events mark their transaction quiet.
+    owner, account_id = funded_user(database, 0)
+    alert(database, account_id, 10, 20, caller=owner)         # disarmed: nothing available
+    before = len(broadcasts(database, account_id))
     database.sql("select set_config('credits.quiet', 'on', false)")
     try:
-        # Quiet: the wallet changes, nothing is broadcast.
-        before = len(broadcasts(database, account_id))
-        database.fund(account_id, purchased=5)
-        assert len(broadcasts(database, account_id)) == before
+        database.fund(account_id, purchased=25)
     finally:
         database.sql("select set_config('credits.quiet', '', false)")
+    assert len(broadcasts(database, account_id)) == before
+    assert [e["type"] for e in events(database, account_id)] == ["balance.recovered"]
     database.fund(account_id, purchased=5)
     assert len(broadcasts(database, account_id)) == before + 1
 

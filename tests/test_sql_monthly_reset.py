@@ -411,3 +411,16 @@ def test_a_renewal_under_the_free_plans_cap_attributes_earlier_promotional_spend
     assert database.sql("select source, granted, remaining from public.credit_grants "
                         "where account_id = %s and pool = 'promotional' order by expires_at",
                         account_id) == [("rollover", 3, 3), ("promotion", 10, 6)]
+
+
+def test_the_reset_broadcasts_nothing_but_fires_alerts(database: Db) -> None:
+    owner, account_id = database.new_user()
+    database.call("deduct_credits", owner, p_account_id=account_id, p_idempotency_key=new_key(), p_amount=3)
+    database.call("set_balance_alert", owner, p_account_id=account_id, p_threshold=2, p_rearm_at=3)
+    topic = f"credits:{account_id}"
+    sent = database.one("select count(*) from realtime.messages where topic = %s", topic)
+    assert reset(database, month_start(1))["granted"] >= 3
+    assert database.balance(account_id)["available"] == 3
+    assert database.one("select count(*) from realtime.messages where topic = %s", topic) == sent
+    assert database.sql("select type, payload ->> 'available' from public.credit_events"
+                        " where account_id = %s", account_id) == [("balance.recovered", "3")]
