@@ -121,6 +121,7 @@ class Stack:
     reset_url: str | None = None
     migrations: migrate.MigrationReport = field(default_factory=migrate.MigrationReport)
     skipped: dict[str, str] = field(default_factory=dict)
+    notify: str | None = None  # what `./dev start`'s notify loop does (devstack.events_ops)
 
     @property
     def supabase_url(self) -> str:
@@ -376,6 +377,8 @@ def banner(stack: Stack) -> str:
     labels = {"credits": "credits API", "webhook": "Stripe webhook", "reset": "monthly reset"}
     for name, reason in stack.skipped.items():
         lines.append(f"  {labels[name]:<16} {reason}")
+    if stack.notify:
+        lines.append(f"  credit events    {stack.notify}")
     lines += [
         "",
         f"  Keys of this data directory (random, kept in {keys_file_display(stack)}):",
@@ -432,6 +435,23 @@ def port_base(text: str) -> int:
     return value
 
 
+def start_notify(stack: Stack, stop: ExitStack) -> str:
+    """notify every NOTIFY_INTERVAL_SECONDS (default 5), sending to NOTIFY_WEBHOOK_URL if set;
+    what it does, for the banner."""
+    try:
+        from devstack import events_ops
+        from functions.settings import SettingsError
+
+        env = events_ops.notify_env(stack.settings_env())
+        loop = events_ops.NotifyLoop(env, events_ops.interval_seconds())
+    except ImportError as exc:
+        return f"not sent (notify is not available: {exc.name or 'import failed'})"
+    except SettingsError as exc:
+        return f"not sent: {exc}"
+    stop.enter_context(loop)
+    return loop.describe()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./dev start", description="Start the local credits stack.")
     parser.add_argument("--port-base", type=port_base, default=DEFAULT_PORT_BASE,
@@ -448,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with run_stack(args.data_dir.resolve(), port_base=args.port_base,
-                       reset_data=args.reset_data) as stack:
+                       reset_data=args.reset_data) as stack, ExitStack() as notify:
+            stack.notify = start_notify(stack, notify)
             print(banner(stack), flush=True)
             # Only the default data directory is announced (what `./dev demo` looks for); a
             # stack of another directory, e.g. the tests', never touches the announcement.

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,53 @@ class ResetSettings(FunctionSettings):
     # land on them waiting tens of milliseconds at most (docs/benchmarks.md).
     reset_batch_size: Annotated[int, Env("RESET_BATCH_SIZE"), Field(ge=1, le=100_000)] = 1000
     reset_safety_margin_ms: Annotated[int, Env("RESET_SAFETY_MARGIN_MS"), Field(ge=0)] = 15_000
+
+
+class NotifySettings(FunctionSettings):
+    """notify: where credit events are delivered and how they are signed.
+
+    Without ``NOTIFY_WEBHOOK_URL`` nothing is sent (events stay pending and
+    readable) but the sweep still runs; with it, ``NOTIFY_SIGNING_SECRET`` is
+    required. Deliveries get ``NOTIFY_CONNECT_TIMEOUT_SECONDS`` to connect and
+    ``NOTIFY_TIMEOUT_SECONDS`` for each read or write, and a claimed event stays
+    leased to this run for ``NOTIFY_LEASE_SECONDS``, which must outlast one delivery.
+    """
+
+    notify_webhook_url: Annotated[str | None, Env("NOTIFY_WEBHOOK_URL"), Field(repr=False)] = None
+    notify_signing_secret: Annotated[str | None, Env("NOTIFY_SIGNING_SECRET"), Field(repr=False)] = None
+    notify_batch_size: Annotated[int, Env("NOTIFY_BATCH_SIZE"), Field(ge=1, le=1000)] = 100
+    notify_concurrency: Annotated[int, Env("NOTIFY_CONCURRENCY"), Field(ge=1, le=64)] = 8
+    notify_connect_timeout_seconds: Annotated[float, Env("NOTIFY_CONNECT_TIMEOUT_SECONDS"),
+                                              Field(gt=0, le=30)] = 3.0
+    notify_timeout_seconds: Annotated[float, Env("NOTIFY_TIMEOUT_SECONDS"), Field(gt=0, le=60)] = 10.0
+    notify_lease_seconds: Annotated[int, Env("NOTIFY_LEASE_SECONDS"), Field(ge=1, le=900)] = 60
+    # No new claim once less than this is left of the Lambda's time (a delivery and its record fit in it).
+    notify_safety_margin_ms: Annotated[int, Env("NOTIFY_SAFETY_MARGIN_MS"), Field(ge=0)] = 25_000
+
+    @field_validator("notify_webhook_url")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        # Used exactly as given (a trailing slash may matter to the receiver's routes).
+        if value is not None and not _HTTP_URL.match(value):
+            raise ValueError("not an http(s) URL")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NotifySettings:
+        # Raised as SettingsError (not ValueError): pydantic passes it on as it is, with its message.
+        if self.notify_webhook_url is not None and self.notify_signing_secret is None:
+            raise SettingsError("missing setting NOTIFY_SIGNING_SECRET: required when NOTIFY_WEBHOOK_URL is"
+                                " set (set the environment variable, or NOTIFY_SIGNING_SECRET_PARAM naming"
+                                " an SSM parameter)")
+        if self.notify_lease_seconds <= self.notify_connect_timeout_seconds + 2 * self.notify_timeout_seconds:
+            raise SettingsError("invalid setting NOTIFY_LEASE_SECONDS: it must outlast one delivery"
+                                " (NOTIFY_CONNECT_TIMEOUT_SECONDS + 2 x NOTIFY_TIMEOUT_SECONDS)")
+        return self
+
+    @property
+    def sends(self) -> bool:
+        """True when events are delivered (a webhook URL is set)."""
+        return self.notify_webhook_url is not None
 
 
 S = TypeVar("S", bound=FunctionSettings)

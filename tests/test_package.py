@@ -42,6 +42,12 @@ def test_each_function_ships_only_what_it_imports(built: dict[str, Path]) -> Non
     assert not top_level(built["monthlyReset"]) & {"fastapi", "starlette", "stripe", "mangum", "jwt"}
     assert "functions/reset.py" in reset and "handlers/monthly_reset.py" in reset
     assert not {"functions/credits_app.py", "functions/webhook_app.py", "handlers/deduct.py"} & reset
+    # notify, like the reset, ships no HTTP framework, no stripe and none of the other functions' modules.
+    notify = names(built["notify"])
+    assert not top_level(built["notify"]) & {"fastapi", "starlette", "stripe", "mangum", "jwt"}
+    assert {"functions/notify.py", "handlers/notify.py", "functions/rpc.py"} <= notify
+    assert not {"functions/credits_app.py", "functions/webhook_app.py", "functions/reset.py"} & notify
+    assert not {"functions/notify.py", "handlers/notify.py"} & (reset | deduct | webhook)
     # The credits API has no stripe; the webhook no token verification.
     assert "stripe" not in top_level(built["deduct"]) and "functions/stripe_events.py" not in deduct
     assert "jwt" not in top_level(built["stripeWebhook"]) and "functions/auth.py" not in webhook

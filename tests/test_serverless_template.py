@@ -27,7 +27,7 @@ from deploy.package import read_service
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERLESS = ROOT / "node_modules" / ".bin" / "serverless"
-FUNCTIONS = ("deduct", "stripeWebhook", "monthlyReset")
+FUNCTIONS = ("deduct", "stripeWebhook", "monthlyReset", "notify")
 NO_AWS = {"SLS_TELEMETRY_DISABLED": "1", "SLS_NOTIFICATIONS_MODE": "off", "AWS_EC2_METADATA_DISABLED": "true",
           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
@@ -119,6 +119,46 @@ def test_no_reserved_concurrency_unless_a_stage_asks_for_it(service: Service, pr
     assert others and all("ReservedConcurrentExecutions" not in p for p in others.values())
     # dev alone defaults to the local app.
     assert resources["HttpApi"]["Properties"]["CorsConfiguration"]["AllowOrigins"] == ["http://localhost:3000"]
+
+
+def test_notify_gets_its_receiver_from_the_stage_and_a_role_of_its_own(service: Service, prod: Path) -> None:
+    resources = template(prod)["Resources"]
+    variables = resources["NotifyLambdaFunction"]["Properties"]["Environment"]["Variables"]
+    # A stage that names no receiver sends nothing (events stay readable) and reads no signing secret.
+    assert variables["NOTIFY_WEBHOOK_URL"] == "" and variables["NOTIFY_SIGNING_SECRET_PARAM"] == ""
+    rule = next(r["Properties"] for key, r in resources.items()
+                if key.startswith("NotifyEventsRuleSchedule") and r["Type"] == "AWS::Events::Rule")
+    assert rule["ScheduleExpression"] == "rate(1 minute)" and rule["State"] == "ENABLED"
+
+    run, out = package(service, "prod", "--param=notifyWebhookUrl=https://hooks.example.com/credits",
+                       "--param=notifySigningSecretParam=/credits/prod/notify-signing-secret",
+                       origins="https://app.example.com")
+    assert run.returncode == 0, run.output[-3000:]
+    resources = template(out)["Resources"]
+    variables = resources["NotifyLambdaFunction"]["Properties"]["Environment"]["Variables"]
+    assert variables["NOTIFY_WEBHOOK_URL"] == "https://hooks.example.com/credits"
+    assert variables["NOTIFY_SIGNING_SECRET_PARAM"] == "/credits/prod/notify-signing-secret"
+    # Its own role: its own log group, the parameters it reads, decryption through SSM; nothing else.
+    role = resources["NotifyIamRoleLambdaExecution"]["Properties"]
+    assert resources["NotifyLambdaFunction"]["Properties"]["Role"] == {
+        "Fn::GetAtt": ["NotifyIamRoleLambdaExecution", "Arn"]}
+    statements = [s for policy in role["Policies"] for s in policy["PolicyDocument"]["Statement"]]
+    granted = {action: [r["Fn::Sub"] if isinstance(r, dict) else r
+                        for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])]
+               for s in statements for action in s["Action"]}
+    logs = ("arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}"
+            ":log-group:/aws/lambda/credits-prod-notify")
+    assert {a for a in granted if a.startswith("logs:")} <= {"logs:CreateLogGroup", "logs:CreateLogStream",
+                                                              "logs:PutLogEvents"}
+    assert all(r.startswith(logs + ":") for a, rs in granted.items() if a.startswith("logs:") for r in rs)
+    ssm = "arn:aws:ssm:${AWS::Region}:${AWS::AccountId}:parameter/credits/prod/"
+    assert sorted(granted["ssm:GetParameter"]) == sorted(
+        ssm + name for name in ("supabase-url", "supabase-secret-key", "notify-signing-secret"))
+    assert set(granted) - {"logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"} == {
+        "ssm:GetParameter", "ssm:GetParameters", "kms:Decrypt"}
+    invoke = next(r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig"
+                  and r["Properties"]["FunctionName"] == {"Ref": "NotifyLambdaFunction"})
+    assert invoke["MaximumRetryAttempts"] == 0
 
 
 def test_each_version_pins_the_sha256_of_the_zip_that_was_checked(service: Service, prod: Path) -> None:

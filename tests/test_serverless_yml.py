@@ -15,7 +15,8 @@ from deploy.package import load_serverless_yml
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_SETTINGS = ("SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
-                   "SUPABASE_PUBLISHABLE_KEY", "SUPABASE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET")
+                   "SUPABASE_PUBLISHABLE_KEY", "SUPABASE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET",
+                   "NOTIFY_SIGNING_SECRET")
 HANDLER_ENV = {
     "SUPABASE_URL": "https://abcd.supabase.co",
     "SUPABASE_ANON_KEY": "anon-key-value-0123456789",
@@ -65,14 +66,15 @@ def app_routes(app: Any) -> set[tuple[str, str]]:
     return found | {("GET", url) for url in (app.openapi_url, app.docs_url) if url}
 
 
-def test_three_python312_functions_with_real_handlers(config: dict[str, Any],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_four_python312_functions_with_real_handlers(config: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     assert config["provider"]["runtime"] == "python3.12"
     functions = config["functions"]
-    assert set(functions) == {"deduct", "stripeWebhook", "monthlyReset"}
+    assert set(functions) == {"deduct", "stripeWebhook", "monthlyReset", "notify"}
     assert functions["deduct"]["handler"] == "handlers/deduct.handler"
     assert functions["stripeWebhook"]["handler"] == "handlers/stripe_webhook.handler"
     assert functions["monthlyReset"]["handler"] == "handlers/monthly_reset.handler"
+    assert functions["notify"]["handler"] == "handlers/notify.handler"
     for name, function in functions.items():
         assert "${sls:stage}" in function["name"], name  # one set of functions per stage
         import_handler(function["handler"], monkeypatch)
@@ -88,6 +90,7 @@ def test_http_routes_exist_in_the_apps(config: dict[str, Any], monkeypatch: pyte
     assert http_routes(config["functions"]["stripeWebhook"]) == {("POST", "/stripe/webhook")}
     assert ("POST", "/stripe/webhook") in app_routes(webhook.app)
     assert not http_routes(config["functions"]["monthlyReset"])
+    assert not http_routes(config["functions"]["notify"])
 
 
 def test_the_webhook_releases_ready_parked_events_on_a_schedule(config: dict[str, Any]) -> None:
@@ -108,13 +111,34 @@ def test_monthly_reset_schedule(config: dict[str, Any]) -> None:
     assert margin_ms < reset["timeout"] * 1000
 
 
+def test_notify_runs_every_minute_and_sends_only_where_a_stage_says(config: dict[str, Any]) -> None:
+    notify = config["functions"]["notify"]
+    schedules = [event["schedule"] for event in notify["events"] if "schedule" in event]
+    assert [s["rate"] for s in schedules] == ["rate(1 minute)"]
+    assert not [event for event in notify["events"] if "schedule" not in event]
+    env = function_env(config, "notify")
+    # A run stops claiming while a delivery and its record still fit in the function's time...
+    margin_ms = int(env["NOTIFY_SAFETY_MARGIN_MS"])
+    one_delivery_s = float(env["NOTIFY_CONNECT_TIMEOUT_SECONDS"]) + 2 * float(env["NOTIFY_TIMEOUT_SECONDS"])
+    assert one_delivery_s * 1000 < margin_ms < notify["timeout"] * 1000 <= 60_000
+    # ...and an event stays leased to it longer than that delivery can take.
+    assert one_delivery_s < int(env["NOTIFY_LEASE_SECONDS"]) <= 900
+    assert notify["maximumRetryAttempts"] == 0  # the next minute's run is the retry
+    # Nothing is sent unless a stage names the receiver and the signing secret's parameter.
+    assert env["NOTIFY_WEBHOOK_URL"] == "${param:notifyWebhookUrl}"
+    assert env["NOTIFY_SIGNING_SECRET_PARAM"] == "${param:notifySigningSecretParam}"
+    assert config["params"]["default"]["notifyWebhookUrl"] == ""
+    assert config["params"]["default"]["notifySigningSecretParam"] == ""
+
+
 def function_env(config: dict[str, Any], name: str) -> dict[str, str]:
     return {**config["provider"].get("environment", {}), **config["functions"][name].get("environment", {})}
 
 
 def resolve(value: str, config: dict[str, Any]) -> str:
     return value.replace("${self:custom.ssmPrefix}", config["custom"]["ssmPrefix"]).replace(
-        "${param:jwtSecretParam}", config["params"]["default"]["jwtSecretParam"])
+        "${param:jwtSecretParam}", config["params"]["default"]["jwtSecretParam"]).replace(
+        "${param:notifySigningSecretParam}", config["params"]["default"]["notifySigningSecretParam"])
 
 
 def test_secrets_only_from_this_stages_ssm_with_least_privilege(config: dict[str, Any]) -> None:
@@ -139,8 +163,11 @@ def test_secrets_only_from_this_stages_ssm_with_least_privilege(config: dict[str
         ssm_resources = {r["Fn::Sub"] for s in statements if "ssm:GetParameter" in s["Action"]
                          for r in s["Resource"]}
         # Exactly the parameters this function reads, nothing else.
-        # (deduct may also read the legacy JWT secret, when a stage names that parameter.)
-        legacy = {prefix + "/credits/${sls:stage}/supabase-jwt-secret"} if name == "deduct" else set()
+        # (deduct may also read the legacy JWT secret, and notify the signing secret of its
+        # events, when a stage names that parameter.)
+        optional = {"deduct": "/credits/${sls:stage}/supabase-jwt-secret",
+                    "notify": "/credits/${sls:stage}/notify-signing-secret"}
+        legacy = {prefix + optional[name]} if name in optional else set()
         assert ssm_resources == {prefix + p for p in params.values()} | legacy, name
         kms = [s for s in statements if "kms:Decrypt" in s["Action"]]
         assert len(kms) == 1
@@ -157,6 +184,7 @@ def test_each_function_reads_only_what_it_needs(config: dict[str, Any]) -> None:
     assert config["params"]["default"]["jwtSecretParam"] == ""
     assert settings("stripeWebhook") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"}
     assert settings("monthlyReset") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY"}
+    assert settings("notify") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY", "NOTIFY_SIGNING_SECRET"}
     assert "CORS_ALLOW_ORIGINS" in function_env(config, "deduct")
 
 
@@ -176,6 +204,7 @@ def test_packaging_and_cors(config: dict[str, Any]) -> None:
     assert config["functions"]["deduct"]["snapStart"] is True
     assert config["functions"]["stripeWebhook"]["snapStart"] is True
     assert "snapStart" not in config["functions"]["monthlyReset"]
+    assert "snapStart" not in config["functions"]["notify"]
     cors = config["provider"]["httpApi"]["cors"]
     assert {"Authorization", "Idempotency-Key", "X-License-Key"} <= set(cors["allowedHeaders"])
     # One list for API Gateway and the function alike (tests/test_serverless_template.py reads

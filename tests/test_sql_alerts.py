@@ -477,15 +477,22 @@ def test_concurrent_claims_never_share_an_event(database: Db, low_events: Any) -
 
 def test_events_older_than_72_hours_fail_and_resend_keeps_id_and_seq(database: Db, low_events: Any) -> None:
     account_id, made = low_events(2)
-    database.sql("update public.credit_events set created_at = now() - interval '73 hours'"
-                 " where event_id = %s", made[0]["event_id"])
+    database.sql("update public.credit_events set created_at = now() - interval '73 hours',"
+                 " sent_from = now() - interval '73 hours' where event_id = %s", made[0]["event_id"])
     [head] = mine(claim(database), account_id)
     assert head["seq"] == 2                                   # seq 1 failed, so 2 may go
     failed = database.call("list_credit_events", p_status="failed", p_account_id=account_id)
     assert [(e["seq"], e["last_error"]) for e in failed] == [(1, "not_sent")]
+    created = database.one("select created_at from public.credit_events where event_id = %s",
+                           made[0]["event_id"])
     resent = database.call("resend_credit_event", p_event_id=made[0]["event_id"])
     assert (resent["event_id"], resent["seq"], resent["status"], resent["attempts"]) == (
         made[0]["event_id"], 1, "pending", 0)
+    # The same event (its created_at too); its 72 hours start over.
+    assert database.one("select created_at from public.credit_events where event_id = %s",
+                        made[0]["event_id"]) == created
+    # It is its account's lowest pending seq again: handed out next.
+    assert [e["event_id"] for e in mine(claim(database), account_id)] == [made[0]["event_id"]]
     expect_error(database.call, "PT404", "event_not_found", "resend_credit_event",
                  p_event_id=str(uuid.uuid4()))
 

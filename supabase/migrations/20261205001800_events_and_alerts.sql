@@ -35,7 +35,9 @@ create table public.credit_events (
   type text not null,
   payload jsonb not null,
   created_at timestamptz not null default now(),
-  -- Delivery to the operator's endpoint (the notify Lambda).
+  -- Delivery to the operator's endpoint (the notify Lambda): 72 hours from
+  -- sent_from (created_at, or the operator's re-send).
+  sent_from timestamptz not null default now(),
   status text not null default 'pending' check (status in ('pending', 'delivered', 'failed')),
   attempts integer not null default 0,
   next_attempt_at timestamptz not null default now(),
@@ -298,7 +300,7 @@ begin
   update public.credit_events e
      set status = 'failed', leased_until = null,
          last_error = case when e.attempts = 0 then 'not_sent' else 'expired' end
-   where e.status = 'pending' and e.created_at < now() - interval '72 hours'
+   where e.status = 'pending' and e.sent_from < now() - interval '72 hours'
      and (e.leased_until is null or e.leased_until <= now());
   with heads as (
     select distinct on (e.account_id) e.event_id, e.next_attempt_at, e.leased_until
@@ -346,7 +348,7 @@ begin
   end if;
   update public.credit_events e
      set status = case when p_delivered then 'delivered'
-                       when e.created_at < now() - interval '72 hours' then 'failed'
+                       when e.sent_from < now() - interval '72 hours' then 'failed'
                        else e.status end,
          delivered_at = case when p_delivered then now() end,
          attempts = e.attempts + 1,
@@ -399,7 +401,7 @@ begin
   perform private.require_service();
   update public.credit_events e
      set status = 'pending', attempts = 0, next_attempt_at = now(), leased_until = null, delivered_at = null,
-         last_error = null, created_at = now()
+         last_error = null, sent_from = now()
    where e.event_id = p_event_id
   returning * into v_event;
   if not found then
@@ -481,7 +483,7 @@ begin
 end
 $$;
 comment on function public.resend_credit_event(uuid) is
-  'Service: send an event again (same event_id and seq; its 72 hours start over).';
+  'Service: send an event again (same event_id, seq and created_at; its 72 hours start over).';
 
 create function public.sweep_credit_accounts(p_limit integer default 1000) returns jsonb
 language plpgsql
