@@ -24,6 +24,8 @@ ACCOUNT_KEY = "account_id"
 CREDITS_KEY = "credits"
 PRICE_KEY = "price_id"
 QUANTITY_KEY = "quantity"
+# Metadata the auto top-up worker sets on its PaymentIntents.
+TOPUP_KEY = "topup_id"
 
 
 def _obj(value: Any) -> Mapping[str, Any]:
@@ -209,6 +211,21 @@ def _invoice_payment(payment: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _payment_intent(intent: Mapping[str, Any]) -> dict[str, Any]:
+    # An auto top-up's payment names its top-up in metadata (the notify worker sets it).
+    metadata = _obj(intent.get("metadata"))
+    error = _obj(intent.get("last_payment_error"))
+    return {
+        "payment_intent": _id(intent.get("id")),
+        "customer": _id(intent.get("customer")),
+        "status": _text(intent.get("status")),
+        "topup_id": _text(metadata.get(TOPUP_KEY)),
+        "account_id": _text(metadata.get(ACCOUNT_KEY)),
+        "error_code": _text(error.get("code")),
+        "decline_code": _text(error.get("decline_code")),
+    }
+
+
 def normalize(event: Mapping[str, Any]) -> dict[str, Any]:
     """The version-independent facts of one Stripe event (a verified ``Event`` as JSON)."""
     event_type = str(event.get("type") or "")
@@ -231,4 +248,6 @@ def normalize(event: Mapping[str, Any]) -> dict[str, Any]:
         facts.update(_dispute(data_object))
     elif event_type.startswith("charge."):
         facts.update(_charge(data_object))
+    elif event_type.startswith("payment_intent."):
+        facts.update(_payment_intent(data_object))
     return facts

@@ -169,6 +169,9 @@ FUNCTIONS: dict[str, tuple[str, Prepare, set[str]]] = {
     "set_balance_alert": (SPEND, lambda db, a: {"p_account_id": a, "p_threshold": 999, "p_rearm_at": 2000},
                           {"account_id", "threshold", "rearm_at", "armed"}),
     "sweep_credit_accounts": (SERVICE, lambda db, a: {"p_limit": 1}, {"swept"}),
+    # Disabling (what a tenant admin may do too): a complete call that changes nothing here.
+    "set_auto_topup": (SPEND, lambda db, a: {"p_account_id": a, "p_enabled": False},
+                       {"account_id", "enabled", "status", "this_month"}),
 }
 
 CALLER_NAMES = ["anon", "no_sub", "self", "other_user", "tenant_member", "tenant_admin", "tenant_owner",
@@ -203,7 +206,7 @@ def test_the_matrix_covers_every_contract_function(database: Db) -> None:
     # rule; their calls need a Stripe event or a credit event: their own tests).
     assert names - set(FUNCTIONS) <= {"handle_stripe_event", "release_stripe_events", "claim_credit_events",
                                       "record_credit_event_delivery", "list_credit_events",
-                                      "resend_credit_event"}
+                                      "resend_credit_event", "claim_topups", "record_topup_result"}
 
 
 @pytest.mark.parametrize("caller_name", CALLER_NAMES)

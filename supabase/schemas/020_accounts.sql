@@ -209,7 +209,9 @@ create table public.credit_wallets (
   -- and the lowest re-arm level of a fired alert (null: none). A change can
   -- fire or re-arm an alert only when available passes one of them.
   alert_below bigint not null default 0,
-  alert_rearm bigint
+  alert_rearm bigint,
+  -- Auto top-up (its chapter): the threshold of an active setting (0: none).
+  topup_below bigint not null default 0
   -- Never more held than there is: every path that changes a pool or what is
   -- held takes free credits only, under this row's lock (reconcile checks).
 -- fillfactor 50: the monthly reset rewrites every row of a batch in one
@@ -219,6 +221,8 @@ create table public.credit_wallets (
 -- from the renewal and counts their new period); spends change neither, so
 -- their updates stay HOT.
 create index credit_wallets_attention_idx on public.credit_wallets (account_id) where debt > 0 or limited;
+-- The few wallets with auto top-up on (notify looks for those still due).
+create index credit_wallets_topup_idx on public.credit_wallets (account_id) where topup_below > 0;
 comment on table public.credit_wallets is
   'Balances of an account (three pools and what holds reserve of each). Function-only writes.';
 

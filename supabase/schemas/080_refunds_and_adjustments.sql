@@ -330,6 +330,8 @@ begin
       update public.credit_holds h set claims = v_hold.claims where h.id = v_hold.id;
     end loop;
   end if;
+  -- A refund or dispute on the account pauses its auto top-up (the auto top-up chapter).
+  perform private.pause_topup(v_grants.account_id, coalesce(p_reason, 'clawback'));
   -- Of what was spent, the part that paid debt is owed again (not a shortfall).
   if v_outstanding - v_total - v_claimed > 0 then
     v_debt := least(v_outstanding - v_total - v_claimed, private.debt_paid_by(v_grants.account_id, p_stripe_ref));

@@ -60,6 +60,9 @@
 --     the latest event (Stripe does not guarantee order); a subscription that
 --     no longer pays puts the account on free (and the reset renews it with
 --     the free plan's allowance).
+--   * payment_intent.succeeded / payment_failed: the outcome of an auto
+--     top-up's payment (the auto top-up chapter), when its metadata names a
+--     top-up of the customer's account; any other payment is ignored.
 --   * charge.refunded: claw back round(granted * refunded / amount) in total
 --     (refunds arrive cumulative), from the payment's own credits; a refund
 --     of a yearly payment shrinks (or, in full, stops) the year's later
@@ -1154,6 +1157,8 @@ begin
       return private.stripe_dispute_created(p);
     when 'charge.dispute.funds_reinstated', 'charge.dispute.closed' then
       return private.stripe_dispute_won(p_type, p);
+    when 'payment_intent.succeeded', 'payment_intent.payment_failed' then
+      return private.stripe_topup(p_type, p);
     else
       return private.stripe_result('ignored', 'unhandled_type');
   end case;

@@ -198,6 +198,15 @@ begin
       perform private.evaluate_alerts(v_wallet, v_available);
     end if;
   end if;
+  -- Auto top-up (its chapter): checked when the transaction lowered available below the threshold.
+  if v_wallet.topup_below > 0 then
+    v_available := coalesce(v_available, private.available(v_wallet));
+    if v_available < v_wallet.topup_below
+       and v_available < greatest(0, old.promotional - old.held_promotional + old.subscription
+                                     - old.held_subscription + old.purchased - old.held_purchased - old.debt) then
+      perform private.topup_if_due(v_wallet.account_id, v_available);
+    end if;
+  end if;
   if v_changed and current_setting('credits.quiet', true) is distinct from 'on' then
     -- The balance object (private.balance_json's figures) as a typed row:
     -- to_jsonb of a row is cheaper than jsonb_build_object.
@@ -218,7 +227,7 @@ $$;
 revoke all on function private.watch_balance() from public;
 
 -- Every change queues the watch, except in a quiet transaction (the reset,
--- batch releases) on an account without alerts. The condition is short on
+-- batch releases) on an account without alerts or auto top-up. The condition is short on
 -- purpose: PostgreSQL reads and prepares a trigger's WHEN on every execution
 -- of an UPDATE (a long one cost a spend as much as the rest of its work), and
 -- the watch itself returns early when nothing of the balance changed.
@@ -226,7 +235,7 @@ create constraint trigger credit_wallets_watch
   after update on public.credit_wallets
   deferrable initially deferred
   for each row
-  when (new.alert_below > 0 or new.alert_rearm is not null
+  when (new.alert_below > 0 or new.alert_rearm is not null or new.topup_below > 0
         or current_setting('credits.quiet', true) is distinct from 'on')
   execute function private.watch_balance();
 
