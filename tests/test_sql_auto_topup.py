@@ -351,3 +351,21 @@ def test_a_failed_payment_intent_with_authentication_required_pauses(database: D
     assert result["outcome"] == "applied"
     assert topups(database, account_id)[0]["status"] == "action_required"
     assert setting_status(database, account_id) == "paused"
+
+
+def test_pausing_or_disabling_cancels_a_top_up_the_worker_has_not_started(database: Db, pack: str) -> None:
+    owner, account_id, topup_id = pending(database, pack)
+    database.call("set_auto_topup", owner, p_account_id=account_id, p_enabled=False)
+    [topup] = topups(database, account_id)
+    assert (topup["status"], topup["reason"]) == ("failed", "cancelled")
+    assert [t for t in database.call("claim_topups") if t["account_id"] == account_id] == []
+    assert database.balance(account_id)["available"] == 50
+    # One the worker already sent to Stripe runs its course: its success still grants.
+    enable(database, account_id, pack, caller=owner)
+    age(database, account_id)
+    spend(database, account_id, 1)
+    [claimed] = [t for t in database.call("claim_topups") if t["account_id"] == account_id]
+    database.call("set_auto_topup", owner, p_account_id=account_id, p_enabled=False)
+    assert record(database, claimed["topup_id"], "succeeded", p_payment_intent="pi_late")["replayed"] is False
+    assert database.balance(account_id)["available"] == 49 + PACK_CREDITS
+    assert topup_id != claimed["topup_id"]

@@ -119,6 +119,18 @@ begin
 end
 $$;
 
+-- A top-up the worker has not picked up yet ends without a charge (auto
+-- top-up paused or disabled meanwhile); one already sent to Stripe runs its course.
+create function private.cancel_unstarted_topups(p_account_id uuid) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  update public.credit_topups p set status = 'failed', reason = 'cancelled', finished_at = now()
+   where p.account_id = p_account_id and p.status = 'pending' and p.attempts = 0;
+end
+$$;
+
 -- Pause an active auto top-up (a refund or dispute on the account), with its event.
 create function private.pause_topup(p_account_id uuid, p_reason text) returns void
 language plpgsql
@@ -128,6 +140,7 @@ begin
   update private.auto_topups t set status = 'paused', reason = left(p_reason, 200), updated_at = now()
    where t.account_id = p_account_id and t.enabled and t.status = 'active';
   if found then
+    perform private.cancel_unstarted_topups(p_account_id);
     perform private.cache_topup(p_account_id);
     perform private.emit_event(p_account_id, 'topup.paused', jsonb_build_object('reason', left(p_reason, 200)));
   end if;
@@ -135,6 +148,7 @@ end
 $$;
 
 revoke all on function private.cache_topup(uuid), private.topup_if_due(uuid, bigint),
+  private.cancel_unstarted_topups(uuid),
   private.topup_event(public.credit_topups, text, jsonb), private.pause_topup(uuid, text) from public;
 
 -- ---------------------------------------------------------------------------
@@ -174,6 +188,7 @@ begin
       update private.auto_topups t set enabled = false, status = 'disabled', reason = 'disabled by the account',
                                        updated_at = now()
        where t.account_id = p_account_id returning * into v_new;
+      perform private.cancel_unstarted_topups(p_account_id);
     end if;
   else
     if v_account.stripe_customer_id is null then
