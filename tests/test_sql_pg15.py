@@ -229,3 +229,35 @@ def test_contract_v3_paths(pg15: Db) -> None:
     assert pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="l2",
                      p_amount=1)["charged"] == 1
     assert pg15.call("reconcile_credit_balances")["mismatches"] == []
+
+
+def test_alerts_the_live_balance_and_auto_top_up(pg15: Db) -> None:
+    # The balance watch (a deferred trigger at commit) on 15: an alert fires once, the
+    # balance is broadcast once per transaction, a top-up starts once and is granted once.
+    caller, account = pg15.new_user()
+    pg15.call("add_purchased_credits", p_account_id=account, p_amount=100, p_idempotency_key="buy")
+    start = pg15.balance(account)["available"]
+    pg15.call("set_balance_alert", caller, p_account_id=account, p_threshold=start - 10)
+    sent = pg15.one("select count(*) from realtime.messages where topic = %s", f"credits:{account}")
+    spent = pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="a1", p_amount=20)
+    pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="a2", p_amount=1)
+    events = pg15.sql("select type from public.credit_events where account_id = %s", account)
+    assert events == [("balance.low",)]
+    payload = pg15.one("select payload from realtime.messages where topic = %s order by inserted_at desc, id"
+                       " limit 1", f"credits:{account}")
+    assert payload["available"] == spent["balance"]["available"] - 1
+    assert pg15.one("select count(*) from realtime.messages where topic = %s",
+                    f"credits:{account}") == sent + 2
+
+    pg15.sql("insert into public.credit_packs (stripe_price_id, credits, name)"
+             " values ('price_pg15', 500, 'p') on conflict do nothing")
+    pg15.sql("update public.credit_accounts set stripe_customer_id = 'cus_pg15' where id = %s", account)
+    pg15.call("set_auto_topup", caller, p_account_id=account, p_enabled=True, p_threshold=start,
+              p_pack="price_pg15")
+    pg15.call("deduct_credits", caller, p_account_id=account, p_idempotency_key="a3", p_amount=1)
+    [(topup,)] = pg15.sql("select id from public.credit_topups where account_id = %s", account)
+    pg15.call("record_topup_result", p_topup_id=str(topup), p_outcome="succeeded", p_payment_intent="pi_pg15")
+    again = pg15.call("record_topup_result", p_topup_id=str(topup), p_outcome="succeeded")
+    assert again["replayed"] is True
+    assert pg15.balance(account)["available"] == spent["balance"]["available"] - 2 + 500
+    assert pg15.call("reconcile_credit_balances")["mismatches"] == []
