@@ -4,7 +4,7 @@ summary line per benchmark and a table.
     ./dev bench                 full run (about 15 minutes on 2 cores)
     ./dev bench --smoke         seconds: proves the command works, no timing verdicts
     ./dev bench --only 1,2      a subset (1 deduct, 2 hot, 3 holds/license, 4 reset, 5 cold start,
-                                6 parked Stripe events, 7 live balance and alerts)
+                                6 parked Stripe events, 7 live balance and alerts, 8 usage analytics)
     ./dev bench --json out.json raw numbers as well
 
 PostgreSQL is embedded unless DATABASE_URL names a server (the benchmark
@@ -23,12 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import coldstart, live_balance, reset, spend, stripe_parked
+from benchmarks import coldstart, live_balance, reset, spend, stripe_parked, usage
 from benchmarks.config import FULL, SMOKE, Config
 from benchmarks.results import Result, table, verdict
 from benchmarks.server import Server
 
-ALL = ("1", "2", "3", "4", "5", "6", "7")
+ALL = ("1", "2", "3", "4", "5", "6", "7", "8")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             "5": lambda: coldstart.cold_start(bench, cfg),
             "6": lambda: stripe_parked.parked_release(server, cfg),
             "7": lambda: live_balance.live_balance(bench, cfg),
+            "8": lambda: usage.usage_analytics(server, cfg),
         }
         for key in wanted:
             result = steps[key]()

@@ -268,6 +268,22 @@ class _NoTraceback:
                 await response(scope, receive, send)
 
 
+def array_literal(value: list[Any]) -> str:
+    """A JSON array as PostgreSQL's array input text (``["a", null]`` -> ``{"a",NULL}``), which is
+    what PostgREST makes of a JSON array passed to an array-typed argument: strings stay strings
+    whatever they hold (quoted and escaped), null is NULL, nested arrays are dimensions, and any
+    other value is its JSON text."""
+    def element(item: Any) -> str:
+        if item is None:
+            return "NULL"
+        if isinstance(item, list):
+            return array_literal(item)
+        text = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return "{" + ",".join(element(item) for item in value) + "}"
+
+
 def encodable(value: Any) -> bool:
     """False when decoded JSON holds text with no UTF-8 form (a lone surrogate from ``\\ud800``),
     which PostgreSQL refuses and the database driver cannot even send."""
@@ -364,6 +380,11 @@ def create_app(dsn: str, keys: tokens.LocalKeys | None = None, *, pool_size: int
             if required is None or any(name not in args for name in required):
                 raise _function_not_found(fn, list(args))
             try:
+                # A JSON array for an array-typed argument is an array, as PostgREST reads it.
+                types = db.function_signature(conn, fn)
+                args = {name: array_literal(value)
+                        if isinstance(value, list) and types.get(name, "").endswith("[]") else value
+                        for name, value in args.items()}
                 if read_only:
                     # PostgREST runs GET calls in a read-only transaction; call_function's
                     # own transaction becomes a savepoint inside this one.

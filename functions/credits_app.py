@@ -13,10 +13,13 @@ holds are the service's (``overage: overdraft`` is 403 for every caller here).
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import io
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
@@ -260,6 +263,72 @@ def estimate(query: Annotated[EstimateQuery, Query()], db: Db, who: UserCaller) 
         p_account_id=query.account_id, p_operation=query.operation, p_amount=query.amount,
         p_input_tokens=query.input_tokens, p_output_tokens=query.output_tokens))
     return result
+
+
+# --- usage -------------------------------------------------------------------------------
+
+UsageBin = Literal["hour", "day", "month"]
+UsageFormat = Literal["json", "csv"]
+# A CSV cell a spreadsheet would read as a formula gets a leading quote (the contract's rule).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _as_utc(value: dt.datetime | None) -> str | None:
+    # A time without an offset is UTC (the bins are UTC).
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).isoformat()
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def usage_csv(result: dict[str, Any], group_by: list[str]) -> str:
+    """A header, then one CSV row per result row: period, the group keys as asked for, the figures."""
+    columns = ["period", *group_by, "credits", "calls", "input_tokens", "output_tokens"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for row in result.get("rows") or []:
+        writer.writerow([_csv_cell(row.get(column)) for column in columns])
+    return out.getvalue()
+
+
+@router.get(
+    "/usage", summary="Spends net of refunds, binned by time and grouped", response_model=None,
+    responses={200: {"description": "`get_credit_usage`'s answer as JSON, or its rows as CSV "
+                                    "(`format=csv` or `Accept: text/csv`)",
+                     "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}}})
+def usage(
+    request: Request,
+    db: Db,
+    who: UserCaller,
+    account_id: Annotated[UUID | None, Query(description="Default: the caller's personal account.")] = None,
+    from_: Annotated[dt.datetime | None, Query(
+        alias="from", description="Start, included (default: the current period's; no offset: UTC).")] = None,
+    to: Annotated[dt.datetime | None, Query(
+        description="End, excluded (default: the current period's; no offset: UTC).")] = None,
+    group_by: Annotated[str | None, Query(
+        description="Comma-separated keys among operation, model, member, license_key.")] = None,
+    bin_: Annotated[UsageBin | None, Query(alias="bin", description="hour, day (default) or month, in UTC.")]
+    = None,
+    format_: Annotated[UsageFormat | None, Query(alias="format", description="json (default) or csv.")]
+    = None,
+) -> dict[str, Any] | Response:
+    keys = [key.strip() for key in group_by.split(",")] if group_by else []
+    result: dict[str, Any] = db.user(who.token, "get_credit_usage", {
+        **_params(p_account_id=account_id, p_from=_as_utc(from_), p_to=_as_utc(to), p_bin=bin_),
+        "p_group_by": keys})
+    wants_csv = format_ == "csv" or (format_ is None and "text/csv" in request.headers.get("accept", ""))
+    if not wants_csv:
+        return result
+    return Response(usage_csv(result, keys), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="credit-usage.csv"'})
 
 
 @router.post("/holds", summary="Reserve credits (a hold)")

@@ -169,6 +169,9 @@ FUNCTIONS: dict[str, tuple[str, Prepare, set[str]]] = {
     "set_balance_alert": (SPEND, lambda db, a: {"p_account_id": a, "p_threshold": 999, "p_rearm_at": 2000},
                           {"account_id", "threshold", "rearm_at", "armed"}),
     "sweep_credit_accounts": (SERVICE, lambda db, a: {"p_limit": 1}, {"swept"}),
+    "get_credit_usage": (READ, lambda db, a: {"p_account_id": a},
+                         {"account_id", "from", "to", "bin", "rows", "total"}),
+    "roll_up_credit_usage": (SERVICE, lambda db, a: {}, {"rolled_until", "rows", "batches"}),
     # Disabling (what a tenant admin may do too): a complete call that changes nothing here.
     "set_auto_topup": (SPEND, lambda db, a: {"p_account_id": a, "p_enabled": False},
                        {"account_id", "enabled", "status", "this_month"}),

@@ -19,7 +19,7 @@ from tests.support import Db
 USER_CALLABLE = {
     "get_credit_balance", "deduct_credits", "reserve_credits", "capture_hold", "release_hold",
     "create_license_key", "revoke_license_key", "extend_hold", "estimate_cost", "set_spend_limit",
-    "set_balance_alert", "set_auto_topup",
+    "set_balance_alert", "set_auto_topup", "get_credit_usage",
 }
 SERVICE_ONLY_CONTRACT = {
     "deduct_credits_by_license", "add_purchased_credits", "add_subscription_credits",
