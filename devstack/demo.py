@@ -5,7 +5,10 @@ database. A new user signs up (an ``auth.users`` row, as Supabase Auth writes
 it), buys a credit pack (a ``checkout.session.completed`` event signed like
 Stripe signs it), spends, reserves and captures, subscribes and is renewed by
 invoices, gets a partial refund clawed back, and finally a free account is
-renewed by the monthly reset. Every step prints the balance it leaves.
+renewed by the monthly reset. Every step prints the balance it leaves. With a local
+Stripe stand-in (``./dev start --stripe-stand-in``, or the throwaway stack's own when
+localstripe is installed), a third user turns on auto top-up and notify buys his pack
+when his credits run low.
 """
 
 from __future__ import annotations
@@ -13,25 +16,33 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import importlib.util
 import json
 import logging
 import os
+import secrets
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
+from contextlib import ExitStack
 from datetime import UTC, date, datetime, timedelta
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 
-from devstack import serve
+from devstack import db, serve, stripe_stand_in
 
 PACK_PRICE = "price_demo_pack_100"  # 100 credits (supabase/seed.sql)
 PLAN_PRICE = "price_demo_pro_monthly"  # the "pro" plan: 500 credits a month
+TOPUP_CREDITS = 100  # the auto top-up pack's credits (a pack whose price is the stand-in's)
+TOPUP_THRESHOLD = 20
+TOPUP_WAIT_SECONDS = 30
 
 
 class DemoError(RuntimeError):
@@ -75,11 +86,13 @@ def invoice(invoice_id: str, customer: str, subscription: str, account_id: str, 
 
 
 class Demo:
-    def __init__(self, stack: serve.Stack, out: Any = sys.stdout) -> None:
+    def __init__(self, stack: serve.Stack, out: Any = sys.stdout, *, own_stack: bool = False) -> None:
         if not (stack.credits_url and stack.webhook_url):
             raise DemoError("the demo needs the credits API and the Stripe webhook apps")
         self.stack = stack
         self.out = out
+        # The demo's own throwaway stack: it may deliver every pending event to its receiver.
+        self.own_stack = own_stack
         self.http = httpx.Client(timeout=30)
         self.run_id = uuid.uuid4().hex[:8]  # the story can run again on the same database
 
@@ -235,9 +248,146 @@ class Demo:
         self.check(balance["subscription"] == 500, "Stripe-renewed account left alone")
         self.show("Dana (renewed by Stripe) unchanged", balance)
 
+        self.alerts_and_live_balance()
+        self.auto_topup()
+
         check = self.rpc("reconcile_credit_balances", {})
         self.say(f"\nLedger check: {check['checked']} pools, {len(check['mismatches'])} mismatches.")
         self.check(check["mismatches"] == [], "ledger explains every balance")
+
+    def rest_rows(self, table: str, token: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        """Rows of a table as the user reads them through the REST endpoint (RLS applies)."""
+        headers = {"apikey": self.stack.publishable_key, "Authorization": f"Bearer {token}"}
+        response = self.http.get(f"{self.stack.rest_url}/rest/v1/{table}", headers=headers, params=query)
+        if response.status_code != 200:
+            raise DemoError(f"GET /rest/v1/{table}: {response.status_code} {response.text[:300]}")
+        rows: list[dict[str, Any]] = response.json()
+        return rows
+
+    def alerts_and_live_balance(self) -> None:
+        """Faye sets a low-balance alert and spends across it: the event is written with the spend,
+        notify delivers it signed to a receiver that verifies it (docs/examples/verify_signature.py),
+        and each change of her balance is broadcast on the Realtime topic credits:<account_id>."""
+        from devstack import events_ops
+
+        email = f"faye+{self.run_id}@example.com"
+        _faye_id, faye = self.sign_up(email)
+        account = self.credits("GET", "/credits/balance", faye)["account_id"]
+        self.rpc("add_purchased_credits", {"p_account_id": account, "p_amount": 100,
+                                           "p_idempotency_key": f"demo-faye-{self.run_id}"})
+        start = self.credits("GET", "/credits/balance", faye)["available"]
+        threshold = 50
+        self.say(f"\nFaye sets a balance alert at {threshold} credits (re-armed at {2 * threshold}):")
+        alert = self.rpc("set_balance_alert", {"p_account_id": account, "p_threshold": threshold})
+        self.check(alert["armed"] is True, "the new alert is armed")
+        spent = self.credits("POST", "/credits/deduct", faye, key="demo-faye-1",
+                             body={"amount": start - threshold + 10})
+        self.show("deduct across the threshold", spent["balance"], "balance.low written with the spend")
+
+        with psycopg.connect(self.stack.dsn, autocommit=True) as conn:
+            row = conn.execute("select payload, event from realtime.messages where topic = %s"
+                               " order by inserted_at desc limit 1", (f"credits:{account}",)).fetchone()
+        self.check(row is not None and row[0]["available"] == spent["balance"]["available"],
+                   "the balance broadcast on its Realtime topic")
+        assert row is not None
+        self.say(f"  broadcast on credits:{account[:8]}… (event {row[1]!r}): available {row[0]['available']},"
+                 f" held {row[0]['held']}, debt {row[0]['debt']}")
+
+        if not self.own_stack:
+            events = self.rest_rows("credit_events", faye, {"account_id": f"eq.{account}"})
+            self.say(f"  event {events[0]['type']} (seq {events[0]['seq']}) is in credit_events; the running"
+                     " stack's notify sends it to NOTIFY_WEBHOOK_URL when one is set (./dev events list)")
+            return
+        spec = importlib.util.spec_from_file_location(
+            "verify_signature", db.ROOT / "docs" / "examples" / "verify_signature.py")
+        assert spec is not None and spec.loader is not None
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        secret = secrets.token_hex(24)
+        received: list[dict[str, Any]] = []
+        server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                     example.make_handler(secret, example.Deduplicator(received.append)))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/credit-events"
+            env = events_ops.notify_env(self.stack.settings_env(),
+                                        {"NOTIFY_WEBHOOK_URL": url, "NOTIFY_SIGNING_SECRET": secret})
+            summary = events_ops.NotifyLoop(env).run_once()
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)
+        mine = [e for e in received if e["account_id"] == account]
+        self.check([e["type"] for e in mine] == ["balance.low"], f"the alert reached the receiver ({mine})")
+        self.say(f"  notify run: {summary['delivered']} delivered to a local receiver at {url}, which"
+                 " verified the Credits-Signature header:")
+        figures = {k: v for k, v in mine[0]["payload"].items() if k != "balance"}
+        self.say(f"    {mine[0]['type']} seq {mine[0]['seq']}: {json.dumps(figures, sort_keys=True)}")
+
+    def auto_topup(self) -> None:
+        """Gus saves a card, turns on auto top-up, spends below the threshold; notify buys the pack."""
+        if not (self.stack.stripe_api_base and self.stack.stripe_api_key):
+            self.say("\nAuto top-up is not shown: this stack has no Stripe stand-in. Start one with"
+                     " `./dev start --stripe-stand-in`, then run `./dev demo` again.")
+            return
+        import stripe
+
+        from devstack import events_ops
+
+        self.say(f"\nGus turns on auto top-up: a {TOPUP_CREDITS}-credit pack whenever fewer than"
+                 f" {TOPUP_THRESHOLD} are left (Stripe: the local stand-in at {self.stack.stripe_api_base}):")
+        client = stripe.StripeClient(self.stack.stripe_api_key,
+                                     base_addresses={"api": self.stack.stripe_api_base})
+        price = client.v1.prices.create(params={"currency": "usd", "unit_amount": 900,
+                                                "product_data": {"name": "Demo auto top-up pack"}})
+        email = f"gus+{self.run_id}@example.com"
+        customer = client.v1.customers.create(params={"email": email})
+        card = client.v1.payment_methods.create(params={"type": "card", "card": {
+            "number": "4242424242424242", "exp_month": 12, "exp_year": datetime.now(UTC).year + 3,
+            "cvc": "123"}})
+        client.v1.payment_methods.attach(card.id, params={"customer": customer.id})
+        client.v1.customers.update(customer.id,
+                                   params={"invoice_settings": {"default_payment_method": card.id}})
+        _gus_id, gus = self.sign_up(email)
+        account = self.credits("GET", "/credits/balance", gus)["account_id"]
+        with psycopg.connect(self.stack.dsn, autocommit=True) as conn:
+            # The catalog row of the stand-in's price (an operator adds the pack once).
+            conn.execute("insert into public.credit_packs (stripe_price_id, credits, name)"
+                         " values (%s, %s, 'Auto top-up pack')", (price.id, TOPUP_CREDITS))
+        # The card was saved through Checkout in setup mode: its completion links the customer.
+        linked = self.webhook(stripe_event("checkout.session.completed", {
+            "id": f"cs_demo_setup_{self.run_id}", "object": "checkout.session", "mode": "setup",
+            "status": "complete", "customer": customer.id, "client_reference_id": account,
+            "setup_intent": f"seti_demo_{self.run_id}", "metadata": {}}))
+        self.check(linked.get("outcome") == "applied", f"setup checkout {linked}")
+        self.say(f"  a saved card on {customer.id} (its default payment method), linked by a setup-mode"
+                 f" checkout; set_auto_topup: below {TOPUP_THRESHOLD}, pack {price.id}")
+        self.rpc("set_auto_topup", {"p_account_id": account, "p_enabled": True,
+                                    "p_threshold": TOPUP_THRESHOLD, "p_pack": price.id})
+        spent = self.credits("POST", "/credits/deduct", gus, key="demo-gus-1", body={"amount": 2})
+        self.show("deduct 2: below the threshold", spent["balance"], "the database starts one top-up")
+
+        env = events_ops.notify_env(self.stack.settings_env())
+        env.update(self.stack.stripe_env())
+        summary = events_ops.NotifyLoop(env).run_once()
+        deadline = time.monotonic() + TOPUP_WAIT_SECONDS  # `./dev start`'s own notify loop may charge it
+        while True:
+            topups = self.rest_rows("credit_topups", gus, {"account_id": f"eq.{account}"})
+            if topups and topups[0]["status"] != "pending":
+                break
+            if time.monotonic() > deadline:
+                raise DemoError("the top-up was not charged in time")
+            time.sleep(0.5)
+        self.check(topups[0]["status"] == "succeeded", f"top-up {topups[0]['status']}")
+        balance = self.credits("GET", "/credits/balance", gus)
+        self.check(balance["purchased"] == TOPUP_CREDITS, "pack granted once")
+        self.show(f"notify run ({summary['topups_succeeded']} top-up charged)", balance,
+                  f"PaymentIntent {topups[0]['payment_intent']}")
+        events = self.rest_rows("credit_events", gus, {"account_id": f"eq.{account}", "order": "seq.asc"})
+        for event in events:
+            payload = {k: v for k, v in event["payload"].items() if k != "balance"}
+            self.say(f"    event {event['seq']} {event['type']:<16} {json.dumps(payload, sort_keys=True)}")
+        self.check([e["type"] for e in events][-1:] == ["topup.succeeded"], "topup.succeeded written")
 
     def monthly_reset(self, period_start: date) -> dict[str, Any]:
         """Through the scheduled function's local trigger when it is there, else the
@@ -278,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
             print("No local stack is running (./dev start); starting a throwaway one on free ports...",
                   flush=True)
             with serve.run_stack(Path(tmp) / "pgdata", port_base=None, reset_data=True,
-                                 keep_data=False) as stack:
-                Demo(stack).run()
+                                 keep_data=False) as stack, ExitStack() as stand_in:
+                if stripe_stand_in.available():
+                    serve.start_stripe_stand_in(stack, stand_in)
+                Demo(stack, own_stack=True).run()
         print("\nDone; the demo's database is gone.")
         return 0
     except DemoError as exc:

@@ -5,6 +5,13 @@ PostgreSQL (embedded, data kept in ``.local/pgdata``) brought up to date by
 the function apps (credits API, Stripe webhook, monthly reset trigger) with the
 settings their Lambdas would get. Each app runs under uvicorn in a thread of
 its own; the tests and the demo reuse ``serve_in_thread`` and ``run_stack``.
+
+``--stripe-stand-in`` also runs a local Stripe stand-in (localstripe, see
+``devstack.stripe_stand_in``) on a free port: notify's auto top-ups are
+charged there (its ``STRIPE_API_BASE`` and ``STRIPE_API_KEY`` point at it)
+and its payment events are posted, signed, to the local Stripe webhook.
+Without it notify uses ``STRIPE_API_KEY``/``STRIPE_API_BASE`` from the
+environment, if set (e.g. a Stripe test-mode key).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 
 import uvicorn
 
-from devstack import db, migrate, rest, tokens
+from devstack import db, migrate, rest, stripe_stand_in, tokens
 
 HOST = "127.0.0.1"
 
@@ -122,6 +129,9 @@ class Stack:
     migrations: migrate.MigrationReport = field(default_factory=migrate.MigrationReport)
     skipped: dict[str, str] = field(default_factory=dict)
     notify: str | None = None  # what `./dev start`'s notify loop does (devstack.events_ops)
+    # A local Stripe stand-in (./dev start --stripe-stand-in): where it is and a key it accepts.
+    stripe_api_base: str | None = None
+    stripe_api_key: str | None = None
 
     @property
     def supabase_url(self) -> str:
@@ -154,6 +164,14 @@ class Stack:
     def user_token(self, user_id: str, **kwargs: Any) -> str:
         """An access token for ``user_id`` as this project's Auth would sign it (ES256)."""
         return self.keys.user_token(user_id, issuer=tokens.issuer_for(self.rest_url), **kwargs)
+
+    def stripe_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """notify's Stripe settings: the stand-in's when there is one, else ``STRIPE_API_KEY`` and
+        ``STRIPE_API_BASE`` from ``environ`` (this process's environment by default)."""
+        if self.stripe_api_base and self.stripe_api_key:
+            return {"STRIPE_API_KEY": self.stripe_api_key, "STRIPE_API_BASE": self.stripe_api_base}
+        source = os.environ if environ is None else environ
+        return {name: source[name] for name in ("STRIPE_API_KEY", "STRIPE_API_BASE") if source.get(name)}
 
     def settings_env(self) -> dict[str, str]:
         """The function apps' settings, as their Lambda environment would hold them: like a
@@ -308,7 +326,8 @@ def write_state(stack: Stack, path: Path = STATE_FILE) -> None:
     """Tell other commands (``./dev demo``) where the running stack is."""
     state = {"pid": os.getpid(), "dsn": stack.dsn, "rest_url": stack.rest_url,
              "keys_path": str(stack.keys_path) if stack.keys_path else None, "credits_url": stack.credits_url,
-             "webhook_url": stack.webhook_url, "reset_url": stack.reset_url}
+             "webhook_url": stack.webhook_url, "reset_url": stack.reset_url,
+             "stripe_api_base": stack.stripe_api_base, "stripe_api_key": stack.stripe_api_key}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
@@ -337,7 +356,9 @@ def running_stack(path: Path = STATE_FILE) -> Stack | None:
         keys = tokens.LocalKeys(**json.loads(Path(state["keys_path"]).read_text()))
         stack = Stack(dsn=state["dsn"], rest_url=state["rest_url"], keys=keys,
                       keys_path=Path(state["keys_path"]), credits_url=state["credits_url"],
-                      webhook_url=state["webhook_url"], reset_url=state["reset_url"])
+                      webhook_url=state["webhook_url"], reset_url=state["reset_url"],
+                      stripe_api_base=state.get("stripe_api_base"),
+                      stripe_api_key=state.get("stripe_api_key"))
         health = httpx.get(f"{stack.rest_url}/rest/v1/", headers={"apikey": keys.secret_key}, timeout=3)
         health.raise_for_status()
     except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
@@ -379,6 +400,7 @@ def banner(stack: Stack) -> str:
         lines.append(f"  {labels[name]:<16} {reason}")
     if stack.notify:
         lines.append(f"  credit events    {stack.notify}")
+    lines.append(f"  auto top-up      {describe_stripe(stack)}")
     lines += [
         "",
         f"  Keys of this data directory (random, kept in {keys_file_display(stack)}):",
@@ -435,14 +457,44 @@ def port_base(text: str) -> int:
     return value
 
 
+def describe_stripe(stack: Stack) -> str:
+    """Where notify charges auto top-ups, for the banner (never the key)."""
+    env = stack.stripe_env()
+    if stack.stripe_api_base and stack.stripe_api_key:
+        return (f"charged on the local Stripe stand-in {stack.stripe_api_base}   (localstripe; its payment"
+                " events go to the Stripe webhook)")
+    if env.get("STRIPE_API_KEY"):
+        from functions.settings import STRIPE_API
+
+        return f"charged with STRIPE_API_KEY at {env.get('STRIPE_API_BASE', STRIPE_API)}"
+    return ("not charged (no STRIPE_API_KEY: a due top-up fails as not_configured);"
+            " ./dev start --stripe-stand-in charges them on a local Stripe stand-in")
+
+
+# The Stripe events the stand-in posts to the local webhook (those the webhook acts on).
+STAND_IN_EVENTS = ("payment_intent.succeeded", "payment_intent.payment_failed", "charge.refunded",
+                   "charge.dispute.created")
+
+
+def start_stripe_stand_in(stack: Stack, stop: ExitStack) -> None:
+    """Run the local Stripe stand-in until ``stop`` closes, point notify at it, and have it post its
+    payment events to the stack's Stripe webhook (signed with the stack's webhook secret)."""
+    stand_in = stop.enter_context(stripe_stand_in.running())
+    stack.stripe_api_base, stack.stripe_api_key = stand_in.url, stand_in.api_key
+    if stack.webhook_url:
+        stripe_stand_in.register_webhook(stand_in, f"{stack.webhook_url}/stripe/webhook",
+                                         stack.webhook_secret, STAND_IN_EVENTS)
+
+
 def start_notify(stack: Stack, stop: ExitStack) -> str:
-    """notify every NOTIFY_INTERVAL_SECONDS (default 5), sending to NOTIFY_WEBHOOK_URL if set;
-    what it does, for the banner."""
+    """notify every NOTIFY_INTERVAL_SECONDS (default 5), sending to NOTIFY_WEBHOOK_URL if set and
+    charging auto top-ups where ``Stack.stripe_env`` says; what it does, for the banner."""
     try:
         from devstack import events_ops
         from functions.settings import SettingsError
 
         env = events_ops.notify_env(stack.settings_env())
+        env.update(stack.stripe_env())
         loop = events_ops.NotifyLoop(env, events_ops.interval_seconds())
     except ImportError as exc:
         return f"not sent (notify is not available: {exc.name or 'import failed'})"
@@ -458,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="port of the REST endpoint; the functions use +10, +11, +12 (0: free ports)")
     parser.add_argument("--reset-data", action="store_true", help="start from an empty database")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where PostgreSQL keeps its data")
+    parser.add_argument("--stripe-stand-in", action="store_true",
+                        help="run a local Stripe stand-in (localstripe) and charge auto top-ups there")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -469,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with run_stack(args.data_dir.resolve(), port_base=args.port_base,
                        reset_data=args.reset_data) as stack, ExitStack() as notify:
+            if args.stripe_stand_in:
+                start_stripe_stand_in(stack, notify)
             stack.notify = start_notify(stack, notify)
             print(banner(stack), flush=True)
             # Only the default data directory is announced (what `./dev demo` looks for); a
@@ -490,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:
         print(f"cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except stripe_stand_in.StandInError as exc:  # its message says why
+        print(f"cannot start: {exc}", file=sys.stderr)
         return 1
     print("stopped.", flush=True)
     return 0

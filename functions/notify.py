@@ -1,11 +1,15 @@
-"""notify: sweep what lapsed, then deliver credit events to the operator's webhook, signed.
+"""notify: sweep what lapsed, charge auto top-ups, then deliver credit events to a webhook, signed.
 
 One run (the Lambda runs every minute; runs may overlap):
 
 1. ``sweep_credit_accounts``: writes what lapsed (expired holds and grants) on
    accounts nobody wrote to, with the events and broadcasts that go with it.
 2. ``roll_up_credit_usage``, when the database has it (once per run).
-3. Without ``NOTIFY_WEBHOOK_URL``, nothing more: events stay pending and readable.
+3. Auto top-ups (``functions.topup``): claim the pending ones (a lapse the
+   sweep wrote may have started one), charge each on Stripe, record its
+   outcome, while the run's time allows; before the deliveries, so the
+   outcome events go out in this run.
+4. Without ``NOTIFY_WEBHOOK_URL``, nothing more: events stay pending and readable.
    With it, claim -> deliver -> record, until nothing is claimed or the
    Lambda's remaining time is short. ``claim_credit_events`` hands out at most
    one event per account (its lowest ``seq`` still pending, once due and not
@@ -32,13 +36,14 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from postgrest import APIError
 
+from functions import topup
 from functions.errors import ServiceUnavailable, from_database_error
 from functions.observability import count, logger
 from functions.rpc import get_rpc
@@ -196,12 +201,16 @@ class Summary:
     delivered: int = 0
     failed: int = 0
     unrecorded: int = 0  # delivered or failed, but the record did not reach the database (the lease expires)
-    done: bool = True    # False: stopped for time with events possibly left
+    done: bool = True    # False: stopped for time with events (or top-ups) possibly left
+    topups: topup.Tally = field(default_factory=topup.Tally)
 
     def as_dict(self) -> dict[str, Any]:
         return {"swept": self.swept, "rolled_up": self.rolled_up, "sending": self.sending,
                 "claimed": self.claimed, "delivered": self.delivered, "failed": self.failed,
-                "unrecorded": self.unrecorded, "done": self.done}
+                "unrecorded": self.unrecorded, "done": self.done,
+                "topups_claimed": self.topups.claimed, "topups_succeeded": self.topups.succeeded,
+                "topups_failed": self.topups.failed, "topups_action_required": self.topups.action_required,
+                "topups_retried": self.topups.retried, "topups_unrecorded": self.topups.unrecorded}
 
 
 _roll_up_missing_logged = False
@@ -302,10 +311,13 @@ def _tally(future: Future[tuple[Delivery, bool]], event: Mapping[str, Any], summ
 
 def run_notify(db: Database, settings: NotifySettings, *, remaining_ms: Callable[[], int],
                sender: Sender | None = None) -> dict[str, Any]:
-    """One notify run: sweep, roll up, then deliver while there is time. Returns its summary."""
+    """One notify run: sweep, roll up, settle auto top-ups, then deliver while there is time.
+    Returns its summary."""
     summary = Summary()
     sweep(db, summary)
     roll_up(db, summary)
+    summary.topups = topup.run_topups(db, settings, remaining_ms)
+    summary.done = summary.topups.done
     own = sender is None
     sender = sender_for(settings) if own else sender
     summary.sending = sender is not None
@@ -321,13 +333,20 @@ def run_notify(db: Database, settings: NotifySettings, *, remaining_ms: Callable
 def emit(summary: Mapping[str, Any], settings: NotifySettings) -> None:
     """One summary log line and the run's metrics."""
     where = redacted_url(settings.notify_webhook_url) if settings.notify_webhook_url else None
-    logger.info("notify", extra={"summary": dict(summary), "webhook": where})
+    logger.info("notify", extra={"summary": dict(summary), "webhook": where,
+                                 "stripe": redacted_url(settings.stripe_api_base)})
     count("NotifySwept", summary["swept"])
     count("NotifyClaimed", summary["claimed"])
     count("NotifyDelivered", summary["delivered"])
     count("NotifyFailed", summary["failed"])
     count("NotifyUnrecorded", summary["unrecorded"])
     count("NotifyIncomplete", 0 if summary["done"] else 1)
+    count("TopupClaimed", summary["topups_claimed"])
+    count("TopupSucceeded", summary["topups_succeeded"])
+    count("TopupFailed", summary["topups_failed"])
+    count("TopupActionRequired", summary["topups_action_required"])
+    count("TopupRetried", summary["topups_retried"])
+    count("TopupUnrecorded", summary["topups_unrecorded"])
 
 
 def time_left(limit_ms: int) -> Callable[[], int]:

@@ -117,14 +117,20 @@ class ResetSettings(FunctionSettings):
     reset_safety_margin_ms: Annotated[int, Env("RESET_SAFETY_MARGIN_MS"), Field(ge=0)] = 15_000
 
 
+STRIPE_API = "https://api.stripe.com"
+
+
 class NotifySettings(FunctionSettings):
-    """notify: where credit events are delivered and how they are signed.
+    """notify: where credit events are delivered and how they are signed, and the Stripe key
+    that pays auto top-ups.
 
     Without ``NOTIFY_WEBHOOK_URL`` nothing is sent (events stay pending and
     readable) but the sweep still runs; with it, ``NOTIFY_SIGNING_SECRET`` is
     required. Deliveries get ``NOTIFY_CONNECT_TIMEOUT_SECONDS`` to connect and
     ``NOTIFY_TIMEOUT_SECONDS`` for each read or write, and a claimed event stays
     leased to this run for ``NOTIFY_LEASE_SECONDS``, which must outlast one delivery.
+    Auto top-ups are charged with ``STRIPE_API_KEY`` at ``STRIPE_API_BASE`` (default
+    Stripe's API), each request within ``STRIPE_TIMEOUT_SECONDS``.
     """
 
     notify_webhook_url: Annotated[str | None, Env("NOTIFY_WEBHOOK_URL"), Field(repr=False)] = None
@@ -137,6 +143,20 @@ class NotifySettings(FunctionSettings):
     notify_lease_seconds: Annotated[int, Env("NOTIFY_LEASE_SECONDS"), Field(ge=1, le=900)] = 60
     # No new claim once less than this is left of the Lambda's time (a delivery and its record fit in it).
     notify_safety_margin_ms: Annotated[int, Env("NOTIFY_SAFETY_MARGIN_MS"), Field(ge=0)] = 25_000
+    # Auto top-up (functions.topup): the Stripe secret or restricted key that charges the saved
+    # payment methods. Without it a due top-up ends failed (not_configured) and auto top-up is
+    # disabled for that account.
+    stripe_api_key: Annotated[str | None, Env("STRIPE_API_KEY"), Field(repr=False)] = None
+    # Where Stripe's API is (tests and the local stack point it at a Stripe stand-in).
+    stripe_api_base: Annotated[str, Env("STRIPE_API_BASE")] = STRIPE_API
+    # Each Stripe request's limit after connecting (3 s at most); a top-up makes at most 5 requests,
+    # all within its lease (functions.topup.LEASE_SECONDS).
+    stripe_timeout_seconds: Annotated[float, Env("STRIPE_TIMEOUT_SECONDS"), Field(gt=0, le=15)] = 10.0
+
+    @field_validator("stripe_api_base")
+    @classmethod
+    def _stripe_base(cls, value: str) -> str:
+        return _http_url(value)
 
     @field_validator("notify_webhook_url")
     @classmethod

@@ -3,9 +3,10 @@
 Settings are loaded at import (the cold start) and a missing one fails the
 cold start naming it; they are read again when older than 5 minutes and after
 each SnapStart restore. Each run sweeps what lapsed, rolls usage up when the
-database can, and delivers pending credit events to ``NOTIFY_WEBHOOK_URL``
-until none is due or the time is nearly up (``functions.notify``). Runs may
-overlap: the database leases each event to one run.
+database can, charges the pending auto top-ups on Stripe (``functions.topup``)
+and delivers pending credit events to ``NOTIFY_WEBHOOK_URL`` until none is due
+or the time is nearly up (``functions.notify``). Runs may overlap: the database
+leases each event and each top-up to one run.
 """
 
 from __future__ import annotations

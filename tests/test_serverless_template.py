@@ -124,20 +124,24 @@ def test_no_reserved_concurrency_unless_a_stage_asks_for_it(service: Service, pr
 def test_notify_gets_its_receiver_from_the_stage_and_a_role_of_its_own(service: Service, prod: Path) -> None:
     resources = template(prod)["Resources"]
     variables = resources["NotifyLambdaFunction"]["Properties"]["Environment"]["Variables"]
-    # A stage that names no receiver sends nothing (events stay readable) and reads no signing secret.
+    # A stage that names no receiver sends nothing (events stay readable) and reads no signing secret;
+    # one that names no Stripe key charges no auto top-up (due ones fail, not_configured).
     assert variables["NOTIFY_WEBHOOK_URL"] == "" and variables["NOTIFY_SIGNING_SECRET_PARAM"] == ""
+    assert variables["STRIPE_API_KEY_PARAM"] == "" and "STRIPE_API_BASE" not in variables
     rule = next(r["Properties"] for key, r in resources.items()
                 if key.startswith("NotifyEventsRuleSchedule") and r["Type"] == "AWS::Events::Rule")
     assert rule["ScheduleExpression"] == "rate(1 minute)" and rule["State"] == "ENABLED"
 
     run, out = package(service, "prod", "--param=notifyWebhookUrl=https://hooks.example.com/credits",
                        "--param=notifySigningSecretParam=/credits/prod/notify-signing-secret",
+                       "--param=stripeApiKeyParam=/credits/prod/stripe-api-key",
                        origins="https://app.example.com")
     assert run.returncode == 0, run.output[-3000:]
     resources = template(out)["Resources"]
     variables = resources["NotifyLambdaFunction"]["Properties"]["Environment"]["Variables"]
     assert variables["NOTIFY_WEBHOOK_URL"] == "https://hooks.example.com/credits"
     assert variables["NOTIFY_SIGNING_SECRET_PARAM"] == "/credits/prod/notify-signing-secret"
+    assert variables["STRIPE_API_KEY_PARAM"] == "/credits/prod/stripe-api-key"
     # Its own role: its own log group, the parameters it reads, decryption through SSM; nothing else.
     role = resources["NotifyIamRoleLambdaExecution"]["Properties"]
     assert resources["NotifyLambdaFunction"]["Properties"]["Role"] == {
@@ -153,7 +157,8 @@ def test_notify_gets_its_receiver_from_the_stage_and_a_role_of_its_own(service: 
     assert all(r.startswith(logs + ":") for a, rs in granted.items() if a.startswith("logs:") for r in rs)
     ssm = "arn:aws:ssm:${AWS::Region}:${AWS::AccountId}:parameter/credits/prod/"
     assert sorted(granted["ssm:GetParameter"]) == sorted(
-        ssm + name for name in ("supabase-url", "supabase-secret-key", "notify-signing-secret"))
+        ssm + name
+        for name in ("supabase-url", "supabase-secret-key", "notify-signing-secret", "stripe-api-key"))
     assert set(granted) - {"logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"} == {
         "ssm:GetParameter", "ssm:GetParameters", "kms:Decrypt"}
     invoke = next(r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig"

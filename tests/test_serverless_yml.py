@@ -16,7 +16,7 @@ from deploy.package import load_serverless_yml
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_SETTINGS = ("SUPABASE_ANON_KEY", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
                    "SUPABASE_PUBLISHABLE_KEY", "SUPABASE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET",
-                   "NOTIFY_SIGNING_SECRET")
+                   "NOTIFY_SIGNING_SECRET", "STRIPE_API_KEY")
 HANDLER_ENV = {
     "SUPABASE_URL": "https://abcd.supabase.co",
     "SUPABASE_ANON_KEY": "anon-key-value-0123456789",
@@ -131,6 +131,24 @@ def test_notify_runs_every_minute_and_sends_only_where_a_stage_says(config: dict
     assert config["params"]["default"]["notifySigningSecretParam"] == ""
 
 
+def test_notify_charges_auto_top_ups_only_where_a_stage_names_the_stripe_key(config: dict[str, Any]) -> None:
+    from functions.settings import NotifySettings
+    from functions.topup import CONNECT_TIMEOUT_SECONDS, LEASE_SECONDS
+
+    env = function_env(config, "notify")
+    # The key only from the parameter a stage names (none by default: due top-ups fail not_configured).
+    assert env["STRIPE_API_KEY_PARAM"] == "${param:stripeApiKeyParam}"
+    assert config["params"]["default"]["stripeApiKeyParam"] == ""
+    assert "STRIPE_API_BASE" not in env  # Stripe's API
+    # A claimed top-up stays this run's while its requests (at most 5) can still be running.
+    timeout = float(env["STRIPE_TIMEOUT_SECONDS"])
+    limit = NotifySettings.model_fields["stripe_timeout_seconds"].metadata
+    assert 0 < timeout <= next(m.le for m in limit if getattr(m, "le", None) is not None)
+    assert 5 * (CONNECT_TIMEOUT_SECONDS + timeout) < LEASE_SECONDS
+    # The notify zip ships stripe-python.
+    assert "stripe" in config["custom"]["packages"]["notify"]["requirements"]
+
+
 def function_env(config: dict[str, Any], name: str) -> dict[str, str]:
     return {**config["provider"].get("environment", {}), **config["functions"][name].get("environment", {})}
 
@@ -138,7 +156,8 @@ def function_env(config: dict[str, Any], name: str) -> dict[str, str]:
 def resolve(value: str, config: dict[str, Any]) -> str:
     return value.replace("${self:custom.ssmPrefix}", config["custom"]["ssmPrefix"]).replace(
         "${param:jwtSecretParam}", config["params"]["default"]["jwtSecretParam"]).replace(
-        "${param:notifySigningSecretParam}", config["params"]["default"]["notifySigningSecretParam"])
+        "${param:notifySigningSecretParam}", config["params"]["default"]["notifySigningSecretParam"]).replace(
+        "${param:stripeApiKeyParam}", config["params"]["default"]["stripeApiKeyParam"])
 
 
 def test_secrets_only_from_this_stages_ssm_with_least_privilege(config: dict[str, Any]) -> None:
@@ -164,10 +183,11 @@ def test_secrets_only_from_this_stages_ssm_with_least_privilege(config: dict[str
                          for r in s["Resource"]}
         # Exactly the parameters this function reads, nothing else.
         # (deduct may also read the legacy JWT secret, and notify the signing secret of its
-        # events, when a stage names that parameter.)
-        optional = {"deduct": "/credits/${sls:stage}/supabase-jwt-secret",
-                    "notify": "/credits/${sls:stage}/notify-signing-secret"}
-        legacy = {prefix + optional[name]} if name in optional else set()
+        # events and the Stripe key of auto top-ups, when a stage names those parameters.)
+        optional = {"deduct": {"/credits/${sls:stage}/supabase-jwt-secret"},
+                    "notify": {"/credits/${sls:stage}/notify-signing-secret",
+                               "/credits/${sls:stage}/stripe-api-key"}}
+        legacy = {prefix + parameter for parameter in optional.get(name, set())}
         assert ssm_resources == {prefix + p for p in params.values()} | legacy, name
         kms = [s for s in statements if "kms:Decrypt" in s["Action"]]
         assert len(kms) == 1
@@ -184,7 +204,8 @@ def test_each_function_reads_only_what_it_needs(config: dict[str, Any]) -> None:
     assert config["params"]["default"]["jwtSecretParam"] == ""
     assert settings("stripeWebhook") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"}
     assert settings("monthlyReset") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY"}
-    assert settings("notify") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY", "NOTIFY_SIGNING_SECRET"}
+    assert settings("notify") == {"SUPABASE_URL", "SUPABASE_SECRET_KEY", "NOTIFY_SIGNING_SECRET",
+                                  "STRIPE_API_KEY"}
     assert "CORS_ALLOW_ORIGINS" in function_env(config, "deduct")
 
 

@@ -38,7 +38,8 @@
 -- The flows (one function each, dispatched by private.stripe_apply):
 --   * checkout.session.completed / async_payment_succeeded: a credit pack is
 --     purchased; a subscription checkout links the customer and subscription
---     to the account it names. An account with an active subscription of
+--     to the account it names; a setup-mode checkout (a saved card, for auto
+--     top-up) or a pack bought with a customer links the customer. An account with an active subscription of
 --     another customer is never relinked (account_has_active_subscription).
 --   * invoice.paid, by billing reason: a period start (subscription_create,
 --     subscription_cycle, or none) grants the plan's monthly credits times
@@ -430,6 +431,25 @@ begin
                                  jsonb_build_object('subscription', v_subscription, 'plan_id', v_plan), v_keys);
   end if;
 
+  -- A setup-mode session saves the customer's payment method (for auto
+  -- top-up): it links the customer to the session's account, no relink.
+  if p ->> 'mode' = 'setup' then
+    if v_customer is null then
+      return private.stripe_result('ignored', 'no_customer');
+    end if;
+    v_account := private.stripe_account(private.stripe_text(p, 'account_id'), v_customer, null);
+    if v_account is null then
+      return private.stripe_result('parked', 'account_unknown', null, null, '{}',
+                                   private.stripe_wait_keys(v_customer, null));
+    end if;
+    v_keys := private.stripe_link(v_account, v_customer, null, null, false);
+    return private.stripe_result('applied', 'customer_linked', v_account,
+                                 jsonb_build_object('customer', v_customer,
+                                                    'linked', (select a.stripe_customer_id = v_customer
+                                                                 from public.credit_accounts a
+                                                                where a.id = v_account)), v_keys);
+  end if;
+
   if coalesce(p ->> 'mode', '') <> 'payment' then
     return private.stripe_result('ignored', 'unsupported_mode');
   end if;
@@ -468,6 +488,9 @@ begin
                                  private.stripe_wait_keys(v_customer, null));
   end if;
   v_ref := coalesce(private.stripe_text(p, 'payment_intent'), v_session);
+  -- A payment with a customer links it too (no relink), before the wallet's lock is taken again.
+  v_keys := case when v_customer is not null then private.stripe_link(v_account, v_customer, null, null, false)
+                 else '{}' end;
   -- Arguments derive from the session only, so both events of one session are the same call.
   v_result := private.add_purchased(
     v_account, v_credits::integer, 'checkout:' || v_session, v_ref, 'Credit pack (Stripe Checkout)',
@@ -475,7 +498,7 @@ begin
                                          'quantity', v_quantity)), 'stripe');
   return private.stripe_result('applied', case when (v_result ->> 'replayed')::boolean then 'already_granted'
                                                else 'credits_purchased' end,
-                               v_account, v_result, array['payment:' || v_ref]);
+                               v_account, v_result, array['payment:' || v_ref] || v_keys);
 end
 $$;
 

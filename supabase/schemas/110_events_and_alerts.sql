@@ -343,27 +343,22 @@ begin
          last_error = case when e.attempts = 0 then 'not_sent' else 'expired' end
    where e.status = 'pending' and e.sent_from < now() - interval '72 hours'
      and (e.leased_until is null or e.leased_until <= now());
-  with heads as (
-    select distinct on (e.account_id) e.event_id, e.next_attempt_at, e.leased_until
-      from public.credit_events e
-     where e.status = 'pending'
-     order by e.account_id, e.seq
-  ), due as (
-    select h.event_id from heads h
-     where h.next_attempt_at <= now() and (h.leased_until is null or h.leased_until <= now())
-     order by h.next_attempt_at
-     limit p_limit
-  ), locked as (
-    -- Re-checked on the row's newest version: a concurrent claim that leased it wins.
+  -- Each account's head (no lower pending seq), due and not leased; locked
+  -- rows are skipped before the limit, so runs claiming at once split the work.
+  with claimed as (
     select e.event_id from public.credit_events e
-     where e.event_id in (select d.event_id from due d) and e.status = 'pending'
+     where e.status = 'pending' and e.next_attempt_at <= now()
        and (e.leased_until is null or e.leased_until <= now())
-       for update skip locked
+       and not exists (select 1 from public.credit_events p
+                        where p.account_id = e.account_id and p.status = 'pending' and p.seq < e.seq)
+     order by e.next_attempt_at
+     limit p_limit
+       for update of e skip locked
   ), leased as (
     update public.credit_events e
        set leased_until = now() + make_interval(secs => p_lease_seconds)
-      from locked l
-     where e.event_id = l.event_id
+      from claimed c
+     where e.event_id = c.event_id
     returning e.*
   )
   select coalesce(jsonb_agg(jsonb_build_object('event_id', l.event_id, 'account_id', l.account_id, 'seq', l.seq,

@@ -343,6 +343,7 @@ declare
   v_setting private.auto_topups;
   v_entry public.credit_transactions;
   v_balance jsonb;
+  v_was text;
 begin
   if p_outcome is null or p_outcome not in ('succeeded', 'failed', 'action_required', 'not_configured', 'retry') then
     perform private.invalid('p_outcome', 'must be succeeded, failed, action_required, not_configured or retry');
@@ -390,6 +391,7 @@ begin
     perform private.topup_event(v_topup, 'topup.action_required');
   else
     perform private.topup_event(v_topup, 'topup.failed');
+    v_was := v_setting.status;
     update private.auto_topups t
        set failures = t.failures + 1,
            status = case when p_outcome = 'not_configured' or t.failures + 1 >= 3 then 'disabled' else t.status end,
@@ -398,7 +400,8 @@ begin
            updated_at = now()
      where t.account_id = v_topup.account_id
     returning * into v_setting;
-    if v_setting.status = 'disabled' then
+    -- Only the failure that disabled it says so (not one reported after its owner turned it off).
+    if v_setting.status = 'disabled' and v_was is distinct from 'disabled' then
       perform private.emit_event(v_topup.account_id, 'topup.disabled',
                                  jsonb_build_object('reason', v_setting.reason, 'topup_id', v_topup.id));
     end if;
