@@ -27,11 +27,20 @@ grant usage on schema private to authenticated, service_role;
 -- Time-ordered ids (UUIDv7, RFC 9562: 48-bit Unix ms, then random bits) for
 -- accounts and transactions: rows made together sit together in the primary
 -- key and the heap (the monthly reset walks accounts in id order; transaction
--- inserts append to the right of their index). Plain SQL for PostgreSQL 15.
+-- inserts append to the right of their index). One definition: its body is
+-- PostgreSQL 18's own generator where there is one (a fraction of the cost),
+-- else the same bits computed in SQL (PostgreSQL 15).
+do $$
+begin
+  execute format($fn$
 create function private.uuid_v7() returns uuid
 language plpgsql volatile parallel safe
 set search_path = pg_catalog, pg_temp
-as $$
+as $body$%s$body$
+$fn$,
+    case when current_setting('server_version_num')::integer >= 180000
+         then ' begin return pg_catalog.uuidv7(); end '
+         else $e$
 begin
   return encode(set_bit(set_bit(
     overlay(uuid_send(gen_random_uuid())
@@ -39,19 +48,7 @@ begin
             from 1 for 6),
     52, 1), 53, 1), 'hex')::uuid;
 end
-$$;
-
--- PostgreSQL 18 generates UUIDv7 itself, for a fraction of the cost.
-do $$
-begin
-  if current_setting('server_version_num')::integer >= 180000 then
-    execute $sql$
-      create or replace function private.uuid_v7() returns uuid
-      language plpgsql volatile parallel safe
-      set search_path = pg_catalog, pg_temp
-      as $body$ begin return pg_catalog.uuidv7(); end $body$
-    $sql$;
-  end if;
+$e$ end);
 end
 $$;
 
