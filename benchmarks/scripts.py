@@ -36,6 +36,15 @@ BARE_PAIR = (_PICK + "BEGIN;\n"
              f"INSERT INTO bench.ledger (account_id, amount) VALUES ({_ACCOUNT}, -1);\n"
              "END;\n")
 
+# The contract (v3) broadcasts every committed balance change with
+# realtime.send; these are the two baselines above with that broadcast added
+# the way their authors would add it: the floor of a contract-complete spend,
+# and the naive design meeting the live-balance rule.
+BARE_PAIR_BROADCAST = BARE_PAIR.replace(
+    "END;\n",
+    f"SELECT realtime.send(jsonb_build_object('balance', a.balance), 'balance', 'credits:' || a.id, true) "
+    f"FROM bench.accounts a WHERE a.id = {_ACCOUNT};\nEND;\n")
+
 # The rows a deduct writes (the wallet update with the same guard, one
 # transaction row of the same width) as plain statements: no function, no role
 # switch, no checks. What the data model costs apart from the function layer.
@@ -50,6 +59,9 @@ SAME_WRITES = (_PICK + "BEGIN;\n"
 
 # The naive design (benchmarks/load.py NAIVE_SCHEMA), called as our functions are.
 NAIVE = (_PICK + _AS_SERVICE + f"SELECT bench.naive_deduct({_ACCOUNT}, 1);\nEND;\n")
+NAIVE_BROADCAST = (_PICK + _AS_SERVICE
+                   + f"SELECT realtime.send(bench.naive_deduct({_ACCOUNT}, 1), 'balance', 'credits:' || "
+                   f"{_ACCOUNT}, true);\nEND;\n")
 
 # Reserve then capture: two requests (two transactions), as a caller makes them
 # around the work; one pgbench transaction is the pair.

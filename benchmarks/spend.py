@@ -103,6 +103,21 @@ def _compare(name: str, label: str, runs: dict[str, list[pgbench.Run]], deadlock
             Row("ratio same writes / bare (the data model)",
                 num(_pair_ratio(runs["same_writes"], runs["bare"]), 2)),
         ]
+    if "bare_broadcast" in runs:
+        # The same targets against the baselines with the contract's broadcast
+        # added: what any contract-complete spend pays (no target of their own).
+        floor, naive_b = _describe(runs["bare_broadcast"]), _describe(runs["naive_broadcast"])
+        after = next(i for i, row in enumerate(rows) if row.metric.startswith("ratio deduct / bare")) + 1
+        rows[after:after] = [
+            Row("bare pair + broadcast tps (median): the v3 floor", num(floor["tps"])),
+            Row("naive + broadcast tps (median)", num(naive_b["tps"])),
+            Row("ratio (bare pair + broadcast) / naive: the floor against the target",
+                num(_pair_ratio(runs["bare_broadcast"], runs["naive"]), 2)),
+            Row("ratio deduct / (naive + broadcast)",
+                num(_pair_ratio(runs["deduct"], runs["naive_broadcast"]), 2)),
+            Row("ratio deduct / (bare pair + broadcast)",
+                num(_pair_ratio(runs["deduct"], runs["bare_broadcast"]), 2)),
+        ]
     if hot:
         rows.append(Row("deadlocks", num(deadlocks), "0", deadlocks == 0))
     summary = (f"{name}: {label}: deduct_credits {num(deduct['tps'])} tps (p50 {ms(deduct['p50'])}, "
@@ -114,11 +129,15 @@ def _compare(name: str, label: str, runs: dict[str, list[pgbench.Run]], deadlock
                                         "aborted_clients": aborted, "deadlocks": deadlocks})
 
 
+# The baselines with the live balance's broadcast (contract v3) added.
+_BROADCAST_BASELINES = {"bare_broadcast": scripts.BARE_PAIR_BROADCAST, "naive_broadcast": scripts.NAIVE_BROADCAST}
+
+
 def deduct_spread(bench: BenchDatabase, cfg: Config) -> Result:
     """1. deduct_credits over N funded accounts vs the bare pair."""
     before = bench.deadlocks()
     variants = {"deduct": scripts.DEDUCT, "naive": scripts.NAIVE, "bare": scripts.BARE_PAIR,
-                "same_writes": scripts.SAME_WRITES}
+                "same_writes": scripts.SAME_WRITES, **_BROADCAST_BASELINES}
     runs = interleaved(bench, variants, cfg, cfg.accounts)
     return _compare("1 deduct", f"{cfg.accounts:,} accounts, {cfg.clients} clients", runs,
                     bench.deadlocks() - before, cfg, hot=False)
@@ -127,8 +146,8 @@ def deduct_spread(bench: BenchDatabase, cfg: Config) -> Result:
 def deduct_hot(bench: BenchDatabase, cfg: Config) -> Result:
     """2. Every call on one hot account vs the bare pair on one hot row."""
     before = bench.deadlocks()
-    runs = interleaved(bench, {"deduct": scripts.DEDUCT, "naive": scripts.NAIVE, "bare": scripts.BARE_PAIR},
-                       cfg, 1)
+    runs = interleaved(bench, {"deduct": scripts.DEDUCT, "naive": scripts.NAIVE, "bare": scripts.BARE_PAIR,
+                               **_BROADCAST_BASELINES}, cfg, 1)
     return _compare("2 hot account", f"1 account, {cfg.clients} clients", runs,
                     bench.deadlocks() - before, cfg, hot=True)
 

@@ -954,6 +954,131 @@ def test_parallel_spends_of_one_member_never_pass_the_limit(database: Db, mix: s
         assert (spent, held) == ((50, 0) if mix == "deduct" else (0, 50))
 
 
+# --- the deduct's fast path: limits cached per spender --------------------------------------
+# A user spending from their own personal account (and a license key) takes the
+# deduct's fast path; under limits it checks and counts the spend in one
+# statement from the limits cached on the spender's usage row.
+
+def usage_row(database: Db, account_id: str, spender: str) -> dict[str, Any]:
+    row = database.one(
+        "select to_jsonb(u) from private.spend_usage u where account_id = %s and spender = %s",
+        account_id, spender)
+    assert isinstance(row, dict)
+    return row
+
+
+def personal(database: Db, purchased: int = 100) -> tuple[Caller, str]:
+    user, account_id = database.new_user()
+    database.fund(account_id, purchased=purchased)
+    return user, account_id
+
+
+def own_limit(database: Db, user: Caller, account_id: str, limit: int | None, period: str = "day") -> Any:
+    return set_limit(database, user, account_id, "member", limit, period, uid(user))
+
+
+@pytest.mark.parametrize("period", ["day", "week", "month", "billing_period"])
+def test_cached_limits_stop_a_personal_spender_at_the_limit(database: Db, period: str) -> None:
+    user, account_id = personal(database)
+    own_limit(database, user, account_id, 5, period)
+    deduct(database, user, account_id, 2)
+    cached = usage_row(database, account_id, uid(user))
+    column = "period" if period == "billing_period" else period
+    assert cached["limits_cached"] and cached[f"{column}_limit"] == 5
+    assert deduct(database, user, account_id, 3)["charged"] == 3  # exactly at the limit, from the cache
+    assert usage_row(database, account_id, uid(user))[f"{column}_spent"] == 5
+    before = snapshot(database, account_id)
+    assert_exceeded(exceeded(deduct, database, user, account_id, 1), limit=5, spent=5, held=0, required=1,
+                    period=period, ends=resets_at(database, period, account_id))
+    assert snapshot(database, account_id) == before
+    assert usage_row(database, account_id, uid(user))[f"{column}_spent"] == 5
+    assert service_view(database, account_id) == {("member", uid(user), 5, period, 5, 0)}
+    assert database.balance(account_id)["total"] == 103 - 5
+
+
+def test_changing_a_limit_replaces_the_cached_figures(database: Db) -> None:
+    user, account_id = personal(database)
+    own_limit(database, user, account_id, 10)
+    deduct(database, user, account_id, 4)
+    deduct(database, user, account_id, 1)
+    assert usage_row(database, account_id, uid(user))["day_limit"] == 10
+    own_limit(database, user, account_id, 6)  # lowered below what the cache allowed
+    assert deduct(database, user, account_id, 1)["charged"] == 1
+    detail = exceeded(deduct, database, user, account_id, 1)
+    assert (detail["limit"], detail["spent"]) == (6, 6)
+    own_limit(database, user, account_id, 8, "week")  # a second limit of the same spender
+    own_limit(database, user, account_id, 20)
+    assert deduct(database, user, account_id, 2)["charged"] == 2
+    assert usage_row(database, account_id, uid(user))["limits_cached"]
+    detail = exceeded(deduct, database, user, account_id, 1)
+    assert (detail["limit"], detail["spent"], detail["period"]) == (8, 8, "week")
+    own_limit(database, user, account_id, None, "week")
+    own_limit(database, user, account_id, None)  # no limit left
+    assert deduct(database, user, account_id, 30)["charged"] == 30
+    assert database.balance(account_id)["total"] == 103 - 38
+
+
+def test_cached_limits_count_held_credits(database: Db) -> None:
+    user, account_id = personal(database)
+    own_limit(database, user, account_id, 10)
+    deduct(database, user, account_id, 1)
+    hold = reserve(database, user, account_id, 6)
+    assert usage_row(database, account_id, uid(user))["held"] == 6
+    assert deduct(database, user, account_id, 3)["charged"] == 3
+    assert_exceeded(exceeded(deduct, database, user, account_id, 1), limit=10, spent=4, held=6, required=1,
+                    period="day", ends=resets_at(database, "day"))
+    database.call("release_hold", user, p_hold_id=hold["hold_id"])
+    assert deduct(database, user, account_id, 6)["charged"] == 6
+    exceeded(deduct, database, user, account_id, 1)
+    assert service_view(database, account_id) == {("member", uid(user), 10, "day", 10, 0)}
+
+
+def test_a_replay_on_the_cached_path_counts_once(database: Db) -> None:
+    user, account_id = personal(database)
+    own_limit(database, user, account_id, 4)
+    deduct(database, user, account_id, 1)
+    idem = new_key()
+    first = deduct(database, user, account_id, 2, idem)
+    assert deduct(database, user, account_id, 2, idem) == {**first, "replayed": True}
+    assert usage_row(database, account_id, uid(user))["day_spent"] == 3
+    assert deduct(database, user, account_id, 1)["charged"] == 1
+    exceeded(deduct, database, user, account_id, 1)
+
+
+def test_cached_limits_of_a_license_key(database: Db) -> None:
+    user, account_id = personal(database)
+    created = database.call("create_license_key", user, p_account_id=account_id, p_name="server")
+    set_limit(database, user, account_id, "license_key", 7, "month", created["key_id"])
+    own_limit(database, user, account_id, 2)  # the user's own: not the key's
+    for _ in range(7):
+        by_license(database, created["key"], 1)
+    key_row = usage_row(database, account_id, created["key_id"])
+    assert key_row["limits_cached"] and (key_row["month_limit"], key_row["day_limit"]) == (7, None)
+    detail = exceeded(by_license, database, created["key"], 1)
+    assert (detail["limit"], detail["spent"], detail["period"]) == (7, 7, "month")
+    assert deduct(database, user, account_id, 2)["charged"] == 2
+    exceeded(deduct, database, user, account_id, 1)
+    assert database.balance(account_id)["total"] == 103 - 9
+
+
+def test_parallel_spends_on_the_cached_path_never_pass_the_limit(database: Db) -> None:
+    user, account_id = personal(database, purchased=500)
+    own_limit(database, user, account_id, 50)
+    deduct(database, user, account_id, 1)  # the cache is in place before the race
+    attempts = 100
+
+    def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
+        return [attempt(conn, "deduct_credits", user, p_account_id=account_id, p_idempotency_key=f"cached-{n}",
+                        p_amount=1) for n in range(i, attempts, THREADS)]
+
+    outcomes = run_parallel(database.dsn, work)
+    refusals = Counter((o.sqlstate, o.message) for o in outcomes if not o.ok)
+    assert refusals == {("PT402", "spend_limit_exceeded"): attempts - 49}, refusals
+    assert member_spends(database, account_id, user) == 50
+    assert usage_row(database, account_id, uid(user))["day_spent"] == 50
+    assert database.balance(account_id)["total"] == 503 - 50
+
+
 # --- windows on a moving clock -----------------------------------------------------------------
 
 def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> dt.datetime:
@@ -1109,3 +1234,27 @@ def test_clock_an_expired_hold_frees_the_limit(clock: tuple[FakeClockServer, Db]
     # An expiry shows in reads from its instant, before any write settles it.
     assert (estimated["limit_remaining"], estimated["affordable"]) == (10, True)
     assert read_before_any_write == {("member", uid(t.member), 10, "day", 0, 0)}
+
+
+def test_clock_the_cached_limits_windows_roll_over(clock: tuple[FakeClockServer, Db]) -> None:
+    server, database = clock
+    server.set(at(2027, 5, 4, 23, 59))  # a Tuesday, a minute before midnight
+    user, account_id = personal(database)
+    own_limit(database, user, account_id, 5, "day")
+    own_limit(database, user, account_id, 8, "week")
+    deduct(database, user, account_id, 3)
+    deduct(database, user, account_id, 2)  # from the cache
+    assert usage_row(database, account_id, uid(user))["limits_cached"]
+    assert exceeded(deduct, database, user, account_id, 1)["period"] == "day"
+
+    server.set(at(2027, 5, 5, 0, 0, 30))  # Wednesday: a new day, the same week
+    assert deduct(database, user, account_id, 3)["charged"] == 3
+    assert_exceeded(exceeded(deduct, database, user, account_id, 1), limit=8, spent=8, held=0, required=1,
+                    period="week", ends=at(2027, 5, 10))
+    row = usage_row(database, account_id, uid(user))
+    assert (row["day_spent"], row["week_spent"]) == (3, 8)
+
+    server.set(at(2027, 5, 10, 0, 1))  # Monday: a new week
+    assert deduct(database, user, account_id, 5)["charged"] == 5
+    assert_exceeded(exceeded(deduct, database, user, account_id, 1), limit=5, spent=5, held=0, required=1,
+                    period="day", ends=at(2027, 5, 11))

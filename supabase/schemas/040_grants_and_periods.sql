@@ -60,12 +60,20 @@
 -- key (only definer code inserts, under the wallet's lock; the monthly reset
 -- inserts one per account renewed): the ledger chapter's
 -- private.delete_account_books is the ON DELETE CASCADE.
+-- A grant's pool and source. Domains, not table CHECKs: a table CHECK is
+-- prepared again by every statement that updates the row (each hold taking
+-- or returning credits updates its grants); a domain's check runs on the
+-- value alone, when one is written.
+create domain private.pool_name as text check (value in ('promotional', 'subscription', 'purchased'));
+create domain private.grant_source_name as text
+  check (value in ('invoice', 'checkout', 'topup', 'reset', 'signup_bonus', 'promotion', 'rollover', 'plan_change',
+                   'refund', 'adjustment'));
+
 create table private.grants (
   id uuid primary key,
   account_id uuid not null,
-  pool text not null check (pool in ('promotional', 'subscription', 'purchased')),
-  source text not null check (source in ('invoice', 'checkout', 'topup', 'reset', 'signup_bonus', 'promotion',
-                                         'rollover', 'plan_change', 'refund', 'adjustment')),
+  pool private.pool_name not null,
+  source private.grant_source_name not null,
   stripe_ref text,
   -- The ledger row that brought the credits (null: credits an account held
   -- before grants were recorded, whose arrival is no single row).
@@ -199,40 +207,73 @@ $$;
 -- are there). The grants' stored remaining drops by what is taken (the
 -- wallet's held counter rises by the same amount in the caller's post);
 -- returns the parts, [{"p": pool, "g": grant, "a": credits, "e": expiry}].
+-- The attribution is private.grant_attribution's (what the pool's spends
+-- took comes off the front of the spending order), walked row by row and
+-- stopped once past what is taken: a pool has a few live grants, and this
+-- runs on every reserve (a set query with windows cost several times more).
 create function private.take_front(p_wallet public.credit_wallets, p_pool text, p_amount bigint)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-  v_parts jsonb;
-  v_covered bigint;
+  v_free bigint := case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
+                               when 'subscription' then p_wallet.subscription - p_wallet.held_subscription
+                               else p_wallet.purchased - p_wallet.held_purchased end;
+  v_ids uuid[];
+  v_expires timestamptz[];
+  v_remaining bigint[];
+  v_total bigint;
+  v_cum bigint := 0;
+  v_attributed bigint;
+  v_take bigint;
+  v_left bigint := p_amount;
+  v_parts jsonb := '[]'::jsonb;
 begin
   if p_amount <= 0 then
     return '[]'::jsonb;
   end if;
-  -- One pass: attribute the pool's spends to its grants and take the front.
-  with a as (
-    select a.*, sum(a.attributed) over (order by a.expires_at nulls last, a.created_at, a.id) as cum
-      from private.grant_attribution(p_wallet, p_pool) a
-  ), t as (
-    select a.id, a.expires_at, a.created_at, a.attributed,
-           greatest(0, least(a.attributed, p_amount - (a.cum - a.attributed)))::bigint as amount
-      from a
-  ), written as (
-    update private.grants p set remaining = t.attributed - t.amount
-      from t where p.id = t.id and p.remaining <> t.attributed - t.amount
-  )
-  select coalesce(jsonb_agg(jsonb_build_object('p', p_pool, 'g', t.id, 'a', t.amount, 'e', t.expires_at)
-                            order by t.expires_at nulls last, t.created_at, t.id) filter (where t.amount > 0),
-                  '[]'::jsonb),
-         coalesce(sum(t.attributed), 0)
-    into v_parts, v_covered from t;
-  if v_covered < (case p_pool when 'promotional' then p_wallet.promotional - p_wallet.held_promotional
-                              when 'subscription' then p_wallet.subscription - p_wallet.held_subscription
-                              else p_wallet.purchased - p_wallet.held_purchased end) then
+  -- The pool's live grants in spending order (the calendar allowance, which
+  -- has no row, only in the subscription pool), in one aggregate.
+  if p_pool = 'subscription' then
+    select array_agg(g.id order by g.expires_at nulls last, g.created_at, g.id),
+           array_agg(g.expires_at order by g.expires_at nulls last, g.created_at, g.id),
+           array_agg(g.remaining order by g.expires_at nulls last, g.created_at, g.id), coalesce(sum(g.remaining), 0)
+      into v_ids, v_expires, v_remaining, v_total
+      from (select p.id, p.expires_at, p.created_at, p.remaining from private.grants p
+             where p.account_id = p_wallet.account_id and p.pool = 'subscription' and p.remaining > 0
+               and p.epoch = p_wallet.sub_epoch
+            union all
+            select t.id, t.period_end, t.created_at, t.subscription from public.credit_transactions t
+             where t.id = p_wallet.period_grant and t.subscription > 0) g;
+  else
+    select array_agg(p.id order by p.expires_at nulls last, p.created_at, p.id),
+           array_agg(p.expires_at order by p.expires_at nulls last, p.created_at, p.id),
+           array_agg(p.remaining order by p.expires_at nulls last, p.created_at, p.id), coalesce(sum(p.remaining), 0)
+      into v_ids, v_expires, v_remaining, v_total
+      from private.grants p
+     where p.account_id = p_wallet.account_id and p.pool = p_pool and p.remaining > 0;
+  end if;
+  if v_total < v_free then
     raise exception using errcode = 'XX000', message = p_pool || ' credits without a grant';
   end if;
+  for i in 1 .. coalesce(array_length(v_ids, 1), 0) loop
+    -- What is free of this grant: its credits past the pool's spent front.
+    v_attributed := greatest(0, least(v_remaining[i], v_cum + v_remaining[i] - (v_total - v_free)));
+    v_cum := v_cum + v_remaining[i];
+    v_take := least(v_attributed, v_left);
+    v_left := v_left - v_take;
+    if v_remaining[i] <> v_attributed - v_take then
+      -- (The calendar allowance's id is no grant's: nothing to write for it.)
+      update private.grants p set remaining = v_attributed - v_take where p.id = v_ids[i];
+    end if;
+    if v_take > 0 then
+      v_parts := v_parts || jsonb_build_array(jsonb_build_object('p', p_pool, 'g', v_ids[i], 'a', v_take,
+                                                                 'e', v_expires[i]));
+    end if;
+    -- Past the spent front and what is taken, every grant keeps what it has.
+    exit when v_left = 0 and v_cum >= v_total - v_free;
+  end loop;
   return v_parts;
 end
 $$;

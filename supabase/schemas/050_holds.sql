@@ -41,6 +41,12 @@
 
 -- The account without a foreign key (as the ledger's rows and the wallet: a
 -- check per reserve); the books' delete trigger removes holds with the account.
+-- A hold's status and overage policy: domains, not table CHECKs (see
+-- private.pool_name): every reserve inserts a hold and every capture or
+-- release updates one.
+create domain private.hold_status as text check (value in ('active', 'captured', 'released', 'expired'));
+create domain private.overage_policy as text check (value in ('reject', 'if_available', 'overdraft'));
+
 create table public.credit_holds (
   id uuid primary key default gen_random_uuid(),
   account_id uuid not null,
@@ -63,7 +69,7 @@ create table public.credit_holds (
   -- Clawbacks that found credits under this hold: [{"pool", "g", "amount", "stripe_ref", "key"}]
   -- (the grant "g" whose part they claim).
   claims jsonb not null default '[]'::jsonb,
-  status text not null default 'active' check (status in ('active', 'captured', 'released', 'expired')),
+  status private.hold_status not null default 'active',
   expires_at timestamptz not null,
   operation text,
   metadata jsonb not null default '{}'::jsonb,
@@ -74,7 +80,7 @@ create table public.credit_holds (
   -- Who made it (null: the service): its credits count against their spend limits.
   actor_id uuid,
   -- Above the hold at capture: reject, if_available or overdraft.
-  overage text not null default 'reject' check (overage in ('reject', 'if_available', 'overdraft')),
+  overage private.overage_policy not null default 'reject',
   -- A hold priced from an operation: the price fixed when it was made
   -- ({credits, credits_per_1k_input_tokens, credits_per_1k_output_tokens}) and the estimate.
   price jsonb,
@@ -579,12 +585,14 @@ $$;
 revoke all on function private.price_of(text), private.priced(jsonb, bigint, bigint),
   private.max_output_tokens(jsonb, bigint, bigint) from public, anon, authenticated, service_role;
 
-create function private.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
+-- Reserve, every case: the exact errors, limits, promotional grants, a
+-- replay; private.reserve_credits is the common case in one statement.
+create function private.reserve_checked(p_account_id uuid, p_idempotency_key text, p_amount integer,
                                         p_operation text, p_ttl_seconds integer, p_metadata jsonb,
                                         p_model text, p_input_tokens integer, p_output_tokens integer,
                                         p_overage text)
 returns jsonb
-language plpgsql security definer
+language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -682,6 +690,148 @@ begin
     perform private.count_usage(v_wallet, v_actor, 0, v_cost);
   end if;
   return private.result(v_entry, false);
+end
+$$;
+
+-- Reserve: the common case as the deduct's fast path makes a spend. The
+-- caller is the service or a user on their own personal account; an amount,
+-- or an operation with a price; arguments in bounds; overage reject or
+-- if_available. The wallet UPDATE's WHERE is the rules (private.reserve_checked
+-- checks them one by one): the free credits cover it, no free promotional
+-- credits (their grants' front and the wallet's cache of it are the checked
+-- path's), no spend limits, no debt, nothing lapsed (private.sweep_due), the
+-- hold bounds (private.check_hold_bounds); its SET moves the credits to
+-- held in the spending order (private.spend_split) and records the split.
+-- The reserve row's unique key is the idempotency check: a key used before
+-- undoes the UPDATE and the checked path answers (a replay, or
+-- idempotency_conflict), as it does every other case.
+create function private.reserve_credits(p_account_id uuid, p_idempotency_key text, p_amount integer,
+                                        p_operation text, p_ttl_seconds integer, p_metadata jsonb,
+                                        p_model text, p_input_tokens integer, p_output_tokens integer,
+                                        p_overage text)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+  v_role text := current_setting('role', true);
+  v_actor uuid;
+  v_cost bigint;
+  v_price jsonb;
+  v_expires timestamptz;
+  v_wallet public.credit_wallets;
+  v_from_subscription bigint;
+  v_expiry jsonb;
+  v_tx uuid;
+  v_hold uuid;
+  v_parts jsonb := '[]'::jsonb;
+  v_balance private.balance;
+begin
+  if p_ttl_seconds between 1 and (private.limits() ->> 'ttl_seconds')::integer
+     and p_overage in ('reject', 'if_available')
+     and ((p_amount between 1 and (private.limits() ->> 'amount')::integer and p_operation is null)
+          or (p_amount is null and length(p_operation) between 1 and (private.limits() ->> 'operation')::integer))
+     and length(p_idempotency_key) between 1 and (private.limits() ->> 'idempotency_key')::integer
+     and (p_model is null or length(p_model) between 1 and (private.limits() ->> 'model')::integer)
+     and coalesce(p_input_tokens, 0) between 0 and (private.limits() ->> 'tokens')::integer
+     and coalesce(p_output_tokens, 0) between 0 and (private.limits() ->> 'tokens')::integer
+     and jsonb_typeof(p_metadata) = 'object'
+     and octet_length(p_metadata::text) <= (private.limits() ->> 'metadata_bytes')::integer
+     and (v_role in ('service_role', '', 'none') or v_role is null or v_role = 'authenticated') then
+    if v_role = 'authenticated' then
+      v_actor := auth.uid();
+      if not exists (select 1 from public.credit_accounts a where a.id = p_account_id and a.user_id = v_actor) then
+        return private.reserve_checked(p_account_id, p_idempotency_key, p_amount, p_operation, p_ttl_seconds,
+                                       p_metadata, p_model, p_input_tokens, p_output_tokens, p_overage);
+      end if;
+    end if;
+    if p_operation is null then
+      v_cost := p_amount;
+    else
+      -- (An unknown operation has no price: null, the checked path.)
+      v_price := private.price_of(p_operation);
+      v_cost := private.priced(v_price, p_input_tokens, p_output_tokens);
+    end if;
+    v_expires := now() + make_interval(secs => p_ttl_seconds);
+    -- Plain parameters only in this statement: its plan stays generic (cached).
+    update public.credit_wallets w
+       set held_subscription = w.held_subscription + least(w.subscription - w.held_subscription, v_cost),
+           held_purchased = w.held_purchased + v_cost - least(w.subscription - w.held_subscription, v_cost),
+           split_subscription = least(w.subscription - w.held_subscription, v_cost),
+           next_hold_expiry = least(coalesce(w.next_hold_expiry, v_expires), v_expires),
+           hold_minute = date_trunc('minute', now()),
+           hold_minute_count = case when w.hold_minute = date_trunc('minute', now())
+                                    then w.hold_minute_count + 1 else 1 end
+     where w.account_id = p_account_id
+       and v_cost between 1 and (private.limits() ->> 'amount')::integer
+       and w.subscription - w.held_subscription + w.purchased - w.held_purchased >= v_cost
+       and w.promotional = w.held_promotional and w.debt = 0 and not w.limited
+       and not coalesce(least(w.next_hold_expiry, w.promo_front_at) <= now(), false)
+       and (w.hold_minute is distinct from date_trunc('minute', now())
+            or w.hold_minute_count < (private.write_bounds() ->> 'holds_per_minute')::integer)
+       and (w.next_hold_expiry is null
+            or (select count(*) from (select 1 from public.credit_holds h
+                                       where h.account_id = p_account_id and h.status = 'active'
+                                       limit (private.write_bounds() ->> 'active_holds')::integer) x)
+               < (private.write_bounds() ->> 'active_holds')::integer)
+    returning w.* into v_wallet;
+    if found then
+      v_from_subscription := v_wallet.split_subscription;
+      v_expiry := private.next_expiry(v_wallet);
+      v_hold := gen_random_uuid();
+      insert into public.credit_transactions (
+        account_id, kind, idempotency_key, request_hash, promotional_after, subscription_after, purchased_after,
+        held_after, period_start, period_end, next_expiry_amount, next_expiry_at, ref_id, operation, metadata,
+        outcome, actor_id)
+      values (
+        p_account_id, 'reserve', p_idempotency_key,
+        private.request_hash('reserve', jsonb_build_array(p_amount, p_operation, p_ttl_seconds, p_metadata, p_model,
+                                                          p_input_tokens, p_output_tokens, p_overage)),
+        v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
+        v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
+        v_wallet.period_start, v_wallet.period_end, (v_expiry ->> 'amount')::bigint,
+        (v_expiry ->> 'at')::timestamptz, v_hold, p_operation, p_metadata,
+        jsonb_build_object('amount', v_cost, 'expires_at', v_expires), v_actor)
+      on conflict (account_id, idempotency_key, origin) do nothing
+      returning id into v_tx;
+      if v_tx is not null then
+        v_balance := row(p_account_id, v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
+                         v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
+                         v_wallet.promotional + v_wallet.subscription + v_wallet.purchased
+                         - v_wallet.held_promotional - v_wallet.held_subscription - v_wallet.held_purchased,
+                         v_wallet.promotional + v_wallet.subscription + v_wallet.purchased,
+                         v_wallet.period_start, v_wallet.period_end, v_expiry, 0)::private.balance;
+        -- Which grants: the front of each pool, from the wallet as the hold found it.
+        v_wallet.held_subscription := v_wallet.held_subscription - v_from_subscription;
+        v_wallet.held_purchased := v_wallet.held_purchased - (v_cost - v_from_subscription);
+        if v_from_subscription > 0 then
+          v_parts := private.take_front(v_wallet, 'subscription', v_from_subscription);
+        end if;
+        if v_cost > v_from_subscription then
+          v_parts := v_parts || private.take_front(v_wallet, 'purchased', v_cost - v_from_subscription);
+        end if;
+        insert into public.credit_holds (id, account_id, transaction_id, amount, subscription, purchased, parts,
+                                         sub_epoch, period_start, period_end, expires_at, operation, metadata,
+                                         actor_id, overage, price, input_tokens, output_tokens, model)
+        values (v_hold, p_account_id, v_tx, v_cost, v_from_subscription, v_cost - v_from_subscription, v_parts,
+                v_wallet.sub_epoch, v_wallet.period_start, v_wallet.period_end, v_expires, p_operation,
+                p_metadata, v_actor, p_overage, v_price, p_input_tokens, p_output_tokens, p_model);
+        return jsonb_build_object('hold_id', v_hold, 'account_id', p_account_id, 'amount', v_cost,
+                                  'expires_at', v_expires, 'overage', p_overage, 'replayed', false,
+                                  'balance', to_jsonb(v_balance));
+      end if;
+      -- The key was used before: put the wallet back; the checked path answers.
+      update public.credit_wallets w
+         set held_subscription = w.held_subscription - w.split_subscription,
+             held_purchased = w.held_purchased - (v_cost - w.split_subscription),
+             hold_minute_count = w.hold_minute_count - 1,
+             next_hold_expiry = (select min(h.expires_at) from public.credit_holds h
+                                  where h.account_id = p_account_id and h.status = 'active')
+       where w.account_id = p_account_id;
+    end if;
+  end if;
+  return private.reserve_checked(p_account_id, p_idempotency_key, p_amount, p_operation, p_ttl_seconds,
+                                 p_metadata, p_model, p_input_tokens, p_output_tokens, p_overage);
 end
 $$;
 
@@ -849,13 +999,99 @@ begin
 end
 $$;
 
+-- Capture: a whole capture (everything the hold reserves charged, by its
+-- amount, its token estimate or the actual tokens) written directly, as
+-- private.end_hold's first case writes it; the caller is the service or a
+-- user on their own personal account; the account has no spend limits and
+-- nothing lapsed; the hold is active, nothing claimed under it, no
+-- promotional credits in it. private.settle_hold takes every other case
+-- (partial captures, overage, replays) and raises the exact errors. The
+-- wallet is locked before the hold, as every writer of holds locks them.
 create function private.capture_hold(p_hold_id uuid, p_amount integer, p_metadata jsonb, p_input_tokens integer,
                                      p_output_tokens integer, p_model text)
 returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+  v_role text := current_setting('role', true);
+  v_actor uuid;
+  v_account uuid;
+  v_wallet public.credit_wallets;
+  v_hold public.credit_holds;
+  v_cost bigint;
+  v_metadata jsonb;
+  v_expiry jsonb;
+  v_tx uuid;
+  v_result jsonb;
 begin
+  if (p_amount is null or p_amount between 1 and (private.limits() ->> 'amount')::integer)
+     and not (p_amount is not null and (p_input_tokens is not null or p_output_tokens is not null))
+     and coalesce(p_input_tokens, 0) between 0 and (private.limits() ->> 'tokens')::integer
+     and coalesce(p_output_tokens, 0) between 0 and (private.limits() ->> 'tokens')::integer
+     and (p_model is null or length(p_model) between 1 and (private.limits() ->> 'model')::integer)
+     and jsonb_typeof(p_metadata) = 'object'
+     and (v_role in ('service_role', '', 'none') or v_role is null or v_role = 'authenticated') then
+    select h.account_id into v_account from public.credit_holds h where h.id = p_hold_id;
+    if v_role = 'authenticated' then
+      v_actor := auth.uid();
+      if not exists (select 1 from public.credit_accounts a where a.id = v_account and a.user_id = v_actor) then
+        v_account := null;
+      end if;
+    end if;
+    select * into v_wallet from public.credit_wallets w where w.account_id = v_account for update;
+    if found and not v_wallet.limited and not private.sweep_due(v_wallet) then
+      select * into v_hold from public.credit_holds h where h.id = p_hold_id for update;
+      v_cost := case when p_amount is not null then p_amount
+                     when p_input_tokens is null and p_output_tokens is null then v_hold.amount
+                     else private.priced(v_hold.price, coalesce(p_input_tokens, v_hold.input_tokens),
+                                         coalesce(p_output_tokens, v_hold.output_tokens)) end;
+      v_metadata := v_hold.metadata || p_metadata;
+      if v_hold.status = 'active' and v_cost = v_hold.amount and v_hold.claims = '[]'::jsonb
+         and v_hold.promotional = 0
+         and octet_length(v_metadata::text) <= (private.limits() ->> 'metadata_bytes')::integer then
+        update public.credit_wallets w
+           set subscription = w.subscription - v_hold.subscription, purchased = w.purchased - v_hold.purchased,
+               held_subscription = w.held_subscription - v_hold.subscription,
+               held_purchased = w.held_purchased - v_hold.purchased,
+               next_hold_expiry = case when w.next_hold_expiry >= v_hold.expires_at
+                                       then (select min(h.expires_at) from public.credit_holds h
+                                              where h.account_id = v_account and h.status = 'active'
+                                                and h.id <> p_hold_id)
+                                       else w.next_hold_expiry end
+         where w.account_id = v_account
+        returning w.* into v_wallet;
+        v_expiry := private.next_expiry(v_wallet);
+        insert into public.credit_transactions (
+          account_id, kind, origin, subscription, purchased, promotional_after, subscription_after,
+          purchased_after, held_after, period_start, period_end, next_expiry_amount, next_expiry_at, ref_id,
+          operation, model, input_tokens, output_tokens, metadata, actor_id, price)
+        values (
+          v_account, 'spend', 'system', -v_hold.subscription, -v_hold.purchased, v_wallet.promotional,
+          v_wallet.subscription, v_wallet.purchased,
+          v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
+          case when v_hold.subscription > 0 then v_hold.period_start else v_wallet.period_start end,
+          case when v_hold.subscription > 0 then v_hold.period_end else v_wallet.period_end end,
+          (v_expiry ->> 'amount')::bigint, (v_expiry ->> 'at')::timestamptz, p_hold_id, v_hold.operation,
+          coalesce(p_model, v_hold.model), coalesce(p_input_tokens, v_hold.input_tokens),
+          coalesce(p_output_tokens, v_hold.output_tokens), v_metadata, coalesce(v_hold.actor_id, v_actor),
+          v_hold.price)
+        returning id into v_tx;
+        v_result := jsonb_build_object(
+          'transaction_id', v_tx, 'hold_id', p_hold_id, 'requested', v_cost, 'charged', v_cost, 'released', 0,
+          'uncovered', 0, 'debt_added', 0, 'from_promotional', 0, 'from_subscription', v_hold.subscription,
+          'from_purchased', v_hold.purchased, 'replayed', false,
+          'balance', to_jsonb(row(
+            v_account, v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
+            v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
+            private.available(v_wallet), v_wallet.promotional + v_wallet.subscription + v_wallet.purchased,
+            v_wallet.period_start, v_wallet.period_end, v_expiry, v_wallet.debt)::private.balance));
+        update public.credit_holds h set status = 'captured', settled_at = now(), result = v_result
+         where h.id = p_hold_id;
+        return v_result;
+      end if;
+    end if;
+  end if;
   return private.settle_hold(p_hold_id, p_amount, p_metadata, true, p_input_tokens, p_output_tokens, p_model);
 end
 $$;
@@ -1023,7 +1259,8 @@ grant execute on function public.reserve_credits(uuid, text, integer, text, inte
   public.extend_hold(uuid, text, integer, integer) to authenticated, service_role;
 
 -- The definer code behind the public entry points.
-revoke all on function private.reserve_credits(uuid, text, integer, text, integer, jsonb, text, integer, integer, text)
+revoke all on function private.reserve_credits(uuid, text, integer, text, integer, jsonb, text, integer, integer, text),
+  private.reserve_checked(uuid, text, integer, text, integer, jsonb, text, integer, integer, text)
   from public, anon, authenticated, service_role;
 grant execute on function private.reserve_credits(uuid, text, integer, text, integer, jsonb, text, integer, integer, text)
   to authenticated, service_role;

@@ -9,8 +9,9 @@
 --   * private.spend_usage: for accounts with limits, what each spender (a
 --     user or a license key) spent in its current windows and holds now;
 --   * private.limit_room, private.check_limits, private.count_usage, the
---     accounting every spend path calls; set_spend_limit and the
---     credit_spend_limits view.
+--     accounting every spend path calls; private.cache_limits, the figures
+--     the deduct's fast path checks and counts in one statement;
+--     set_spend_limit and the credit_spend_limits view.
 --
 -- Rules:
 --   * Debt is a pool of its own, never negative: an overdraft capture adds to
@@ -136,6 +137,17 @@ create table private.spend_usage (
   month_spent bigint not null default 0,
   period_start timestamptz,
   period_spent bigint not null default 0,
+  -- The limits that apply to this spender per window (null: none), cached
+  -- for the deduct's fast path while limits_cached (private.cache_limits).
+  -- Setting a limit recounts the account (new rows, not cached). The fast
+  -- path serves spenders whose limits no tenant membership decides (a user
+  -- on their own personal account, a license key), so membership changes
+  -- need not clear it.
+  limits_cached boolean not null default false,
+  day_limit bigint,
+  week_limit bigint,
+  month_limit bigint,
+  period_limit bigint,
   primary key (account_id, spender)
 );
 comment on table private.spend_usage is
@@ -324,6 +336,27 @@ begin
 end
 $$;
 
+-- Cache the limits that apply to a spender on its usage row (made if
+-- missing), for the deduct's fast path. The caller holds the wallet's lock.
+create function private.cache_limits(p_wallet public.credit_wallets, p_user uuid, p_key uuid) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  insert into private.spend_usage as u (account_id, spender, limits_cached, day_limit, week_limit, month_limit,
+                                        period_limit)
+  select p_wallet.account_id, coalesce(p_key, p_user), true,
+         min(a.credit_limit) filter (where a.period = 'day'),
+         min(a.credit_limit) filter (where a.period = 'week'),
+         min(a.credit_limit) filter (where a.period = 'month'),
+         min(a.credit_limit) filter (where a.period = 'billing_period')
+    from private.applicable_limits(p_wallet, p_user, p_key) a
+  on conflict (account_id, spender) do update
+    set limits_cached = true, day_limit = excluded.day_limit, week_limit = excluded.week_limit,
+        month_limit = excluded.month_limit, period_limit = excluded.period_limit;
+end
+$$;
+
 -- Count an account's current windows again from the ledger and its active
 -- holds (when its limits change: spends made before a limit existed count).
 create function private.recount_usage(p_wallet public.credit_wallets) returns void
@@ -372,6 +405,7 @@ revoke all on function private.window_bounds(text, public.credit_wallets, timest
   private.limit_room(public.credit_wallets, uuid, uuid),
   private.check_limits(public.credit_wallets, uuid, uuid, bigint),
   private.count_usage(public.credit_wallets, uuid, bigint, bigint, timestamptz),
+  private.cache_limits(public.credit_wallets, uuid, uuid),
   private.recount_usage(public.credit_wallets)
   from public, anon, authenticated, service_role;
 
