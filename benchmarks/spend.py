@@ -130,7 +130,8 @@ def _compare(name: str, label: str, runs: dict[str, list[pgbench.Run]], deadlock
 
 
 # The baselines with the live balance's broadcast (contract v3) added.
-_BROADCAST_BASELINES = {"bare_broadcast": scripts.BARE_PAIR_BROADCAST, "naive_broadcast": scripts.NAIVE_BROADCAST}
+_BROADCAST_BASELINES = {"bare_broadcast": scripts.BARE_PAIR_BROADCAST,
+                        "naive_broadcast": scripts.NAIVE_BROADCAST}
 
 
 def deduct_spread(bench: BenchDatabase, cfg: Config) -> Result:

@@ -1068,8 +1068,8 @@ def test_parallel_spends_on_the_cached_path_never_pass_the_limit(database: Db) -
     attempts = 100
 
     def work(i: int, conn: psycopg.Connection) -> list[Outcome]:
-        return [attempt(conn, "deduct_credits", user, p_account_id=account_id, p_idempotency_key=f"cached-{n}",
-                        p_amount=1) for n in range(i, attempts, THREADS)]
+        return [attempt(conn, "deduct_credits", user, p_account_id=account_id,
+                        p_idempotency_key=f"cached-{n}", p_amount=1) for n in range(i, attempts, THREADS)]
 
     outcomes = run_parallel(database.dsn, work)
     refusals = Counter((o.sqlstate, o.message) for o in outcomes if not o.ok)
