@@ -693,6 +693,16 @@ begin
 end
 $$;
 
+-- The fast paths' answers as typed rows (to_jsonb of a row is cheaper than
+-- jsonb_build_object): the same keys as private.result and settle_hold give.
+create type private.reserve_answer as (
+  hold_id uuid, account_id uuid, amount bigint, expires_at timestamptz, overage text, replayed boolean,
+  balance private.balance);
+create type private.capture_answer as (
+  transaction_id uuid, hold_id uuid, requested bigint, charged bigint, released bigint, uncovered bigint,
+  debt_added bigint, from_promotional bigint, from_subscription bigint, from_purchased bigint, replayed boolean,
+  balance private.balance);
+
 -- Reserve: the common case as the deduct's fast path makes a spend. The
 -- caller is the service or a user on their own personal account; an amount,
 -- or an operation with a price; arguments in bounds; overage reject or
@@ -816,9 +826,8 @@ begin
         values (v_hold, p_account_id, v_tx, v_cost, v_from_subscription, v_cost - v_from_subscription, v_parts,
                 v_wallet.sub_epoch, v_wallet.period_start, v_wallet.period_end, v_expires, p_operation,
                 p_metadata, v_actor, p_overage, v_price, p_input_tokens, p_output_tokens, p_model);
-        return jsonb_build_object('hold_id', v_hold, 'account_id', p_account_id, 'amount', v_cost,
-                                  'expires_at', v_expires, 'overage', p_overage, 'replayed', false,
-                                  'balance', to_jsonb(v_balance));
+        return to_jsonb(row(v_hold, p_account_id, v_cost, v_expires, p_overage, false,
+                            v_balance)::private.reserve_answer);
       end if;
       -- The key was used before: put the wallet back; the checked path answers.
       update public.credit_wallets w
@@ -1032,16 +1041,20 @@ begin
      and (p_model is null or length(p_model) between 1 and (private.limits() ->> 'model')::integer)
      and jsonb_typeof(p_metadata) = 'object'
      and (v_role in ('service_role', '', 'none') or v_role is null or v_role = 'authenticated') then
-    select h.account_id into v_account from public.credit_holds h where h.id = p_hold_id;
     if v_role = 'authenticated' then
+      -- A user: only the holds of their own personal account (before any lock).
       v_actor := auth.uid();
-      if not exists (select 1 from public.credit_accounts a where a.id = v_account and a.user_id = v_actor) then
-        v_account := null;
-      end if;
+      select a.id into v_account from public.credit_holds h join public.credit_accounts a on a.id = h.account_id
+       where h.id = p_hold_id and a.user_id = v_actor;
     end if;
-    select * into v_wallet from public.credit_wallets w where w.account_id = v_account for update;
-    if found and not v_wallet.limited and not private.sweep_due(v_wallet) then
-      select * into v_hold from public.credit_holds h where h.id = p_hold_id for update;
+    select w.* into v_wallet from public.credit_wallets w join public.credit_holds h on h.account_id = w.account_id
+     where h.id = p_hold_id and (v_role is distinct from 'authenticated' or w.account_id = v_account)
+       for update of w;
+    v_account := v_wallet.account_id;
+    if found and not v_wallet.limited
+       and not coalesce(least(v_wallet.next_hold_expiry, v_wallet.promo_front_at) <= now(), false) then
+      -- (No row lock: every writer of a hold holds its wallet's lock, which this call now holds.)
+      select * into v_hold from public.credit_holds h where h.id = p_hold_id;
       v_cost := case when p_amount is not null then p_amount
                      when p_input_tokens is null and p_output_tokens is null then v_hold.amount
                      else private.priced(v_hold.price, coalesce(p_input_tokens, v_hold.input_tokens),
@@ -1077,15 +1090,16 @@ begin
           coalesce(p_output_tokens, v_hold.output_tokens), v_metadata, coalesce(v_hold.actor_id, v_actor),
           v_hold.price)
         returning id into v_tx;
-        v_result := jsonb_build_object(
-          'transaction_id', v_tx, 'hold_id', p_hold_id, 'requested', v_cost, 'charged', v_cost, 'released', 0,
-          'uncovered', 0, 'debt_added', 0, 'from_promotional', 0, 'from_subscription', v_hold.subscription,
-          'from_purchased', v_hold.purchased, 'replayed', false,
-          'balance', to_jsonb(row(
-            v_account, v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
-            v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
-            private.available(v_wallet), v_wallet.promotional + v_wallet.subscription + v_wallet.purchased,
-            v_wallet.period_start, v_wallet.period_end, v_expiry, v_wallet.debt)::private.balance));
+        v_result := to_jsonb(row(
+          v_tx, p_hold_id, v_cost, v_cost, 0, 0, 0, 0, v_hold.subscription, v_hold.purchased, false,
+          row(v_account, v_wallet.promotional, v_wallet.subscription, v_wallet.purchased,
+              v_wallet.held_promotional + v_wallet.held_subscription + v_wallet.held_purchased,
+              greatest(0, v_wallet.promotional + v_wallet.subscription + v_wallet.purchased
+                          - v_wallet.held_promotional - v_wallet.held_subscription - v_wallet.held_purchased
+                          - v_wallet.debt),
+              v_wallet.promotional + v_wallet.subscription + v_wallet.purchased,
+              v_wallet.period_start, v_wallet.period_end, v_expiry, v_wallet.debt)::private.balance
+        )::private.capture_answer);
         update public.credit_holds h set status = 'captured', settled_at = now(), result = v_result
          where h.id = p_hold_id;
         return v_result;
