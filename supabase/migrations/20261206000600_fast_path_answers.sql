@@ -1,6 +1,7 @@
 -- The reserve's and the capture's fast paths answer from typed rows, and a
 -- service capture finds and locks its wallet in one statement (the hold is
--- then read without a row lock: every writer of a hold holds its wallet's).
+-- then read without a row lock: every writer of a hold holds its wallet's);
+-- private.priced is a plain expression (no sub-select to plan and run).
 
 create type private.reserve_answer as (
   hold_id uuid, account_id uuid, amount bigint, expires_at timestamptz, overage text, replayed boolean,
@@ -230,6 +231,17 @@ begin
     end if;
   end if;
   return private.settle_hold(p_hold_id, p_amount, p_metadata, true, p_input_tokens, p_output_tokens, p_model);
+end
+$$;
+
+create or replace function private.priced(p_price jsonb, p_input_tokens bigint, p_output_tokens bigint) returns bigint
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+  return ceil((p_price ->> 'credits')::numeric
+              + coalesce(p_input_tokens, 0) * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000
+              + coalesce(p_output_tokens, 0) * (p_price ->> 'credits_per_1k_output_tokens')::numeric / 1000)::bigint;
 end
 $$;
 

@@ -551,16 +551,15 @@ end
 $$;
 
 -- Tokens priced at a fixed price: flat plus per-1,000 rates, the total rounded up.
+-- (A plain expression, no sub-select: PL/pgSQL evaluates it without the executor.)
 create function private.priced(p_price jsonb, p_input_tokens bigint, p_output_tokens bigint) returns bigint
 language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-  return (
-    select ceil((p_price ->> 'credits')::numeric
-                + coalesce(p_input_tokens, 0) * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000
-                + coalesce(p_output_tokens, 0) * (p_price ->> 'credits_per_1k_output_tokens')::numeric / 1000)::bigint
-  );
+  return ceil((p_price ->> 'credits')::numeric
+              + coalesce(p_input_tokens, 0) * (p_price ->> 'credits_per_1k_input_tokens')::numeric / 1000
+              + coalesce(p_output_tokens, 0) * (p_price ->> 'credits_per_1k_output_tokens')::numeric / 1000)::bigint;
 end
 $$;
 
