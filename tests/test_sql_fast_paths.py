@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from tests.support import Db, expect_error, new_key
+from tests.test_sql_pg15 import pg15  # noqa: F401  (the PostgreSQL 15 cluster, when installed)
 
 # Operations priced for this module (names unique to it).
 PRICE = ("fp-llm", 1, "1", "2")  # 1 + 1 per 1,000 input + 2 per 1,000 output tokens
@@ -38,12 +39,16 @@ ROW_NOISE = {"seq", "id", "account_id", "created_at", "ref_id", "idempotency_key
              "outcome"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _price(database: Db) -> None:
+def add_price(database: Db) -> None:
     operation, credits, rate_in, rate_out = PRICE
     database.sql("insert into public.credit_prices (operation, credits, credits_per_1k_input_tokens, "
                  "credits_per_1k_output_tokens) values (%s, %s, %s, %s) on conflict (operation) do nothing",
                  operation, credits, rate_in, rate_out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _price(database: Db) -> None:
+    add_price(database)
 
 
 def counted(database: Db, function: str, call: Callable[[], Any]) -> tuple[Any, int]:
@@ -147,6 +152,16 @@ RESERVES = {
 
 @pytest.mark.parametrize("case", RESERVES)
 def test_a_fast_reserve_writes_what_the_checked_reserve_writes(database: Db, case: str) -> None:
+    reserve_then_capture_on_both_paths(database, case)
+
+
+@pytest.mark.parametrize("case", RESERVES)
+def test_the_fast_paths_match_on_postgresql_15(pg15: Db, case: str) -> None:  # noqa: F811
+    add_price(pg15)
+    reserve_then_capture_on_both_paths(pg15, case)
+
+
+def reserve_then_capture_on_both_paths(database: Db, case: str) -> None:
     args, spent = RESERVES[case]
     fast_account, checked_account = twins(database, spent=spent)
     key = new_key()
