@@ -15,7 +15,11 @@
 --     past theirs), applied before anything else reads the wallet;
 --   * private.current_wallet: the same sweep, computed for reads without
 --     writing (reads never show expired credits or lapsed holds);
---   * reserve_credits, capture_hold, release_hold.
+--   * reserve_credits, capture_hold, release_hold: the common reserve and
+--     the whole capture as a few statements whose WHERE is the rules
+--     (private.reserve_credits, private.capture_hold); every other case, and
+--     every exact error, in the checked code (private.reserve_checked,
+--     private.settle_hold).
 --
 -- Rules:
 --   * Held credits cannot be spent twice: a spend needs the free credits of
@@ -37,7 +41,9 @@
 --     1,000 created per account in 24 hours (the license keys chapter).
 --   * Lock order (no deadlocks): a call locks at most one wallet, first,
 --     before any hold, grant or transaction row of that account. Only the
---     monthly reset locks several wallets, in ascending account id.
+--     monthly reset locks several wallets, in ascending account id. Every
+--     write of a hold holds its wallet's lock, so a hold read under that
+--     lock cannot change before the call ends.
 
 -- The account without a foreign key (as the ledger's rows and the wallet: a
 -- check per reserve); the books' delete trigger removes holds with the account.
